@@ -1,0 +1,1 @@
+"""flaxlab models: pure Flax (linen) modules; they never import train or configs."""

@@ -1,0 +1,1 @@
+"""Compression transforms on parameter pytrees (quantize, prune, LoRA)."""

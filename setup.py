@@ -1,0 +1,35 @@
+"""flaxlab: readable, tested, fast JAX/Flax models and training runs.
+
+Install for running experiments:        pip install -e .
+Install for the test suite:             pip install -e ".[test]"
+Add TensorFlow Datasets sources:        pip install -e ".[tfds]"
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="flaxlab",
+    version="0.1.0",
+    description="JAX/Flax research codebase: transformers, vision, recurrent, "
+    "generative models, compression and ablations.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["configs", "configs.*", "models", "models.*",
+                                    "train", "train.*"]),
+    install_requires=[
+        # Lower bounds: what pip installs on our CPU machines (jax 0.10.2, flax 0.12.8)
+        # and what the GPU machine ships (orbax-checkpoint 0.12.4).
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.4",
+        "absl-py>=2.1",
+        "ml-collections>=1.0",
+        "numpy>=1.26",
+        "matplotlib>=3.8",      # loss curves, sweep plots
+        "tensorboardX>=2.6",    # TensorBoard event files without TensorFlow
+        "sacrebleu>=2.4",       # BLEU for sequence-to-sequence tasks
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.87"],
+        "tfds": ["tensorflow-datasets>=4.9"],
+    },
+)

@@ -1,0 +1,1 @@
+"""Training runs: config validation, the trainer, tasks, data, optimizers, checkpoints."""

@@ -1,0 +1,1 @@
+"""Input pipelines: embedded offline datasets, tokenizers and TFDS adapters."""

@@ -1,0 +1,1 @@
+"""Objectives: one file per task (loss, metrics, evaluation)."""
