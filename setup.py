@@ -30,6 +30,6 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.87"],
-        "tfds": ["tensorflow-datasets>=4.9"],
+        "tfds": ["tensorflow-datasets>=4.9.7"],  # no TensorFlow needed
     },
 )

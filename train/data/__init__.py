@@ -1,1 +1,149 @@
-"""Input pipelines: embedded offline datasets, tokenizers and TFDS adapters."""
+"""Input pipelines: embedded offline datasets, tokenizers and TFDS adapters.
+
+Every dataset is random-access: ``ds.batch(step)`` is a pure function of
+(data, seed, step), so a resumed run needs only the step as iterator state, and
+``ds.eval_batches(batch_size)`` is one fixed-order pass with a ``weights`` array
+(1.0 real, 0.0 padding). Each dataset has ``vocab_size`` and ``tokenizer``.
+
+Sources (``data_cfg.source``):
+  "stdlib_text"       byte-level LM on Python standard-library source  -> {"tokens"}
+  "numbers_to_words"  "1234" -> "one thousand two hundred thirty-four" -> {"inputs", "targets"}
+  "tfds"              a TensorFlow Datasets text split: LM, or classification when
+                      ``label_key`` is set -> {"tokens", "label"}
+"""
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+
+import ml_collections
+
+from train.data import seq2seq, text
+from train.data.tokenizers import BOS, EOS, MASK, PAD, VOCAB_SIZE, ByteTokenizer
+
+SOURCES = ("stdlib_text", "numbers_to_words", "tfds")
+SPLITS = ("train", "validation", "test")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """All data keys with their defaults (a run's config nests this as ``config.data``)."""
+    c = ml_collections.ConfigDict()
+    c.source = "stdlib_text"       # one of SOURCES
+    c.seq_len = 256                # LM / classification tokens per example (model inputs)
+    c.batch_size = 32              # training examples per step
+    c.eval_batch_size = 64         # examples per eval batch (last one padded, weights 0)
+    # Split fractions: contiguous for stdlib_text, by number hash for numbers_to_words.
+    c.train_fraction = 0.9
+    c.validation_fraction = 0.05
+    c.test_fraction = 0.05
+    # stdlib_text: corpus cap before splitting; tfds LM: token cap per split (0 = all).
+    c.max_bytes = text.DEFAULT_MAX_BYTES
+    # numbers_to_words: numbers 0..max_number; lengths include EOS (defaults fit
+    # 6 digits + EOS and the longest 999_999-range target, 64 characters + EOS).
+    c.max_number = seq2seq.MAX_DATASET_NUMBER
+    c.max_input_len = 8
+    c.max_target_len = 72
+    # numbers_to_words / tfds classification: evaluate on the first N examples (0 = all).
+    c.max_eval_examples = 0
+    # tfds: dataset name, our split -> TFDS split string (slices like "train[:5%]" work).
+    c.tfds_name = "lm1b"
+    c.tfds_splits = ml_collections.ConfigDict(
+        {"train": "train", "validation": "validation", "test": "test"})
+    c.text_key = "text"
+    c.label_key = ""               # "" = language modelling; e.g. "label" = classification
+    c.data_dir = ml_collections.config_dict.placeholder(str)  # None = TFDS default
+    return c
+
+
+def _fail(key: str, value, allowed: str):
+    raise ValueError(f"data.{key}={value!r} is invalid: {allowed}")
+
+
+def _check_int(cfg, key: str, low: int, high: int | None = None):
+    v = cfg[key]
+    if not isinstance(v, Integral) or isinstance(v, bool) or v < low or (
+            high is not None and v > high):
+        _fail(key, v, f"expected an integer >= {low}" + (f" and <= {high}" if high else ""))
+
+
+def validate(data_cfg: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the offending key and its allowed values."""
+    c = data_cfg
+    if c.source not in SOURCES:
+        _fail("source", c.source, f"expected one of {SOURCES}")
+    for key in ("seq_len", "batch_size", "eval_batch_size"):
+        _check_int(c, key, 1)
+    _check_int(c, "max_eval_examples", 0)
+    fractions = {k: c[k] for k in ("train_fraction", "validation_fraction", "test_fraction")}
+    for key, v in fractions.items():
+        if not isinstance(v, Real) or not 0.0 <= v <= 1.0:
+            _fail(key, v, "expected a number in [0, 1]")
+    if c.train_fraction <= 0.0:
+        _fail("train_fraction", c.train_fraction, "expected > 0")
+    if not math.isclose(sum(fractions.values()), 1.0, abs_tol=1e-6):
+        _fail("test_fraction", c.test_fraction,
+              f"train_fraction + validation_fraction + test_fraction must sum to 1, "
+              f"got {sum(fractions.values())}")
+
+    if c.source == "stdlib_text":
+        _check_int(c, "max_bytes", 1)
+        sizes = text.split_sizes(c.max_bytes, tuple(fractions.values()))
+        for split, n in zip(SPLITS, sizes):
+            # A training-style window set (random offset < seq_len) needs 2 * seq_len.
+            if n and n < 2 * c.seq_len:
+                _fail("seq_len", c.seq_len, f"expected <= {n // 2}: the {split} split of "
+                      f"max_bytes={c.max_bytes} has {n} tokens")
+    elif c.source == "numbers_to_words":
+        _check_int(c, "max_number", 1, seq2seq.MAX_DATASET_NUMBER)
+        need_in = len(str(c.max_number)) + 1
+        _check_int(c, "max_input_len", need_in)
+        need_out = seq2seq.longest_target_len(c.max_number) + 1
+        if c.max_target_len < need_out:
+            _fail("max_target_len", c.max_target_len, f"expected >= {need_out} (longest "
+                  f"target for max_number={c.max_number} plus EOS)")
+    else:  # tfds
+        _check_int(c, "max_bytes", 0)
+        for key in ("tfds_name", "text_key"):
+            if not isinstance(c[key], str) or not c[key]:
+                _fail(key, c[key], "expected a non-empty string")
+        for split in SPLITS:
+            if not isinstance(c.tfds_splits.get(split), str):
+                _fail(f"tfds_splits.{split}", c.tfds_splits.get(split),
+                      "expected a TFDS split string such as 'train' or 'train[:5%]'")
+        if c.label_key and c.seq_len < 2:
+            _fail("seq_len", c.seq_len, "expected >= 2 for classification (BOS + text)")
+
+
+def make_dataset(data_cfg: ml_collections.ConfigDict, split: str, seed: int):
+    """The ``split`` ("train" | "validation" | "test") dataset of ``data_cfg.source``.
+
+    Returns an ``LMDataset``, ``Seq2SeqDataset`` or ``ClassificationDataset``;
+    ``batch_size`` comes from ``data_cfg.batch_size`` (evaluation passes its own).
+    """
+    validate(data_cfg)
+    c = data_cfg
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is invalid: expected one of {SPLITS}")
+    if c.source == "stdlib_text":
+        tokens = text.corpus_splits(c.max_bytes, c.train_fraction, c.validation_fraction,
+                                    c.test_fraction)[split]
+        return text.LMDataset(tokens, c.seq_len, c.batch_size, seed)
+    if c.source == "numbers_to_words":
+        return seq2seq.numbers_to_words_dataset(
+            split, seed, c.batch_size, max_number=c.max_number,
+            train_fraction=c.train_fraction, validation_fraction=c.validation_fraction,
+            max_input_len=c.max_input_len, max_target_len=c.max_target_len,
+            max_eval_examples=c.max_eval_examples)
+    from train.data import tfds_source  # its tensorflow_datasets import is lazy anyway
+    tfds_split = c.tfds_splits[split]
+    if c.label_key:
+        return tfds_source.tfds_classification_dataset(
+            c.tfds_name, tfds_split, c.text_key, c.label_key, c.seq_len, c.batch_size,
+            seed, data_dir=c.data_dir, max_eval_examples=c.max_eval_examples)
+    return tfds_source.tfds_lm_dataset(c.tfds_name, tfds_split, c.text_key, c.seq_len,
+                                       c.batch_size, seed, data_dir=c.data_dir,
+                                       max_bytes=c.max_bytes)
+
+
+__all__ = ["BOS", "EOS", "MASK", "PAD", "SOURCES", "SPLITS", "VOCAB_SIZE", "ByteTokenizer",
+           "default_config", "make_dataset", "validate"]

@@ -1,0 +1,57 @@
+"""The transformer feed-forward block: Dense -> activation -> dropout -> Dense.
+
+FFN(x) = act(x W1 + b1) W2 + b2 (Vaswani et al. 2017, eq. 2). The notes (000) describe it with
+a ReLU, as the original paper did; GELU (Hendrycks & Gimpel 2016) is the default here, as in
+BERT and GPT-2. The residual connection around it belongs to the transformer block.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from models.layers import initializers
+
+ACTIVATIONS: dict[str, Callable] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # exact, x * Phi(x) (BERT)
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),  # GPT-2's approximation
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def get_activation(name: str) -> Callable:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; allowed: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class MlpBlock(nn.Module):
+    """[..., features] -> [..., out_features or features] through a hidden layer.
+
+    Parameters: fc1/kernel [features, hidden_dim], fc2/kernel [hidden_dim, out_features].
+    """
+    hidden_dim: int
+    out_features: int | None = None
+    activation: str = "gelu"
+    dropout_rate: float = 0.0
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable = initializers.get("xavier_uniform")
+    dot_general: Callable = lax.dot_general
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        act = get_activation(self.activation)
+        dense = functools.partial(nn.Dense, use_bias=self.use_bias, dtype=self.dtype,
+                                  param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                                  dot_general=self.dot_general)
+        h = act(dense(self.hidden_dim, name="fc1")(x))
+        h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+        return dense(self.out_features or x.shape[-1], name="fc2")(h)

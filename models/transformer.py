@@ -1,0 +1,488 @@
+"""The transformer family: BERT-style encoder, GPT-style decoder, encoder-decoder.
+
+One `TransformerConfig` describes all three; named size variants (`VARIANTS`) fill it in.
+
+  Encoder         tokens [B, L] -> MLM logits [B, L, vocab] | class logits [B, classes] |
+                  pooled [B, d] | hidden [B, L, d]   (bidirectional, padding ignored)
+  Decoder         tokens [B, L] -> next-token logits [B, L, vocab] (causal; KV cache with
+                  `decode=True`, see models/decoding.py for generation)
+  EncoderDecoder  (inputs [B, S], decoder tokens [B, T]) -> logits [B, T, vocab]
+                  ("Attention Is All You Need": decoder blocks cross-attend to the encoder)
+
+Blocks are pre-norm (x + f(norm(x)), GPT-2) or post-norm (norm(x + f(x)), the original
+paper). Layers can be unrolled (params `layers_0..layers_{n-1}`) or scanned with `nn.scan`
+(params stacked under `layers` with a leading [num_layers] axis; `stack_layers` /
+`unstack_layers` convert), optionally rematerialized with a named checkpoint policy.
+Logits are float32 whatever the compute dtype. Token id `pad_id` marks padding.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from models.layers import initializers
+from models.layers.attention import IMPLEMENTATIONS, MultiHeadAttention, padding_mask
+from models.layers.embedding import POSITION_KINDS, Embed, PositionEmbedding
+from models.layers.mlp import MlpBlock, get_activation
+from models.layers.normalization import NORMS, make_norm
+
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,                                   # no rematerialization
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute everything in backward
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Hyper-parameters shared by the encoder, decoder and encoder-decoder."""
+    vocab_size: int = 260
+    num_layers: int = 2
+    num_decoder_layers: int | None = None   # encoder-decoder only; default num_layers
+    num_heads: int = 2
+    num_kv_heads: int | None = None         # < num_heads: grouped-query attention
+    d_model: int = 64
+    mlp_dim: int = 256
+    max_length: int = 128                   # learned position table size / longest input
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    activation: str = "gelu"
+    norm: str = "layernorm"
+    norm_position: str = "pre"              # "pre" (GPT-2) or "post" (Vaswani et al.)
+    norm_epsilon: float = 1e-5
+    position: str = "learned"               # "learned" | "sinusoidal" | "none"
+    scale_embeddings: bool = False          # multiply token embeddings by sqrt(d_model)
+    tie_embeddings: bool = True             # unembedding = token embedding transposed
+    fused_qkv: bool = False
+    use_bias: bool = True
+    kernel_init: str = "normal"
+    init_stddev: float = 0.02
+    attention_impl: str = "reference"       # "reference" | "fused"
+    dtype: str = "float32"                  # compute dtype
+    param_dtype: str = "float32"
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    pad_id: int = 0
+    num_classes: int = 0                    # encoder classification head
+    dot_general: Callable = lax.dot_general  # every matmul goes through this hook
+
+    def __post_init__(self):
+        checks = [
+            (self.attention_impl in IMPLEMENTATIONS, "attention_impl", IMPLEMENTATIONS),
+            (self.norm in NORMS, "norm", NORMS),
+            (self.norm_position in ("pre", "post"), "norm_position", ("pre", "post")),
+            (self.position in POSITION_KINDS, "position", POSITION_KINDS),
+            (self.remat_policy in REMAT_POLICIES, "remat_policy", tuple(REMAT_POLICIES)),
+            (self.kernel_init in initializers.NAMES, "kernel_init", initializers.NAMES),
+        ]
+        for ok, key, allowed in checks:
+            if not ok:
+                raise ValueError(f"model.{key}={getattr(self, key)!r} is not allowed; "
+                                 f"allowed: {', '.join(allowed)}")
+        get_activation(self.activation)
+        for key in ("vocab_size", "num_layers", "num_heads", "d_model", "mlp_dim",
+                    "max_length"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"model.{key} must be positive, got {getattr(self, key)}")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by "
+                             f"model.num_heads ({self.num_heads})")
+        kv = self.num_kv_heads or self.num_heads
+        if self.num_heads % kv:
+            raise ValueError(f"model.num_heads ({self.num_heads}) must be a multiple of "
+                             f"model.num_kv_heads ({kv})")
+        for key in ("dropout_rate", "attention_dropout_rate"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"model.{key} must be in [0, 1), got {getattr(self, key)}")
+        for key in ("dtype", "param_dtype"):
+            if getattr(self, key) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"model.{key}={getattr(self, key)!r}; allowed: float32, "
+                                 "bfloat16, float16")
+
+    def replace(self, **changes) -> "TransformerConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    @property
+    def init(self) -> Callable:
+        return initializers.get(self.kernel_init, self.init_stddev)
+
+
+# Named sizes. gpt2_small is GPT-2 "small" (124M with its 50257-token vocabulary).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "tiny": dict(num_layers=2, num_heads=2, d_model=32, mlp_dim=64, max_length=64),
+    "mini": dict(num_layers=4, num_heads=4, d_model=128, mlp_dim=512, max_length=256),
+    "small": dict(num_layers=6, num_heads=8, d_model=512, mlp_dim=2048, max_length=512),
+    "base": dict(num_layers=12, num_heads=12, d_model=768, mlp_dim=3072, max_length=512),
+    "gpt2_small": dict(num_layers=12, num_heads=12, d_model=768, mlp_dim=3072,
+                       max_length=1024, vocab_size=50257, activation="gelu_tanh"),
+    "gpt2_medium": dict(num_layers=24, num_heads=16, d_model=1024, mlp_dim=4096,
+                        max_length=1024, vocab_size=50257, activation="gelu_tanh"),
+}
+
+
+def make_config(variant: str, **overrides) -> TransformerConfig:
+    """The named variant's config with `overrides` applied (unknown names raise)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown transformer variant {variant!r}; allowed: "
+                         f"{', '.join(VARIANTS)}")
+    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown transformer config keys {unknown}; allowed: "
+                         f"{', '.join(sorted(fields))}")
+    return TransformerConfig(**{**VARIANTS[variant], **overrides})
+
+
+# ----------------------------------------------------------------------------------------
+# Blocks.
+# ----------------------------------------------------------------------------------------
+def _attention(cfg: TransformerConfig, name: str, decode: bool = False) -> MultiHeadAttention:
+    return MultiHeadAttention(
+        num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, fused_qkv=cfg.fused_qkv,
+        use_bias=cfg.use_bias, dropout_rate=cfg.attention_dropout_rate,
+        implementation=cfg.attention_impl, decode=decode, dtype=cfg.compute_dtype,
+        param_dtype=cfg.weight_dtype, kernel_init=cfg.init, dot_general=cfg.dot_general,
+        name=name)
+
+
+class _Sublayer(nn.Module):
+    """Residual wrapper: pre-norm x + drop(f(norm(x))) or post-norm norm(x + drop(f(x)))."""
+    cfg: TransformerConfig
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x, fn):
+        norm = make_norm(self.cfg.norm, epsilon=self.cfg.norm_epsilon,
+                         dtype=self.cfg.compute_dtype, param_dtype=self.cfg.weight_dtype,
+                         name="norm")
+        drop = nn.Dropout(self.cfg.dropout_rate)
+        if self.cfg.norm_position == "pre":
+            return x + drop(fn(norm(x)), deterministic=self.deterministic)
+        return norm(x + drop(fn(x), deterministic=self.deterministic))
+
+
+class TransformerBlock(nn.Module):
+    """Self-attention (+ optional cross-attention) + MLP, each a residual sublayer.
+
+    x [B, L, d] -> [B, L, d]. `causal` selects decoder self-attention; `cross_attention`
+    adds attention to `encoded` [B, S, d] (keys masked by `encoded_valid` [B, S]).
+    With `scanned=True` the block returns (x, None), the carry/output pair nn.scan wants.
+    `deterministic` and `decode` are Python bools (static under nn.remat / nn.scan).
+    """
+    cfg: TransformerConfig
+    causal: bool = False
+    cross_attention: bool = False
+    scanned: bool = False
+
+    @nn.compact
+    def __call__(self, x, valid=None, encoded=None, encoded_valid=None,
+                 deterministic: bool = True, decode: bool = False):
+        cfg, det = self.cfg, deterministic
+        self_attn = _attention(cfg, "self_attention", decode=decode)
+        x = _Sublayer(cfg, det, name="attention_sublayer")(
+            x, lambda h: self_attn(h, is_causal=self.causal, key_valid=valid,
+                                   deterministic=det))
+        if self.cross_attention:
+            cross_attn = _attention(cfg, "cross_attention")
+            x = _Sublayer(cfg, det, name="cross_attention_sublayer")(
+                x, lambda h: cross_attn(h, encoded, key_valid=encoded_valid,
+                                        deterministic=det))
+        mlp = MlpBlock(cfg.mlp_dim, activation=cfg.activation, dropout_rate=cfg.dropout_rate,
+                       use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+                       param_dtype=cfg.weight_dtype, kernel_init=cfg.init,
+                       dot_general=cfg.dot_general, name="mlp")
+        x = _Sublayer(cfg, det, name="mlp_sublayer")(
+            x, lambda h: mlp(h, deterministic=det))
+        return (x, None) if self.scanned else x
+
+
+class TransformerStack(nn.Module):
+    """`num_layers` blocks (unrolled or scanned) and, for pre-norm, a final norm."""
+    cfg: TransformerConfig
+    num_layers: int
+    causal: bool = False
+    cross_attention: bool = False
+
+    @nn.compact
+    def __call__(self, x, valid=None, encoded=None, encoded_valid=None, *,
+                 deterministic: bool = True, decode: bool = False):
+        cfg = self.cfg
+        block_cls = TransformerBlock
+        if cfg.remat_policy != "none":
+            # static_argnums count `self` as 0: (deterministic, decode) are args 5 and 6.
+            block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[cfg.remat_policy],
+                                 prevent_cse=not cfg.scan_layers, static_argnums=(5, 6))
+        kwargs = dict(cfg=cfg, causal=self.causal, cross_attention=self.cross_attention)
+        args = (valid, encoded, encoded_valid, deterministic, decode)
+        if cfg.scan_layers:
+            scanned = nn.scan(block_cls,
+                              variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+                              split_rngs={"params": True, "dropout": True},
+                              in_axes=nn.broadcast, length=self.num_layers)
+            x, _ = scanned(**kwargs, scanned=True, name="layers")(x, *args)
+        else:
+            for i in range(self.num_layers):
+                x = block_cls(**kwargs, name=f"layers_{i}")(x, *args)
+        if cfg.norm_position == "pre":
+            x = make_norm(cfg.norm, epsilon=cfg.norm_epsilon, dtype=cfg.compute_dtype,
+                          param_dtype=cfg.weight_dtype, name="final_norm")(x)
+        return x
+
+
+class Embedder(nn.Module):
+    """Token + position embedding (and the tied unembedding) for one vocabulary."""
+    cfg: TransformerConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.tokens = Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
+                            param_dtype=cfg.weight_dtype,
+                            embedding_init=initializers.get("normal", cfg.init_stddev),
+                            dot_general=cfg.dot_general)
+        if cfg.position != "none":
+            self.positions = PositionEmbedding(cfg.position, cfg.max_length, cfg.d_model,
+                                               dtype=cfg.compute_dtype,
+                                               param_dtype=cfg.weight_dtype)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def __call__(self, tokens, positions, deterministic: bool):
+        x = self.tokens(tokens)
+        if self.cfg.scale_embeddings:
+            x = x * jnp.asarray(self.cfg.d_model ** 0.5, x.dtype)
+        if self.cfg.position != "none":
+            x = x + self.positions(positions)
+        return self.dropout(x, deterministic=deterministic)
+
+    def attend(self, x):
+        return self.tokens.attend(x)
+
+
+def _check_tokens(tokens, cfg: TransformerConfig, what: str = "tokens"):
+    if tokens.ndim != 2:
+        raise ValueError(f"{what} must be int [batch, length], got shape {tokens.shape}")
+    if cfg.position == "learned" and tokens.shape[1] > cfg.max_length:
+        raise ValueError(f"{what} length {tokens.shape[1]} exceeds model.max_length "
+                         f"{cfg.max_length} (the learned position table)")
+
+
+class DecodePosition(nn.Module):
+    """Per-example count of tokens already decoded, kept in the `cache` collection."""
+
+    @nn.compact
+    def __call__(self, num_new):
+        """num_new int [B] tokens appended now -> their first position [B] (then advance)."""
+        counter = self.variable("cache", "next_position", jnp.zeros, num_new.shape, jnp.int32)
+        first = counter.value
+        counter.value = first + num_new.astype(jnp.int32)
+        return first
+
+
+def _positions_from_valid(valid):
+    """Position of each token counting only real tokens (left padding shifts nothing)."""
+    return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
+
+
+class _Unembed(nn.Module):
+    """Final projection to the vocabulary: tied (x E^T + b) or its own Dense."""
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x, embedder: Embedder):
+        cfg = self.cfg
+        if cfg.tie_embeddings:
+            logits = embedder.attend(x)
+        else:
+            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
+                              param_dtype=cfg.weight_dtype, kernel_init=cfg.init,
+                              dot_general=cfg.dot_general, name="logits")(x)
+        return logits.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# Decoder-only (GPT).
+# ----------------------------------------------------------------------------------------
+class Decoder(nn.Module):
+    """GPT-style causal language model: tokens [B, L] -> logits [B, L, vocab] (float32).
+
+    `valid` (bool [B, L], default all True) masks padding keys -- needed for left-padded
+    prompts; positions count real tokens only. With `decode=True` every call appends its
+    tokens to the KV cache (create it with `models.decoding.init_cache`), and positions
+    continue from the cached `next_position`.
+    """
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, tokens, *, valid=None, positions=None, train: bool = False,
+                 decode: bool = False):
+        cfg = self.cfg
+        _check_tokens(tokens, cfg)
+        valid_or_ones = jnp.ones(tokens.shape, bool) if valid is None else valid
+        if positions is None:
+            positions = _positions_from_valid(valid_or_ones)
+            if decode:
+                first = DecodePosition(name="position")(valid_or_ones.sum(axis=1))
+                positions = positions + first[:, None]
+        embedder = Embedder(cfg, name="embed")
+        x = embedder(tokens, positions, deterministic=not train)
+        x = TransformerStack(cfg, cfg.num_layers, causal=True, name="decoder")(
+            x, valid, deterministic=not train, decode=decode)
+        self.sow("intermediates", "final_hidden", x)
+        return _Unembed(cfg, name="unembed")(x, embedder)
+
+
+# ----------------------------------------------------------------------------------------
+# Encoder (BERT).
+# ----------------------------------------------------------------------------------------
+ENCODER_HEADS = ("mlm", "classify", "pooled", "hidden")
+
+
+class Encoder(nn.Module):
+    """BERT-style bidirectional encoder.
+
+    tokens [B, L] (padding = cfg.pad_id unless `valid` is given) -> by `head`:
+      "mlm":      logits [B, L, vocab] (dense + activation + norm, tied unembedding + bias)
+      "classify": logits [B, num_classes] from the pooled [CLS] (first) token
+      "pooled":   [B, d_model], tanh(dense(h[:, 0])) as in BERT
+      "hidden":   [B, L, d_model], the final hidden states
+    Padded positions never influence real ones (their keys are masked).
+    """
+    cfg: TransformerConfig
+    head: str = "mlm"
+
+    @nn.compact
+    def __call__(self, tokens, *, valid=None, train: bool = False):
+        cfg = self.cfg
+        if self.head not in ENCODER_HEADS:
+            raise ValueError(f"unknown encoder head {self.head!r}; allowed: "
+                             f"{', '.join(ENCODER_HEADS)}")
+        _check_tokens(tokens, cfg)
+        valid = tokens != cfg.pad_id if valid is None else valid
+        embedder = Embedder(cfg, name="embed")
+        x = embedder(tokens, _positions_from_valid(jnp.ones_like(valid)),
+                     deterministic=not train)
+        x = TransformerStack(cfg, cfg.num_layers, name="encoder")(
+            x, valid, deterministic=not train)
+        self.sow("intermediates", "final_hidden", x)
+        dense = lambda n, name: nn.Dense(n, dtype=cfg.compute_dtype,  # noqa: E731
+                                         param_dtype=cfg.weight_dtype, kernel_init=cfg.init,
+                                         dot_general=cfg.dot_general, name=name)
+        if self.head == "hidden":
+            return x
+        if self.head == "mlm":
+            h = get_activation(cfg.activation)(dense(cfg.d_model, "mlm_transform")(x))
+            h = make_norm(cfg.norm, epsilon=cfg.norm_epsilon, dtype=cfg.compute_dtype,
+                          param_dtype=cfg.weight_dtype, name="mlm_norm")(h)
+            bias = self.param("mlm_bias", nn.initializers.zeros, (cfg.vocab_size,),
+                              cfg.weight_dtype)
+            return _Unembed(cfg, name="unembed")(h, embedder) + bias.astype(jnp.float32)
+        pooled = jnp.tanh(dense(cfg.d_model, "pooler")(x[:, 0]))
+        if self.head == "pooled":
+            return pooled
+        if cfg.num_classes <= 0:
+            raise ValueError("head='classify' needs model.num_classes > 0")
+        pooled = nn.Dropout(cfg.dropout_rate)(pooled, deterministic=not train)
+        return dense(cfg.num_classes, "classifier")(pooled).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# Encoder-decoder ("Attention Is All You Need").
+# ----------------------------------------------------------------------------------------
+class EncoderDecoder(nn.Module):
+    """Transformer for sequence-to-sequence; one shared vocabulary and embedding table.
+
+    __call__(inputs [B, S], decoder_tokens [B, T]) -> logits [B, T, vocab]: teacher forcing,
+    where decoder_tokens are the targets shifted right (BOS first). `encode` and `decode`
+    are exposed for generation (models/decoding.py); `decode(..., decode=True)` uses the KV
+    cache for the decoder's self-attention.
+    """
+    cfg: TransformerConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.embedder = Embedder(cfg, name="embed")
+        self.encoder = TransformerStack(cfg, cfg.num_layers, name="encoder")
+        self.decoder = TransformerStack(cfg, cfg.num_decoder_layers or cfg.num_layers,
+                                        causal=True, cross_attention=True, name="decoder")
+        self.unembed = _Unembed(cfg, name="unembed")
+        self.position = DecodePosition(name="position")
+
+    def encode(self, inputs, *, inputs_valid=None, train: bool = False):
+        """inputs [B, S] -> encoded [B, S, d_model]."""
+        cfg = self.cfg
+        _check_tokens(inputs, cfg, "inputs")
+        inputs_valid = inputs != cfg.pad_id if inputs_valid is None else inputs_valid
+        x = self.embedder(inputs, _positions_from_valid(jnp.ones_like(inputs_valid)),
+                          deterministic=not train)
+        return self.encoder(x, inputs_valid, deterministic=not train)
+
+    def decode(self, encoded, decoder_tokens, *, inputs_valid, positions=None,
+               train: bool = False, decode: bool = False):
+        """encoded [B, S, d], decoder_tokens [B, T] -> logits [B, T, vocab]."""
+        cfg = self.cfg
+        _check_tokens(decoder_tokens, cfg, "decoder_tokens")
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(decoder_tokens.shape[1]),
+                                         decoder_tokens.shape)
+            if decode:
+                counts = jnp.full(decoder_tokens.shape[:1], decoder_tokens.shape[1])
+                positions = positions + self.position(counts)[:, None]
+        x = self.embedder(decoder_tokens, positions, deterministic=not train)
+        x = self.decoder(x, None, encoded, inputs_valid, deterministic=not train,
+                         decode=decode)
+        return self.unembed(x, self.embedder)
+
+    def __call__(self, inputs, decoder_tokens, *, inputs_valid=None, train: bool = False):
+        inputs_valid = inputs != self.cfg.pad_id if inputs_valid is None else inputs_valid
+        encoded = self.encode(inputs, inputs_valid=inputs_valid, train=train)
+        return self.decode(encoded, decoder_tokens, inputs_valid=inputs_valid, train=train)
+
+
+# ----------------------------------------------------------------------------------------
+# Scanned <-> unrolled parameter layouts.
+# ----------------------------------------------------------------------------------------
+_LAYER_KEY = re.compile(r"^layers_(\d+)$")
+
+
+def stack_layers(tree):
+    """Unrolled params (`layers_0..layers_{n-1}`) -> scanned layout (`layers`, axis 0)."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {k: stack_layers(v) for k, v in tree.items() if not _LAYER_KEY.match(k)}
+    layer_keys = sorted((k for k in tree if _LAYER_KEY.match(k)),
+                        key=lambda k: int(_LAYER_KEY.match(k).group(1)))
+    if layer_keys:
+        out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs),
+                                     *[tree[k] for k in layer_keys])
+    return out
+
+
+def unstack_layers(tree):
+    """Scanned params (`layers` with leading axis) -> unrolled `layers_i` entries."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {k: unstack_layers(v) for k, v in tree.items() if k != "layers"}
+    if "layers" in tree:
+        n = jax.tree.leaves(tree["layers"])[0].shape[0]
+        for i in range(n):
+            out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], tree["layers"])
+    return out
+
+
+def padding_mask_from_tokens(tokens, pad_id: int = 0):
+    """Convenience: key mask [B, 1, 1, L] that hides `pad_id` tokens."""
+    return padding_mask(None, tokens != pad_id)

@@ -1,0 +1,114 @@
+"""default_config / validate / make_dataset."""
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from train import data
+from train.data import seq2seq, text
+from train.data.tfds_source import ClassificationDataset
+
+
+def test_default_config_keys_and_values():
+    c = data.default_config()
+    assert c.to_dict() == {
+        "source": "stdlib_text", "seq_len": 256, "batch_size": 32, "eval_batch_size": 64,
+        "train_fraction": 0.9, "validation_fraction": 0.05, "test_fraction": 0.05,
+        "max_bytes": 3_000_000, "max_number": 999_999, "max_input_len": 8,
+        "max_target_len": 72, "max_eval_examples": 0, "tfds_name": "lm1b",
+        "tfds_splits": {"train": "train", "validation": "validation", "test": "test"},
+        "text_key": "text", "label_key": "", "data_dir": None}
+    for source in data.SOURCES:
+        c.source = source
+        data.validate(c)
+    c.data_dir = "/some/dir"  # placeholder(str) accepts a path
+
+
+def test_stdlib_text_datasets():
+    c = data.default_config()
+    sizes = {}
+    for split in data.SPLITS:
+        ds = data.make_dataset(c, split, seed=0)
+        assert isinstance(ds, text.LMDataset) and ds.vocab_size == 260
+        assert ds.batch(0)["tokens"].shape == (32, 257)
+        sizes[split] = len(ds.tokens)
+    assert sizes == {"train": 2_700_000, "validation": 150_000, "test": 150_000}
+
+
+def test_numbers_to_words_datasets():
+    c = data.default_config()
+    c.source = "numbers_to_words"
+    c.batch_size = 4
+    c.max_eval_examples = 5
+    ds = data.make_dataset(c, "validation", seed=0)
+    assert isinstance(ds, seq2seq.Seq2SeqDataset) and ds.vocab_size == 260
+    b = ds.batch(0)
+    assert b["inputs"].shape == (4, 8) and b["targets"].shape == (4, 72)
+    assert sum(x["weights"].sum() for x in ds.eval_batches(64)) == 5
+
+
+def test_make_dataset_rejects_unknown_split():
+    with pytest.raises(ValueError, match="split='valid'"):
+        data.make_dataset(data.default_config(), "valid", seed=0)
+
+
+def _with(**changes):
+    c = data.default_config()
+    for k, v in changes.items():
+        c[k] = v
+    return c
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"source": "wikipedia"}, r"data.source='wikipedia'.*stdlib_text"),
+    ({"seq_len": 0}, r"data.seq_len=0 .*>= 1"),
+    ({"batch_size": -2}, r"data.batch_size=-2"),
+    ({"eval_batch_size": 0}, r"data.eval_batch_size=0"),
+    ({"max_eval_examples": -1}, r"data.max_eval_examples=-1"),
+    ({"train_fraction": 0.8}, r"data.test_fraction=.*sum to 1"),
+    ({"validation_fraction": 1.5}, r"data.validation_fraction=1.5 .*\[0, 1\]"),
+    ({"train_fraction": 0.0, "validation_fraction": 0.95}, r"data.train_fraction=0.0"),
+    ({"max_bytes": 0}, r"data.max_bytes=0"),
+    ({"seq_len": 100_000}, r"data.seq_len=100000 .*validation split"),
+    ({"source": "numbers_to_words", "max_number": 10**7}, r"data.max_number=10000000"),
+    ({"source": "numbers_to_words", "max_input_len": 6}, r"data.max_input_len=6 .*>= 7"),
+    ({"source": "numbers_to_words", "max_target_len": 64}, r"data.max_target_len=64 .*>= 65"),
+    ({"source": "tfds", "tfds_name": ""}, r"data.tfds_name=''"),
+    ({"source": "tfds", "text_key": ""}, r"data.text_key=''"),
+    ({"source": "tfds", "max_bytes": -1}, r"data.max_bytes=-1"),
+    ({"source": "tfds", "label_key": "label", "seq_len": 1}, r"data.seq_len=1 .*>= 2"),
+])
+def test_validate_names_the_key(changes, message):
+    with pytest.raises(ValueError, match=message):
+        data.validate(_with(**changes))
+
+
+def test_validate_smaller_number_range_needs_shorter_targets():
+    data.validate(_with(source="numbers_to_words", max_number=999, max_input_len=4,
+                        max_target_len=len("seven hundred seventy-seven") + 1))
+
+
+def test_classification_dataset():
+    tokens = np.arange(30, dtype=np.int32).reshape(10, 3)
+    labels = np.arange(10) % 2
+    ds = ClassificationDataset(tokens, labels, batch_size=4, seed=0, num_classes=2,
+                               max_eval_examples=9)
+    seen = np.concatenate([ds.batch(t)["tokens"][:, 0] for t in range(5)])
+    assert sorted(seen[:10].tolist()) == list(range(0, 30, 3))  # epoch 0 covers each once
+    b = ds.batch(0)
+    np.testing.assert_array_equal(b["label"], (b["tokens"][:, 0] // 3) % 2)
+    ev = list(ds.eval_batches(4))
+    np.testing.assert_array_equal(np.concatenate([e["weights"] for e in ev]),
+                                  [1] * 9 + [0] * 3)
+
+
+def test_embedded_sources_never_import_tensorflow():
+    code = ("import sys; from train import data; c = data.default_config();"
+            "data.make_dataset(c, 'validation', 0).batch(0);"
+            "c.source = 'numbers_to_words'; data.make_dataset(c, 'test', 0).batch(0);"
+            "bad = [m for m in sys.modules if m.split('.')[0] in"
+            " ('tensorflow', 'tensorflow_datasets')]; assert not bad, bad")
+    repo_root = pathlib.Path(__file__).resolve().parents[3]
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=repo_root)

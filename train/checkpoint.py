@@ -1,0 +1,386 @@
+"""Checkpoints for training runs: orbax CheckpointManager plus the guards a long run needs.
+
+A checkpoint at step N is a directory `<directory>/<N>/` holding two orbax items:
+
+  state: the trainer's pytree, e.g. {"step": int32[], "params": ..., "opt_state": ...,
+         "model_state": ...}; optax namedtuple states round-trip because restoring
+         fills the caller's template (which has the namedtuples) rather than
+         rebuilding the tree from disk.
+  meta:  a small JSON dict (early-stopping counters, best metric so far, data
+         position, config hash).
+
+Orbax writes each step into a temporary directory and renames it on commit, so a
+crash mid-save never leaves a half-written step behind; what can still go wrong is a
+damaged committed step (deleted or truncated files), a checkpoint from a different
+model, and a diverged (NaN) state. Each of those is a clear error here:
+
+  save()    raises NonFiniteStateError if any floating leaf is NaN/Inf, before
+            writing anything, so the previous good checkpoints stay the newest.
+  restore() compares the saved tree metadata (paths, shapes, dtypes) with the
+            template first and raises CheckpointMismatchError naming every differing
+            path: orbax itself would silently cast dtypes. Unreadable files raise
+            CorruptCheckpointError naming the step and directory. There is no silent
+            fallback to an older step: the error lists the other steps, and the
+            caller may pass `step=` explicitly (a resumed run on a quietly older
+            step would repeat work and could desynchronise `meta`).
+
+Usage in a trainer:
+
+    ckpt = Checkpointer(workdir / "checkpoints", save_every=1000, keep=3,
+                        best_metric="validation/loss", best_mode="min")
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(template)      # template: initialized or abstract state
+    with PreemptionGuard() as guard:
+        for step in ...:
+            ...
+            ckpt.save(step, state, meta, metrics=eval_metrics)   # no-op off save steps
+            if guard.requested:
+                ckpt.save(step, state, meta, force=True)
+                break
+    ckpt.close()
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+log = logging.getLogger(__name__)
+
+PyTree = Any
+
+_MAX_LISTED = 20  # differing paths listed in a mismatch error before "... and N more"
+
+
+class NonFiniteStateError(ValueError):
+    """save() was given a state with NaN/Inf floating leaves; nothing was written."""
+
+
+class CheckpointMismatchError(ValueError):
+    """The saved checkpoint's tree (paths, shapes, dtypes) differs from the template's."""
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A committed checkpoint step could not be read (missing or truncated files)."""
+
+
+def _path_str(path) -> str:
+    """'params/decoder/layers_0/mlp/kernel' for a jax key path.
+
+    Namedtuple fields (GetAttrKey) and the dict keys orbax stores them under print
+    the same, so template and saved paths compare equal.
+    """
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def _flat(tree: PyTree) -> dict[str, Any]:
+    return {_path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@jax.jit
+def _finite_flags(leaves: list[jax.Array]) -> jax.Array:
+    """bool[len(leaves)]: whether every element of each leaf is finite (one transfer)."""
+    return jnp.stack([jnp.isfinite(x).all() for x in leaves])
+
+
+def nonfinite_paths(state: PyTree) -> list[str]:
+    """Paths of the floating leaves of `state` that contain a NaN or Inf."""
+    floating = [(p, x) for p, x in _flat(state).items()
+                if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not floating:
+        return []
+    flags = np.asarray(jax.device_get(_finite_flags([x for _, x in floating])))
+    return [p for (p, _), ok in zip(floating, flags) if not ok]
+
+
+def _mismatches(saved: PyTree, template: PyTree) -> list[str]:
+    """One line per path whose presence, shape or dtype differs; [] if compatible."""
+    saved, model = _flat(saved), _flat(template)
+    lines = [f"{p}: in checkpoint, missing from model" for p in sorted(saved.keys() - model)]
+    lines += [f"{p}: in model, missing from checkpoint" for p in sorted(model.keys() - saved)]
+    for p in sorted(saved.keys() & model.keys()):
+        s_shape, m_shape = getattr(saved[p], "shape", None), getattr(model[p], "shape", None)
+        if s_shape is not None and m_shape is not None and tuple(s_shape) != tuple(m_shape):
+            lines.append(f"{p}: saved {tuple(s_shape)} vs model {tuple(m_shape)}")
+            continue
+        s_dtype, m_dtype = getattr(saved[p], "dtype", None), getattr(model[p], "dtype", None)
+        if s_dtype is not None and m_dtype is not None and np.dtype(s_dtype) != np.dtype(m_dtype):
+            lines.append(f"{p}: saved {np.dtype(s_dtype)} vs model {np.dtype(m_dtype)}")
+    return lines
+
+
+def _listing(lines: list[str], sep: str) -> str:
+    """The first _MAX_LISTED lines joined by `sep`, then how many were left out."""
+    more = [f"... and {len(lines) - _MAX_LISTED} more"] if len(lines) > _MAX_LISTED else []
+    return sep.join(lines[:_MAX_LISTED] + more)
+
+
+def _abstract(leaf):
+    """Restore target for one template leaf: shape, dtype and the template's sharding.
+
+    Leaves without a sharding (numpy arrays, ShapeDtypeStructs from a plain
+    jax.eval_shape) land on the default device.
+    """
+    if not hasattr(leaf, "shape"):
+        return leaf
+    sharding = (getattr(leaf, "sharding", None)
+                or jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+
+class Checkpointer:
+    """Saves every `save_every` steps, keeps the last `keep` steps plus the best one.
+
+    Args:
+      directory: where step directories go (local path or any path orbax accepts).
+      save_every: save() without force writes only when step % save_every == 0.
+      keep: number of most recent checkpoints to keep.
+      best_metric: key in the `metrics` passed to save() that ranks checkpoints; the
+        best one is kept in addition to the last `keep`, however old. None: no best.
+      best_mode: "min" or "max": which end of `best_metric` is best.
+    """
+
+    def __init__(self, directory: str | os.PathLike, save_every: int, keep: int = 3,
+                 best_metric: str | None = None, best_mode: str = "min"):
+        if save_every < 1 or keep < 1:
+            raise ValueError(f"save_every and keep must be >= 1, got {save_every} and {keep}")
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+        directory = os.fspath(directory)
+        # orbax wants absolute paths; leave remote ones (gs://...) alone.
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
+        self.best_metric = best_metric
+
+        # One manager and orbax's own preservation policies (LatestN OR BestN), both
+        # present with identical code in orbax-checkpoint 0.12.4 and 0.12.8. Because
+        # retention is a per-step union, the best step needs no copy or second
+        # directory, and survives any number of newer saves. `best_fn` is also set
+        # because orbax only writes the `metrics` item (which BestN reads back after a
+        # restart) and only answers best_step() when best_fn is set.
+        # keep_checkpoints_without_metrics=False: periodic saves without metrics must
+        # fall under LatestN, not be kept forever by BestN.
+        preserve: list[Any] = [policies.LatestN(n=keep)]
+        best_fn = None
+        if best_metric is not None:
+            best_fn = lambda metrics: metrics[best_metric]  # noqa: E731
+            # BestN keeps the top of an ascending sort; reverse it when lower is better.
+            preserve.append(policies.BestN(get_metric_fn=best_fn, reverse=best_mode == "min",
+                                           n=1, keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            # Fixed interval only: orbax's default also saves the first step of a fresh
+            # run, which would make should_save() depend on the directory's history.
+            # PreemptionCheckpointingPolicy makes should_save() true at the step all
+            # hosts agreed on after a preemption notice (multi-host, see PreemptionGuard).
+            save_decision_policy=policies.AnySavePolicy([
+                policies.FixedIntervalPolicy(save_every),
+                policies.PreemptionCheckpointingPolicy(),
+            ]),
+            preservation_policy=policies.AnyPreservationPolicy(preserve),
+            best_fn=best_fn,
+            best_mode=best_mode,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            # Handlers up front so a fresh manager can read metadata before any save.
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()})
+
+    # -- queries ---------------------------------------------------------------------
+
+    def all_steps(self) -> list[int]:
+        """Committed steps on disk, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """Step with the best `best_metric`; None without best_metric or metrics."""
+        return None if self.best_metric is None else self._manager.best_step()
+
+    def should_save(self, step: int) -> bool:
+        """True on save_every multiples (and preemption sync points) after the latest step."""
+        return self._manager.should_save(step)
+
+    def reached_preemption(self, step: int) -> bool:
+        """Multi-host: True once every host has reached the agreed preemption step."""
+        return self._manager.reached_preemption(step)
+
+    # -- save / restore --------------------------------------------------------------
+
+    def save(self, step: int, state: PyTree, meta: Mapping[str, Any] | None = None,
+             metrics: Mapping[str, Any] | None = None, force: bool = False) -> bool:
+        """Starts an (async) save of `state` and `meta` at `step`; True if one started.
+
+        Without force, saves only when should_save(step). A step that is already on
+        disk is skipped (False): a preemption save right after a periodic one is a
+        no-op. `metrics` (scalars) must contain `best_metric` when it is set; a
+        non-finite value cannot rank, so that step is saved without metrics (kept
+        only while among the last `keep`).
+
+        Raises:
+          NonFiniteStateError: a floating leaf of `state` is NaN/Inf. Nothing is
+            written, so earlier checkpoints remain the newest. The trainer should have
+            stopped earlier; this is the last line of defense.
+          ValueError: `meta` is not JSON-serializable, or `metrics` lacks best_metric.
+        """
+        if step in self._manager.all_steps():
+            log.info("Checkpoint for step %d already exists in %s; not saving again.",
+                     step, self.directory)
+            return False
+        if not force and not self.should_save(step):
+            return False
+        bad = nonfinite_paths(state)
+        if bad:
+            raise NonFiniteStateError(
+                f"Refusing to save step {step} to {self.directory}: non-finite values in "
+                f"{len(bad)} leaves: {_listing(bad, sep=', ')}. Earlier checkpoints "
+                f"are untouched (latest: {self.latest_step()}).")
+        meta = dict(meta or {})
+        try:
+            json.dumps(meta)  # fail here, not in orbax's background write thread
+        except TypeError as e:
+            raise ValueError(f"meta must be JSON-serializable: {e}") from e
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  meta=ocp.args.JsonSave(meta))
+        return self._manager.save(step, args=args, metrics=self._ranking_metrics(step, metrics),
+                                  force=force)
+
+    def _ranking_metrics(self, step: int, metrics: Mapping[str, Any] | None):
+        """The JSON metrics orbax stores for BestN, or None if this step cannot rank."""
+        if self.best_metric is None or metrics is None:
+            return None
+        if self.best_metric not in metrics:
+            raise ValueError(f"metrics for step {step} lack best_metric "
+                             f"{self.best_metric!r}; got {sorted(metrics)}")
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if not np.isfinite(metrics[self.best_metric]):
+            log.warning("Step %d: %s=%s cannot rank; saving it without metrics.",
+                        step, self.best_metric, metrics[self.best_metric])
+            return None
+        return metrics
+
+    def restore(self, template: PyTree, step: int | None = None) -> tuple[PyTree, dict]:
+        """Restores (state, meta) at `step` (default: latest) into `template`'s structure.
+
+        Args:
+          template: the trainer's state, initialized or abstract (jax.eval_shape /
+            ShapeDtypeStruct leaves). Its tree structure (optax namedtuples included),
+            shapes, dtypes and shardings are what come back; leaves without a
+            sharding go to the default device.
+          step: which step; None means latest_step().
+
+        Raises:
+          FileNotFoundError: no checkpoint at all, or none for `step`.
+          CheckpointMismatchError: saved paths/shapes/dtypes differ from the template.
+          CorruptCheckpointError: the step's files are missing or unreadable.
+        """
+        steps = self.all_steps()
+        if step is None:
+            step = self.latest_step()
+        if step is None or step not in steps:
+            raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory}; "
+                                    f"available steps: {steps}")
+        saved = self._saved_state_metadata(step, steps)
+        diffs = _mismatches(saved, template)
+        if diffs:
+            listing = _listing(diffs, sep="\n  ")
+            raise CheckpointMismatchError(
+                f"Checkpoint step {step} in {self.directory} does not fit the model "
+                f"({len(diffs)} differences):\n  {listing}\n"
+                "This workdir belongs to a different model or config; use a fresh workdir "
+                "or the config that wrote it.")
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(jax.tree.map(_abstract, template)),
+            meta=ocp.args.JsonRestore())
+        try:
+            restored = self._manager.restore(step, args=args)
+        except Exception as e:  # tensorstore/IO errors come in many types
+            raise self._corrupt(step, steps, e) from e
+        return restored["state"], dict(restored["meta"] or {})
+
+    def _saved_state_metadata(self, step: int, steps: list[int]) -> PyTree:
+        """The saved state's tree of ArrayMetadata (shape, dtype); never loads arrays."""
+        try:
+            metadata = self._manager.item_metadata(step)["state"]
+        except Exception as e:
+            raise self._corrupt(step, steps, e) from e
+        if metadata is None:  # orbax returns None when the tree metadata file is gone
+            raise self._corrupt(step, steps, "its tree metadata (state/_METADATA) is missing")
+        return getattr(metadata, "tree", metadata)  # TreeMetadata wraps the plain tree
+
+    def _corrupt(self, step: int, steps: list[int], cause) -> CorruptCheckpointError:
+        older = [s for s in steps if s < step]
+        hint = (f"Restore an older step explicitly with restore(template, step={older[-1]}) "
+                f"or delete {self.directory}/{step}." if older else
+                "No older step to fall back to.")
+        if isinstance(cause, Exception):
+            cause = f"{type(cause).__name__}: {cause}"
+        return CorruptCheckpointError(
+            f"Checkpoint step {step} in {self.directory} is corrupt or incomplete ({cause}). "
+            f"Available steps: {steps}. {hint}")
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def wait_until_finished(self) -> None:
+        """Blocks until background saves are committed (and old steps deleted)."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases orbax resources."""
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class PreemptionGuard:
+    """Context manager turning SIGTERM/SIGINT into a flag the training loop polls.
+
+    Inside the `with` block the signals set `requested` (and `signal_received`)
+    instead of killing the process, so the loop can finish its step, save with
+    force=True and exit cleanly. A second SIGINT raises KeyboardInterrupt, so Ctrl-C
+    twice still stops a stuck run. The previous handlers come back on exit. Must be
+    entered from the main thread (a Python signal rule).
+
+    Single host only: each process sees its own signal, at its own step. On multiple
+    hosts every process must save the same step, so rely on orbax instead:
+    jax.distributed's preemption service + Checkpointer.should_save /
+    reached_preemption(step), which become true on all hosts at one agreed step.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self._signals = tuple(signals)
+        self._previous: dict[int, Any] = {}
+        self.requested = False
+        self.signal_received: int | None = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal_received = signum
+        log.warning("Received %s: will checkpoint and stop after this step.",
+                    signal.Signals(signum).name)
+
+    def __enter__(self) -> PreemptionGuard:
+        for sig in self._signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            # None means the old handler was installed outside Python; default is closest.
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        self._previous.clear()

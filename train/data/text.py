@@ -1,0 +1,191 @@
+"""Embedded offline text corpus (Python standard-library source) and the LM dataset.
+
+Every CPython installation ships its standard library as ``.py`` source, so a
+few megabytes of real, varied text (code, docstrings, comments) are available with no
+download. ``STDLIB_FILES`` is a fixed, sorted list of modules present in CPython
+3.10-3.13 (where a module became a package, e.g. ``zipfile``, both spellings are
+listed and whichever exists is read). The files are concatenated in list order and cut
+at ``max_bytes``. The default 3,000,000 bytes is below the list's total on every
+supported version (3.15-3.38 MB), so the corpus and its split sizes have the same
+length everywhere (its content differs slightly between Python versions).
+
+Splits are contiguous fractions of that stream: train first, then validation, then
+test. Because the stream is whole files in sorted order, validation and test are
+(apart from the one file straddling each boundary) files the model never trained on,
+which measures generalization rather than memorization, while the split sizes still
+match the fractions exactly. (A split by whole files cannot match fractions with only
+~60 files of very different sizes.)
+"""
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+from train.data.sampling import EpochSampler, eval_index_batches
+from train.data.tokenizers import ByteTokenizer
+
+DEFAULT_MAX_BYTES = 3_000_000
+
+# Sorted; paths relative to the standard-library directory. Do not reorder or edit
+# without need: the corpus (and every result measured on it) depends on this list.
+STDLIB_FILES = (
+    "argparse.py", "ast.py", "asyncio/base_events.py", "asyncio/tasks.py", "bdb.py",
+    "calendar.py", "codecs.py", "collections/__init__.py", "configparser.py",
+    "contextlib.py", "csv.py", "dataclasses.py", "difflib.py", "dis.py", "doctest.py",
+    "email/message.py", "enum.py", "fractions.py", "ftplib.py", "functools.py",
+    "gettext.py", "gzip.py", "heapq.py", "http/client.py", "http/server.py",
+    "imaplib.py", "inspect.py", "ipaddress.py", "json/decoder.py", "json/encoder.py",
+    "locale.py", "logging/__init__.py", "mailbox.py", "optparse.py", "os.py",
+    "pathlib.py", "pathlib/__init__.py", "pdb.py", "pickle.py", "platform.py",
+    "pprint.py", "pydoc.py", "random.py", "shutil.py", "smtplib.py", "socket.py",
+    "ssl.py", "statistics.py", "string.py", "subprocess.py", "tarfile.py",
+    "tempfile.py", "textwrap.py", "threading.py", "tokenize.py", "traceback.py",
+    "typing.py", "unittest/case.py", "urllib/parse.py", "urllib/request.py", "uuid.py",
+    "zipfile.py", "zipfile/__init__.py",
+)
+
+
+def stdlib_dir() -> str:
+    """The directory holding the running interpreter's standard-library source."""
+    return os.path.dirname(os.__file__)
+
+
+@functools.lru_cache(maxsize=4)
+def load_corpus(max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The first ``max_bytes`` bytes of the ``STDLIB_FILES`` present, concatenated.
+
+    Missing files are skipped (installations differ); raises FileNotFoundError if none
+    is present. Cached: train and eval datasets share one read.
+    """
+    if max_bytes <= 0:
+        raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
+    root, parts, total = stdlib_dir(), [], 0
+    for rel in STDLIB_FILES:
+        path = os.path.join(root, rel)
+        if not os.path.isfile(path):
+            continue
+        with open(path, "rb") as f:
+            parts.append(f.read(max_bytes - total))
+        total += len(parts[-1])
+        if total >= max_bytes:
+            break
+    if not parts:
+        raise FileNotFoundError(f"none of the corpus files was found under {root}")
+    return b"".join(parts)
+
+
+def split_sizes(num_tokens: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
+    """Token counts of (train, validation, test): rounded fractions, test takes the rest."""
+    n_train = int(round(num_tokens * fractions[0]))
+    n_val = int(round(num_tokens * fractions[1]))
+    return n_train, n_val, num_tokens - n_train - n_val
+
+
+def corpus_splits(max_bytes: int = DEFAULT_MAX_BYTES, train_fraction: float = 0.9,
+                  validation_fraction: float = 0.05, test_fraction: float = 0.05
+                  ) -> dict[str, np.ndarray]:
+    """{"train", "validation", "test"} -> int32[n] byte-token streams (contiguous,
+    disjoint, in that order; see the module docstring)."""
+    tokens = ByteTokenizer().encode_bytes(load_corpus(max_bytes))
+    n_train, n_val, _ = split_sizes(
+        len(tokens), (train_fraction, validation_fraction, test_fraction))
+    return {"train": tokens[:n_train],
+            "validation": tokens[n_train:n_train + n_val],
+            "test": tokens[n_train + n_val:]}
+
+
+def _unigram_nll(train_tokens: np.ndarray, eval_tokens: np.ndarray, vocab_size: int) -> float:
+    """Mean negative log-likelihood (nats/token) of ``eval_tokens`` under the add-one
+    smoothed unigram model p(v) = (count_train(v) + 1) / (len(train) + vocab_size)."""
+    counts = np.bincount(np.asarray(train_tokens).ravel(), minlength=vocab_size)
+    if counts.size > vocab_size:
+        raise ValueError(f"train tokens contain ids >= vocab_size={vocab_size}")
+    log_p = np.log(counts + 1.0) - np.log(counts.sum() + vocab_size)
+    return float(-log_p[np.asarray(eval_tokens).ravel()].mean())
+
+
+def unigram_perplexity(train_tokens: np.ndarray, eval_tokens: np.ndarray,
+                       vocab_size: int) -> float:
+    """exp(mean NLL) of ``eval_tokens`` under the add-one smoothed unigram model fit on
+    ``train_tokens``: the baseline perplexity a trained language model must beat."""
+    return float(np.exp(_unigram_nll(train_tokens, eval_tokens, vocab_size)))
+
+
+def unigram_bits_per_byte(train_tokens: np.ndarray, eval_tokens: np.ndarray,
+                          vocab_size: int) -> float:
+    """The same baseline in bits per token, i.e. bits per byte for a byte-token stream
+    without special tokens (such as the stdlib corpus)."""
+    return _unigram_nll(train_tokens, eval_tokens, vocab_size) / np.log(2.0)
+
+
+class LMDataset:
+    """Language-modelling windows over one token stream.
+
+    A window is ``seq_len + 1`` consecutive tokens; consecutive windows start
+    ``seq_len`` apart, i.e. share one boundary token, so the model inputs
+    ``tokens[:, :-1]`` never overlap and every token after the first is a target
+    ``tokens[:, 1:]`` exactly once per pass.
+
+    Training: epoch ``e`` shifts all windows by a random offset in ``[0, seq_len)``
+    (so window boundaries differ between epochs) and visits its ``num_windows`` windows
+    in a random order; both come from ``default_rng([seed, e])``.
+
+    Args:
+      tokens: int32[n] token stream.
+      seq_len: model sequence length (> 0).
+      batch_size: training batch size (> 0).
+      seed: run seed; ``batch(step)`` is a pure function of (tokens, seed, step).
+      random_offset: shift windows per epoch (default True).
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int,
+                 random_offset: bool = True):
+        if seq_len <= 0:
+            raise ValueError(f"seq_len must be > 0, got {seq_len}")
+        self.tokens = np.asarray(tokens, dtype=np.int32)
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.random_offset = random_offset
+        self.tokenizer = ByteTokenizer()
+        self.vocab_size = self.tokenizer.vocab_size
+        n = len(self.tokens)
+        # The last window must end inside the stream for the largest offset
+        # (seq_len - 1 when random): start + seq_len + 1 <= n.
+        max_offset = seq_len - 1 if random_offset else 0
+        self.num_windows = (n - 1 - max_offset) // seq_len
+        self.num_eval_windows = (n - 1) // seq_len
+        if self.num_windows <= 0:
+            raise ValueError(f"seq_len={seq_len} is too long for a split of {n} tokens")
+        self._sampler = EpochSampler(self.num_windows, batch_size, seed, self._epoch_order)
+        self._window = np.arange(seq_len + 1, dtype=np.int64)
+
+    def _epoch_order(self, rng: np.random.Generator) -> np.ndarray:
+        offset = int(rng.integers(self.seq_len)) if self.random_offset else 0
+        return offset + self.seq_len * rng.permutation(self.num_windows)
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return self._sampler.steps_per_epoch
+
+    def window_starts(self, epoch: int) -> np.ndarray:
+        """int64[num_windows]: token offsets of the windows of ``epoch``, in visit order."""
+        return self._sampler.epoch_order(epoch)
+
+    def _gather(self, starts: np.ndarray) -> np.ndarray:
+        return self.tokens[starts[:, None] + self._window]
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """-> {"tokens": int32[batch_size, seq_len + 1]} for training step ``step``."""
+        _, starts = self._sampler.indices(step)
+        return {"tokens": self._gather(starts)}
+
+    def eval_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """One pass over windows starting at 0, seq_len, 2 * seq_len, ... (the
+        < seq_len tokens after the last full window are not scored).
+
+        Yields {"tokens": int32[batch_size, seq_len + 1], "weights": float32[batch_size]}.
+        """
+        for idx, weights in eval_index_batches(self.num_eval_windows, batch_size):
+            yield {"tokens": self._gather(idx * self.seq_len), "weights": weights}

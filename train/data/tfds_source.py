@@ -1,0 +1,139 @@
+"""TensorFlow Datasets sources, read with ``tfds.data_source`` (random access, NumPy).
+
+``tensorflow_datasets`` is imported inside the functions that need it, so a run on
+the embedded data never imports it (nor TensorFlow). ``tfds.data_source`` reads
+ArrayRecord files directly and does not need TensorFlow at all; the dataset must
+have been prepared in that format (``tfds build NAME --file_format=array_record``,
+which may itself need TensorFlow for some datasets, on any machine). Records are read
+once into NumPy and then served by the same random-access datasets as the embedded
+data:
+
+* language modelling: each example's text is byte-tokenized and followed by EOS, the
+  examples are concatenated in split order (capped at ``max_bytes`` tokens), and an
+  ``LMDataset`` serves windows of that stream;
+* classification: ``ClassificationDataset`` serves
+  {"tokens": int32[B, seq_len] (BOS + bytes, truncated, PAD-padded), "label": int32[B]}.
+
+Install with ``pip install -e ".[tfds]"``.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from train.data.sampling import EpochSampler, eval_index_batches
+from train.data.text import LMDataset
+from train.data.tokenizers import ByteTokenizer, pad_batch
+
+
+def data_source(name: str, split: str, data_dir: str | None = None) -> Any:
+    """``tfds.data_source(name, split=split, data_dir=data_dir)``: a random-access
+    sequence of feature dicts. ``split`` may be a slice such as "train[:90%]"."""
+    try:
+        import tensorflow_datasets as tfds  # lazy: see the module docstring
+    except ImportError as e:
+        raise ImportError('data source "tfds" needs tensorflow-datasets: '
+                          'pip install -e ".[tfds]"') from e
+    return tfds.data_source(name, split=split, data_dir=data_dir)
+
+
+def _as_bytes(text: Any, key: str) -> bytes:
+    # Text features decode to bytes from real files and to str from mock data.
+    if isinstance(text, np.ndarray) and text.ndim == 0:
+        text = text.item()
+    if isinstance(text, str):
+        return text.encode("utf-8")
+    if isinstance(text, bytes):
+        return text
+    raise TypeError(f"feature {key!r} is {type(text).__name__}, not text; check text_key")
+
+
+def _records(source: Any) -> Iterator[dict]:
+    for i in range(len(source)):  # one at a time: mock sources break __getitems__
+        yield source[i]
+
+
+def text_token_stream(source: Any, text_key: str, max_bytes: int = 0) -> np.ndarray:
+    """int32[n]: encode(text) + EOS for each example of ``source`` in order, stopping
+    once ``max_bytes`` tokens are collected (0 = read everything); the last example is
+    cut so that n == max_bytes exactly when the split is longer."""
+    tok, parts, total = ByteTokenizer(), [], 0
+    for record in _records(source):
+        parts.append(tok.encode_bytes(_as_bytes(record[text_key], text_key), add_eos=True))
+        total += len(parts[-1])
+        if 0 < max_bytes <= total:
+            break
+    if not parts:
+        raise ValueError("the TFDS split is empty")
+    stream = np.concatenate(parts)
+    return stream[:max_bytes] if max_bytes > 0 else stream
+
+
+def tfds_lm_dataset(name: str, split: str, text_key: str, seq_len: int, batch_size: int,
+                    seed: int, data_dir: str | None = None, max_bytes: int = 0) -> LMDataset:
+    """``LMDataset`` over the EOS-separated byte stream of a TFDS text split."""
+    stream = text_token_stream(data_source(name, split, data_dir), text_key, max_bytes)
+    return LMDataset(stream, seq_len, batch_size, seed)
+
+
+class ClassificationDataset:
+    """Random-access batches of fixed-length token rows with integer labels.
+
+    Args:
+      tokens: int32[n, seq_len] rows (BOS + bytes, PAD-padded).
+      labels: int32[n].
+      batch_size: training batch size.
+      seed: run seed; ``batch(step)`` is a pure function of (data, seed, step).
+      num_classes: number of label values.
+      max_eval_examples: evaluate on the first this-many rows only (0 = all).
+    """
+
+    def __init__(self, tokens: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
+                 num_classes: int, max_eval_examples: int = 0):
+        self.tokens = np.asarray(tokens, np.int32)
+        self.labels = np.asarray(labels, np.int32)
+        if self.tokens.ndim != 2 or len(self.tokens) != len(self.labels):
+            raise ValueError(f"need tokens[n, seq_len] and labels[n], got shapes "
+                             f"{self.tokens.shape} and {self.labels.shape}")
+        self.num_classes, self.batch_size, self.seed = num_classes, batch_size, seed
+        self.num_eval = (min(max_eval_examples, len(self.labels)) if max_eval_examples > 0
+                         else len(self.labels))
+        self.tokenizer = ByteTokenizer()
+        self.vocab_size = self.tokenizer.vocab_size
+        self._sampler = EpochSampler(len(self.labels), batch_size, seed)
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return self._sampler.steps_per_epoch
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """-> {"tokens": int32[B, seq_len], "label": int32[B]} for training step ``step``."""
+        _, idx = self._sampler.indices(step)
+        return {"tokens": self.tokens[idx], "label": self.labels[idx]}
+
+    def eval_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """One pass in order: {"tokens", "label", "weights": float32[batch_size]}."""
+        for idx, weights in eval_index_batches(self.num_eval, batch_size):
+            yield {"tokens": self.tokens[idx], "label": self.labels[idx], "weights": weights}
+
+
+def tfds_classification_dataset(name: str, split: str, text_key: str, label_key: str,
+                                seq_len: int, batch_size: int, seed: int,
+                                data_dir: str | None = None,
+                                max_eval_examples: int = 0) -> ClassificationDataset:
+    """``ClassificationDataset`` of a TFDS split: BOS + the first ``seq_len - 1`` bytes
+    of ``record[text_key]``, label ``record[label_key]`` (a ClassLabel feature)."""
+    source = data_source(name, split, data_dir)
+    tok, rows, labels = ByteTokenizer(), [], []
+    for record in _records(source):
+        rows.append(tok.encode_bytes(_as_bytes(record[text_key], text_key)[: seq_len - 1],
+                                     add_bos=True))
+        labels.append(int(record[label_key]))
+    if not rows:
+        raise ValueError(f"TFDS split {name}/{split} is empty")
+    num_classes = getattr(source.dataset_info.features[label_key], "num_classes", None)
+    return ClassificationDataset(pad_batch(rows, seq_len, "seq_len"), np.array(labels),
+                                 batch_size, seed, num_classes or max(labels) + 1,
+                                 max_eval_examples)
