@@ -41,8 +41,10 @@ def default_config() -> ml_collections.ConfigDict:
     fsdp: devices each large parameter is split over (1: no parameter sharding).
     strategy: "replicate" or "fsdp" (see param_sharding).
     min_size_to_shard: parameters with fewer elements stay replicated under "fsdp".
+    num_devices: use the first N devices; 0 means all of jax.devices().
     """
     return ml_collections.ConfigDict({
+        "num_devices": 0,
         "data": -1,
         "fsdp": 1,
         "strategy": "replicate",
@@ -85,6 +87,20 @@ def make_mesh(data: int = -1, fsdp: int = 1,
     # axes (its default is Explicit) let jit's in/out shardings drive propagation, so
     # model code needs no sharding-in-types annotations.
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def devices_for(sharding_cfg: ml_collections.ConfigDict) -> list[jax.Device]:
+    """The devices a run uses: the first `num_devices` (0 = all)."""
+    devices = jax.devices()
+    n = sharding_cfg.num_devices or len(devices)
+    if not 1 <= n <= len(devices):
+        raise ValueError(f"sharding.num_devices={sharding_cfg.num_devices} must be between 1 "
+                         f"and the {len(devices)} available devices (0 = all)")
+    return devices[:n]
+
+
+def mesh_from_config(sharding_cfg: ml_collections.ConfigDict) -> Mesh:
+    return make_mesh(sharding_cfg.data, sharding_cfg.fsdp, devices_for(sharding_cfg))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -145,7 +161,7 @@ def param_sharding(params: PyTree, mesh: Mesh, strategy: str = "replicate",
 
 
 def validate(sharding_cfg: ml_collections.ConfigDict, global_batch_size: int,
-             num_devices: int) -> tuple[int, int]:
+             num_devices: int | None = None) -> tuple[int, int]:
     """Checks a sharding config before anything is built; returns the (data, fsdp) shape.
 
     Raises:
@@ -158,8 +174,11 @@ def validate(sharding_cfg: ml_collections.ConfigDict, global_batch_size: int,
     if sharding_cfg.min_size_to_shard < 0:
         raise ValueError(f"sharding.min_size_to_shard must be >= 0, "
                          f"got {sharding_cfg.min_size_to_shard}")
+    if num_devices is None:
+        num_devices = len(devices_for(sharding_cfg))
     shape = resolve_mesh_shape(sharding_cfg.data, sharding_cfg.fsdp, num_devices)
     if global_batch_size % num_devices:
-        raise ValueError(f"Global batch_size {global_batch_size} is not divisible by the "
-                         f"{num_devices} devices")
+        raise ValueError(f"data.batch_size={global_batch_size} is not divisible by the "
+                         f"{num_devices} devices the batch is split over (set data.batch_size "
+                         "or sharding.num_devices)")
     return shape

@@ -1,0 +1,58 @@
+"""GPT (decoder-only transformer) language model on the embedded standard-library corpus.
+
+    python -m train.main --config=configs/gpt.py --workdir=runs/gpt
+    python -m train.main --config=configs/gpt.py:tiny --workdir=/tmp/gpt_tiny
+
+Variants:
+  default     the README's main job: a 4-layer, 128-wide byte-level GPT; on 2 CPU cores it
+              trains in a few minutes to a validation perplexity far below the unigram
+              baseline (see README "Results" for the measured numbers).
+  tiny        a seconds-long smoke run (tests).
+  gpt2_small  GPT-2 small (12 layers, 768 wide, 1024 context) in bf16 with fused attention:
+              the GPU benchmark shape.
+"""
+from train.config import base_config
+
+
+def get_config(variant: str = "default"):
+    if variant == "default":
+        c = base_config("lm", "mini", max_length=128, dropout_rate=0.0)
+        c.data.seq_len = 128
+        c.data.batch_size = 32
+        c.train.num_steps = 600
+        c.train.eval_every = 200
+        c.train.eval_max_batches = 8
+        c.optim.learning_rate = 3e-3
+        c.optim.weight_decay = 0.01
+        c.optim.grad_clip_norm = 1.0
+        c.optim.schedule.name = "warmup_cosine"
+        c.optim.schedule.warmup_steps = 50
+        c.optim.schedule.end_lr_fraction = 0.1
+        c.checkpoint.every = 200
+    elif variant == "tiny":
+        c = base_config("lm", "tiny", max_length=32)
+        c.data.seq_len = 32
+        c.data.batch_size = 8
+        c.data.eval_batch_size = 16
+        c.data.max_bytes = 200_000
+        c.train.num_steps = 20
+        c.train.log_every = 5
+        c.train.eval_every = 10
+        c.train.eval_max_batches = 2
+        c.optim.learning_rate = 3e-3
+        c.checkpoint.every = 10
+        c.task.sample_tokens = 16
+    elif variant == "gpt2_small":
+        c = base_config("lm", "gpt2_small", dtype="bfloat16", attention_impl="fused",
+                        scan_layers=True, remat_policy="none")
+        c.data.seq_len = 1024
+        c.data.batch_size = 16
+        c.optim.learning_rate = 6e-4
+        c.optim.weight_decay = 0.1
+        c.optim.grad_clip_norm = 1.0
+        c.optim.b2 = 0.95
+        c.optim.schedule.name = "warmup_cosine"
+        c.optim.schedule.warmup_steps = 100
+    else:
+        raise ValueError(f"unknown gpt variant {variant!r}; allowed: default, tiny, gpt2_small")
+    return c

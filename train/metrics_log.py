@@ -1,0 +1,100 @@
+"""What a run writes besides checkpoints: metrics.jsonl, TensorBoard events, progress lines,
+summary.json and the loss-curve plot.
+
+metrics.jsonl has one JSON object per logged step and split:
+  {"step": 200, "split": "validation", "wall_time": 1732.1, "loss": 1.93, ...}
+TensorBoard event files are written with tensorboardX (no TensorFlow needed), tags
+"<split>/<metric>".
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+from absl import logging
+
+
+class MetricsLog:
+    """Appends metrics to `<workdir>/metrics.jsonl` and TensorBoard; prints progress."""
+
+    def __init__(self, workdir: str, total_steps: int):
+        from tensorboardX import SummaryWriter  # lazy: importing it costs ~1 s
+
+        self.workdir, self.total_steps = workdir, total_steps
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, split: str, metrics: dict) -> None:
+        scalars = {k: float(v) for k, v in metrics.items() if _is_number(v)}
+        record = {"step": int(step), "split": split, "wall_time": time.time(), **scalars}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for name, value in scalars.items():
+            self._tb.add_scalar(f"{split}/{name}", value, global_step=int(step))
+        self._tb.flush()
+
+    def progress(self, step: int, loss: float, steps_per_second: float) -> str:
+        """One progress line: step, loss, speed and the time left at that speed."""
+        left = (self.total_steps - step) / steps_per_second if steps_per_second > 0 else 0
+        line = (f"step {step}/{self.total_steps} | loss {loss:.4f} | "
+                f"{steps_per_second:.2f} steps/s | ETA {format_duration(left)}")
+        logging.info(line)
+        return line
+
+    def close(self) -> None:
+        self._jsonl.close()
+        self._tb.close()
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss_curve(workdir: str, filename: str = "loss_curve.png") -> str | None:
+    """Train and validation loss against step, from metrics.jsonl; returns the PNG path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(workdir)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for split, style in (("train", "-"), ("validation", "o-")):
+        points = sorted({r["step"]: r["loss"] for r in records
+                         if r["split"] == split and "loss" in r}.items())
+        if points:
+            ax.plot(*zip(*points), style, label=split, markersize=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(os.path.basename(os.path.abspath(workdir)))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = os.path.join(workdir, filename)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_json(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)  # atomic: a reader never sees half a file

@@ -1,0 +1,63 @@
+"""Masked language modelling (BERT): predict 15% of tokens from their bidirectional context.
+
+Of the selected positions, 80% become [MASK], 10% a random token and 10% stay unchanged
+(Devlin et al. 2019, 3.1); the loss is the cross-entropy at the selected positions only.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from train.data.tokenizers import MASK, NUM_SPECIAL
+from train.tasks import common
+
+
+def mask_tokens(rng, tokens, *, mask_probability: float, mask_token_fraction: float,
+                random_token_fraction: float, vocab_size: int, mask_id: int = MASK,
+                first_regular_id: int = NUM_SPECIAL):
+    """tokens int [B, L] -> (corrupted inputs [B, L], selected bool [B, L]).
+
+    Special tokens (ids < first_regular_id: PAD, BOS, EOS, MASK) are never selected;
+    random replacements are drawn from the regular ids.
+    """
+    k_select, k_kind, k_random = jax.random.split(rng, 3)
+    regular = tokens >= first_regular_id
+    selected = jnp.logical_and(jax.random.uniform(k_select, tokens.shape) < mask_probability,
+                               regular)
+    kind = jax.random.uniform(k_kind, tokens.shape)
+    random_ids = jax.random.randint(k_random, tokens.shape, first_regular_id, vocab_size)
+    corrupted = jnp.where(kind < mask_token_fraction, mask_id,
+                          jnp.where(kind < mask_token_fraction + random_token_fraction,
+                                    random_ids, tokens))
+    return jnp.where(selected, corrupted, tokens).astype(tokens.dtype), selected
+
+
+class MaskedLanguageModelTask:
+    """batch {"tokens": int[B, L+1]} (LM windows; the last token is dropped)."""
+
+    def __init__(self, config, model, datasets):
+        self.config, self.model, self.datasets = config, model, datasets
+
+    def init_args(self, batch):
+        return (batch["tokens"][:, :-1],), {}
+
+    def loss_fn(self, params, model_state, batch, rng, train: bool):
+        t = self.config.task
+        targets = batch["tokens"][:, :-1]
+        mask_rng, dropout_rng = jax.random.split(rng)
+        inputs, selected = mask_tokens(
+            mask_rng, targets, mask_probability=t.mask_probability,
+            mask_token_fraction=t.mask_token_fraction,
+            random_token_fraction=t.random_token_fraction, vocab_size=self.model.cfg.vocab_size)
+        logits = self.model.apply({"params": params, **model_state}, inputs, train=train,
+                                  valid=jnp.ones(inputs.shape, bool),
+                                  rngs={"dropout": dropout_rng})
+        weights = selected * common.example_weights(batch, targets.shape[0])[:, None]
+        loss, metrics = common.token_metrics(logits, targets, weights, t.label_smoothing)
+        return loss, (metrics, model_state)
+
+    def derived_metrics(self, metrics: dict) -> dict:
+        return {}
+
+    def report(self, params, workdir: str) -> dict:
+        return {}

@@ -1,0 +1,309 @@
+"""The one training loop: config -> trained, evaluated, checkpointed, resumable run.
+
+    summary = train_and_evaluate(config, workdir)
+
+Sections below: workdir, mesh, input, model + task, state, steps, checkpoint, loop, final.
+Determinism: params come from `seed`, the batch of step s is `data.batch(s)` and the
+dropout key of step s is fold_in(key, s) -- so a run resumed from step s computes exactly
+what an uninterrupted run computes (the test suite checks it to the bit on CPU).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from train import checkpoint as ckpt_lib
+from train import config as config_lib
+from train import data as data_lib
+from train import optim, sharding
+from train.metrics_log import MetricsLog, plot_loss_curve, write_json
+from train.tasks import build_model, common, make_task
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or the gradients became NaN/Inf; the last good checkpoint is kept."""
+
+
+def _check_workdir_config(config, workdir: str) -> None:
+    """Write config.json, or refuse to resume a workdir made by a different config."""
+    path = os.path.join(workdir, "config.json")
+    current = json.loads(config.to_json_best_effort(sort_keys=True))
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        diffs = sorted(_diff_keys(saved, current))
+        if diffs:
+            raise ValueError(
+                f"{workdir} holds a run with a different config (keys differ: "
+                f"{', '.join(diffs)}). Resuming would not reproduce either run; use a new "
+                "--workdir, or the same config.")
+    write_json(path, current)
+
+
+def _diff_keys(a, b, prefix=""):
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            yield from _diff_keys(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            yield prefix + key
+
+
+def _param_count_and_bytes(params) -> tuple[int, int]:
+    leaves = jax.tree.leaves(params)
+    return (int(sum(x.size for x in leaves)),
+            int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in leaves)))
+
+
+def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = None) -> dict:
+    """Train `config` in `workdir` (resuming if it holds a checkpoint); return the summary.
+
+    stop_after_steps: stop (with a checkpoint) after this many steps of *this* invocation,
+      as a preemption would; used by tests to prove resume == uninterrupted.
+    """
+    # ---- Workdir and config -------------------------------------------------------------
+    config_lib.validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    _check_workdir_config(config, workdir)
+    t_cfg, num_steps = config.train, config.train.num_steps
+
+    # ---- Mesh ---------------------------------------------------------------------------
+    mesh = sharding.mesh_from_config(config.sharding)
+    batch_sh = sharding.batch_sharding(mesh)
+    replicated = NamedSharding(mesh, P())
+
+    # ---- Input ----------------------------------------------------------------------------
+    datasets = {split: data_lib.make_dataset(config.data, split, config.seed)
+                for split in data_lib.SPLITS}
+    train_ds = datasets["train"]
+
+    # ---- Model and task -----------------------------------------------------------------
+    model_cfg = config_lib.model_fields(config.model, vocab_size=train_ds.vocab_size)
+    model = build_model(config.model, model_cfg)
+    task = make_task(config, model, datasets)
+    tx = optim.make_optimizer(config.optim, num_steps)
+
+    # ---- State --------------------------------------------------------------------------
+    init_key, train_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
+    example = jax.tree.map(lambda x: x[:1], train_ds.batch(0))
+    init_args, init_kwargs = task.init_args(example)
+
+    def init_state():
+        variables = dict(model.init({"params": init_key, "dropout": init_key},
+                                    *init_args, **init_kwargs))
+        params = variables.pop("params")
+        variables.pop("intermediates", None)
+        return {"step": jnp.zeros((), jnp.int32), "params": params,
+                "opt_state": tx.init(params), "model_state": variables,
+                "nonfinite_step": jnp.full((), -1, jnp.int32)}
+
+    abstract_state = jax.eval_shape(init_state)
+    state_sh = sharding.param_sharding(abstract_state, mesh, config.sharding.strategy,
+                                       config.sharding.min_size_to_shard)
+    state = jax.jit(init_state, out_shardings=state_sh)()
+    n_params, n_bytes = _param_count_and_bytes(state["params"])
+    logging.info("model %s/%s (%s): %d parameters, %.2f MB", config.model.kind,
+                 config.model.variant, model_cfg.dtype, n_params, n_bytes / 1e6)
+
+    # ---- Steps --------------------------------------------------------------------------
+    o = config.optim
+
+    def train_step(state, batch):
+        step = state["step"]
+        rng = jax.random.fold_in(train_key, step)
+
+        def loss_of(params):
+            loss, (metrics, model_state) = task.loss_fn(params, state["model_state"], batch,
+                                                        rng, True)
+            if o.l1 or o.l2:
+                loss = loss + optim.regularization_penalty(params, o.l1, o.l2,
+                                                           o.weight_decay_exclude)
+            return loss, (metrics, model_state)
+
+        (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+            state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        first_bad = jnp.where((state["nonfinite_step"] < 0) & ~finite, step,
+                              state["nonfinite_step"])
+        new_state = {"step": step + 1, "params": optax.apply_updates(state["params"], updates),
+                     "opt_state": opt_state, "model_state": model_state,
+                     "nonfinite_step": first_bad}
+        scalars = {k: s / jnp.maximum(w, 1.0) for k, (s, w) in metrics.items()}
+        return new_state, {**scalars, "objective": loss, "grad_norm": grad_norm}
+
+    def eval_step(params, model_state, batch, rng):
+        _, (metrics, _) = task.loss_fn(params, model_state, batch, rng, False)
+        return metrics
+
+    p_train_step = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
+                           out_shardings=(state_sh, replicated), donate_argnums=0)
+    p_eval_step = jax.jit(eval_step, out_shardings=replicated)  # inputs arrive sharded
+
+    def evaluate(split: str, max_batches: int = 0) -> dict:
+        totals = None
+        for i, batch in enumerate(datasets[split].eval_batches(config.data.eval_batch_size)):
+            if max_batches and i >= max_batches:
+                break
+            sums = p_eval_step(state["params"], state["model_state"],
+                               sharding.shard_batch(batch, mesh),
+                               jax.random.fold_in(eval_key, i))
+            totals = common.add_metrics(totals, sums)
+        means = common.finalize(jax.device_get(totals))
+        means.update(task.derived_metrics(means))
+        return {f"{split}/{k}": v for k, v in means.items()}
+
+    def check_finite(step: int) -> None:
+        bad = int(state["nonfinite_step"])
+        if bad >= 0:
+            latest = ckpt.latest_step()
+            raise NonFiniteLossError(
+                f"loss or gradients became NaN/Inf at step {bad} (detected at step {step}); "
+                f"training stopped and no checkpoint was written after it. The last good "
+                f"checkpoint is step {latest} in {ckpt.directory}. Lower optim.learning_rate,"
+                " set optim.grad_clip_norm, or use model.dtype=float32.")
+
+    # ---- Checkpoint ---------------------------------------------------------------------
+    ck = config.checkpoint
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=ck.every,
+                                 keep=ck.keep, best_metric=ck.best_metric or None,
+                                 best_mode=ck.best_mode)
+    es = t_cfg.early_stopping
+    meta = {"best_value": None, "bad_evals": 0, "stopped_early": False}
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(state)
+        logging.info("resumed from step %d in %s", int(state["step"]), ckpt.directory)
+
+    def save(step: int, metrics: dict | None = None, force: bool = False) -> None:
+        check_finite(step)
+        ranking = metrics if metrics and ck.best_metric in metrics else None
+        ckpt.save(step, state, meta, metrics=ranking, force=force)
+
+    # ---- Loop ---------------------------------------------------------------------------
+    log = MetricsLog(workdir, num_steps)
+    start = int(state["step"])
+    # Throughput counts training steps only: the clock restarts after compilation (the
+    # first step of this invocation), evaluations and checkpoints.
+    timer = _StepTimer()
+    status = "finished"
+    with ckpt_lib.PreemptionGuard() as guard:
+        step = start
+        while step < num_steps and not meta["stopped_early"]:
+            batch = sharding.shard_batch(train_ds.batch(step), mesh)
+            state, scalars = p_train_step(state, batch)
+            step += 1
+            if step == start + 1:
+                jax.block_until_ready(scalars)
+                timer.resume()
+            else:
+                timer.steps += 1
+            if step % t_cfg.log_every == 0 or step == num_steps:
+                scalars = jax.device_get(scalars)  # waits for the step: the timer is right
+                timer.pause()
+                check_finite(step)
+                scalars["learning_rate"] = optim.current_learning_rate(o, num_steps, step - 1)
+                log.write(step, "train", scalars)
+                log.progress(step, float(scalars["loss"]), timer.rate())
+            eval_metrics = None
+            if step % t_cfg.eval_every == 0 and step < num_steps:
+                timer.pause(scalars)
+                check_finite(step)
+                eval_metrics = evaluate("validation", t_cfg.eval_max_batches)
+                log.write(step, "validation", _strip(eval_metrics, "validation/"))
+                _update_early_stopping(meta, eval_metrics, es)
+            interrupted = guard.requested or (
+                stop_after_steps is not None and step - start >= stop_after_steps)
+            force = interrupted or bool(meta["stopped_early"])
+            # The last step is saved after the final evaluation.
+            if step < num_steps and (force or ckpt.should_save(step)):
+                timer.pause(scalars)
+                save(step, eval_metrics, force=force)
+            timer.resume()
+            if interrupted and step < num_steps:
+                status = "preempted" if guard.requested else "stopped"
+                break
+
+    # ---- Final evaluation -----------------------------------------------------------------
+    if status != "finished":
+        ckpt.wait_until_finished()
+        ckpt.close()
+        log.close()
+        logging.info("stopped at step %d (%s); run the same command to resume", step, status)
+        return {"status": status, "step": step}
+    check_finite(step)
+    final = {**evaluate("validation"), **evaluate("test")}
+    save(step, final, force=True)
+    ckpt.wait_until_finished()
+    ckpt.close()
+    for split in ("validation", "test"):
+        log.write(step, split, _strip(final, f"{split}/"))
+    report = task.report(state["params"], workdir)
+    steps_per_second = timer.rate() or float("nan")
+    summary = {
+        **final,
+        **{k: v for k, v in report.items() if not isinstance(v, str)},
+        "train/steps": step,
+        "train/stopped_early": bool(meta["stopped_early"]),
+        "train/steps_per_second": steps_per_second,
+        "train/examples_per_second": steps_per_second * config.data.batch_size,
+        "params/count": n_params,
+        "params/bytes": n_bytes,
+    }
+    write_json(os.path.join(workdir, "summary.json"), summary)
+    log.close()
+    plot_loss_curve(workdir)
+    summary.update({k: v for k, v in report.items() if isinstance(v, str)})
+    return summary
+
+
+class _StepTimer:
+    """Seconds spent in training steps only (pause() around evals and checkpoints)."""
+
+    def __init__(self):
+        self.steps, self.seconds, self._t0 = 0, 0.0, None
+
+    def resume(self):
+        """Start the clock unless it is running."""
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+
+    def pause(self, pending=None):
+        """Stop the clock once `pending` (the last step's outputs) is computed."""
+        jax.block_until_ready(pending)
+        if self._t0 is not None:
+            self.seconds += time.perf_counter() - self._t0
+            self._t0 = None
+
+    def rate(self) -> float:
+        return self.steps / self.seconds if self.seconds > 0 else 0.0
+
+
+def _strip(metrics: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def _update_early_stopping(meta: dict, metrics: dict, es) -> None:
+    """Count evaluations without an improvement larger than min_delta; stop at patience."""
+    if not es.patience or es.metric not in metrics:
+        return
+    value = metrics[es.metric]
+    best = meta["best_value"]
+    improved = best is None or (value < best - es.min_delta if es.mode == "min"
+                                else value > best + es.min_delta)
+    if improved:
+        meta["best_value"], meta["bad_evals"] = float(value), 0
+    else:
+        meta["bad_evals"] += 1
+        if meta["bad_evals"] >= es.patience:
+            meta["stopped_early"] = True
+            logging.info("early stopping: %s did not improve on %.5f for %d evaluations",
+                         es.metric, best, es.patience)
