@@ -55,6 +55,17 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 log = logging.getLogger(__name__)
 
+
+class _NoUnrankedSaveWarning(logging.Filter):
+    """orbax warns on every save without metrics when best_fn is set; here that is by design
+    (periodic saves between evaluations rank nothing and fall under keep-last-K)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_NoUnrankedSaveWarning())
+
 PyTree = Any
 
 _MAX_LISTED = 20  # differing paths listed in a mismatch error before "... and N more"

@@ -13,6 +13,7 @@ import math
 import os
 import time
 
+import numpy as np
 from absl import logging
 
 
@@ -49,7 +50,13 @@ class MetricsLog:
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """Python or NumPy real scalars (0-d arrays from jax.device_get included), finite."""
+    if isinstance(v, bool) or np.ndim(v) != 0:
+        return False
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
 
 
 def format_duration(seconds: float) -> str:

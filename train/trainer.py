@@ -131,7 +131,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
         (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(
             state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         first_bad = jnp.where((state["nonfinite_step"] < 0) & ~finite, step,
                               state["nonfinite_step"])
@@ -191,61 +191,63 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
     # ---- Loop ---------------------------------------------------------------------------
     log = MetricsLog(workdir, num_steps)
     start = int(state["step"])
-    # Throughput counts training steps only: the clock restarts after compilation (the
-    # first step of this invocation), evaluations and checkpoints.
+    # Throughput counts training steps only: the clock starts after compilation (the first
+    # step of this invocation) and pauses for evaluations and checkpoints.
     timer = _StepTimer()
-    status = "finished"
-    with ckpt_lib.PreemptionGuard() as guard:
-        step = start
-        while step < num_steps and not meta["stopped_early"]:
-            batch = sharding.shard_batch(train_ds.batch(step), mesh)
-            state, scalars = p_train_step(state, batch)
-            step += 1
-            if step == start + 1:
-                jax.block_until_ready(scalars)
+    status, step = "finished", start
+    try:
+        with ckpt_lib.PreemptionGuard() as guard:
+            while step < num_steps and not meta["stopped_early"]:
+                batch = sharding.shard_batch(train_ds.batch(step), mesh)
+                state, scalars = p_train_step(state, batch)
+                step += 1
+                if step == start + 1:
+                    jax.block_until_ready(scalars)
+                else:
+                    timer.steps += 1
+                if step % t_cfg.log_every == 0 or step == num_steps:
+                    scalars = jax.device_get(scalars)  # waits for the step
+                    timer.pause()
+                    check_finite(step)
+                    scalars["learning_rate"] = optim.current_learning_rate(o, num_steps,
+                                                                           step - 1)
+                    log.write(step, "train", scalars)
+                    log.progress(step, float(scalars["loss"]), timer.rate())
+                eval_metrics = None
+                if step % t_cfg.eval_every == 0 and step < num_steps:
+                    timer.pause(scalars)
+                    check_finite(step)
+                    eval_metrics = evaluate("validation", t_cfg.eval_max_batches)
+                    log.write(step, "validation", _strip(eval_metrics, "validation/"))
+                    _update_early_stopping(meta, eval_metrics, es)
+                interrupted = guard.requested or (
+                    stop_after_steps is not None and step - start >= stop_after_steps)
+                force = interrupted or bool(meta["stopped_early"])
+                # The last step is saved after the final evaluation.
+                if step < num_steps and (force or ckpt.should_save(step)):
+                    timer.pause(scalars)
+                    save(step, eval_metrics, force=force)
                 timer.resume()
-            else:
-                timer.steps += 1
-            if step % t_cfg.log_every == 0 or step == num_steps:
-                scalars = jax.device_get(scalars)  # waits for the step: the timer is right
-                timer.pause()
-                check_finite(step)
-                scalars["learning_rate"] = optim.current_learning_rate(o, num_steps, step - 1)
-                log.write(step, "train", scalars)
-                log.progress(step, float(scalars["loss"]), timer.rate())
-            eval_metrics = None
-            if step % t_cfg.eval_every == 0 and step < num_steps:
-                timer.pause(scalars)
-                check_finite(step)
-                eval_metrics = evaluate("validation", t_cfg.eval_max_batches)
-                log.write(step, "validation", _strip(eval_metrics, "validation/"))
-                _update_early_stopping(meta, eval_metrics, es)
-            interrupted = guard.requested or (
-                stop_after_steps is not None and step - start >= stop_after_steps)
-            force = interrupted or bool(meta["stopped_early"])
-            # The last step is saved after the final evaluation.
-            if step < num_steps and (force or ckpt.should_save(step)):
-                timer.pause(scalars)
-                save(step, eval_metrics, force=force)
-            timer.resume()
-            if interrupted and step < num_steps:
-                status = "preempted" if guard.requested else "stopped"
-                break
+                if interrupted and step < num_steps:
+                    status = "preempted" if guard.requested else "stopped"
+                    break
+        if status != "finished":
+            logging.info("stopped at step %d (%s); run the same command to resume", step,
+                         status)
+            return {"status": status, "step": step}
 
-    # ---- Final evaluation -----------------------------------------------------------------
-    if status != "finished":
+        # ---- Final evaluation -------------------------------------------------------------
+        check_finite(step)
+        final = {**evaluate("validation"), **evaluate("test")}
+        save(step, final, force=True)
+        for split in ("validation", "test"):
+            log.write(step, split, _strip(final, f"{split}/"))
+    finally:
+        # Whatever happens (NaN, Ctrl-C, a bug), pending checkpoint writes complete.
         ckpt.wait_until_finished()
         ckpt.close()
         log.close()
-        logging.info("stopped at step %d (%s); run the same command to resume", step, status)
-        return {"status": status, "step": step}
-    check_finite(step)
-    final = {**evaluate("validation"), **evaluate("test")}
-    save(step, final, force=True)
-    ckpt.wait_until_finished()
-    ckpt.close()
-    for split in ("validation", "test"):
-        log.write(step, split, _strip(final, f"{split}/"))
+
     report = task.report(state["params"], workdir)
     steps_per_second = timer.rate() or float("nan")
     summary = {
@@ -259,7 +261,6 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
         "params/bytes": n_bytes,
     }
     write_json(os.path.join(workdir, "summary.json"), summary)
-    log.close()
     plot_loss_curve(workdir)
     summary.update({k: v for k, v in report.items() if isinstance(v, str)})
     return summary
