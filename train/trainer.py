@@ -63,6 +63,58 @@ def _param_count_and_bytes(params) -> tuple[int, int]:
             int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in leaves)))
 
 
+def make_init_state(model, tx, init_key, init_args, init_kwargs):
+    """() -> train state {"step", "params", "opt_state", "model_state", "nonfinite_step"}.
+
+    model_state holds non-parameter collections (e.g. batch_stats); nonfinite_step is the
+    first step whose loss or gradients were NaN/Inf (-1: none), checked on the host.
+    """
+    def init_state():
+        variables = dict(model.init({"params": init_key, "dropout": init_key},
+                                    *init_args, **init_kwargs))
+        params = variables.pop("params")
+        variables.pop("intermediates", None)
+        return {"step": jnp.zeros((), jnp.int32), "params": params,
+                "opt_state": tx.init(params), "model_state": variables,
+                "nonfinite_step": jnp.full((), -1, jnp.int32)}
+    return init_state
+
+
+def make_train_step(task, tx, train_key, optim_cfg):
+    """(state, batch) -> (state, scalars): loss, gradients, optimizer update.
+
+    The dropout key of step s is fold_in(train_key, s), so any step can be recomputed
+    from a checkpoint. Scalars: the task's metric means plus objective and grad_norm.
+    """
+    o = optim_cfg
+
+    def train_step(state, batch):
+        step = state["step"]
+        rng = jax.random.fold_in(train_key, step)
+
+        def loss_of(params):
+            loss, (metrics, model_state) = task.loss_fn(params, state["model_state"], batch,
+                                                        rng, True)
+            if o.l1 or o.l2:
+                loss = loss + optim.regularization_penalty(params, o.l1, o.l2,
+                                                           o.weight_decay_exclude)
+            return loss, (metrics, model_state)
+
+        (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+            state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        first_bad = jnp.where((state["nonfinite_step"] < 0) & ~finite, step,
+                              state["nonfinite_step"])
+        new_state = {"step": step + 1, "params": optax.apply_updates(state["params"], updates),
+                     "opt_state": opt_state, "model_state": model_state,
+                     "nonfinite_step": first_bad}
+        scalars = {k: s / jnp.maximum(w, 1.0) for k, (s, w) in metrics.items()}
+        return new_state, {**scalars, "objective": loss, "grad_norm": grad_norm}
+    return train_step
+
+
 def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = None) -> dict:
     """Train `config` in `workdir` (resuming if it holds a checkpoint); return the summary.
 
@@ -96,14 +148,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
     example = jax.tree.map(lambda x: x[:1], train_ds.batch(0))
     init_args, init_kwargs = task.init_args(example)
 
-    def init_state():
-        variables = dict(model.init({"params": init_key, "dropout": init_key},
-                                    *init_args, **init_kwargs))
-        params = variables.pop("params")
-        variables.pop("intermediates", None)
-        return {"step": jnp.zeros((), jnp.int32), "params": params,
-                "opt_state": tx.init(params), "model_state": variables,
-                "nonfinite_step": jnp.full((), -1, jnp.int32)}
+    init_state = make_init_state(model, tx, init_key, init_args, init_kwargs)
 
     abstract_state = jax.eval_shape(init_state)
     state_sh = sharding.param_sharding(abstract_state, mesh, config.sharding.strategy,
@@ -115,31 +160,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
 
     # ---- Steps --------------------------------------------------------------------------
     o = config.optim
-
-    def train_step(state, batch):
-        step = state["step"]
-        rng = jax.random.fold_in(train_key, step)
-
-        def loss_of(params):
-            loss, (metrics, model_state) = task.loss_fn(params, state["model_state"], batch,
-                                                        rng, True)
-            if o.l1 or o.l2:
-                loss = loss + optim.regularization_penalty(params, o.l1, o.l2,
-                                                           o.weight_decay_exclude)
-            return loss, (metrics, model_state)
-
-        (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(
-            state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        first_bad = jnp.where((state["nonfinite_step"] < 0) & ~finite, step,
-                              state["nonfinite_step"])
-        new_state = {"step": step + 1, "params": optax.apply_updates(state["params"], updates),
-                     "opt_state": opt_state, "model_state": model_state,
-                     "nonfinite_step": first_bad}
-        scalars = {k: s / jnp.maximum(w, 1.0) for k, (s, w) in metrics.items()}
-        return new_state, {**scalars, "objective": loss, "grad_norm": grad_norm}
+    train_step = make_train_step(task, tx, train_key, o)
 
     def eval_step(params, model_state, batch, rng):
         _, (metrics, _) = task.loss_fn(params, model_state, batch, rng, False)

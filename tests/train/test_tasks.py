@@ -1,0 +1,84 @@
+"""Tasks: losses against float64 NumPy, BERT masking statistics, BLEU, one-step runs."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import bert, transformer as transformer_configs
+from train import trainer
+from train.data.tokenizers import BOS, MASK, NUM_SPECIAL, PAD
+from train.main import format_summary
+from train.tasks import common
+from train.tasks.mlm import mask_tokens
+from train.tasks.seq2seq import bleu_and_exact_match, shift_right
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_cross_entropy_with_label_smoothing_equals_numpy(eps):
+    r = np.random.default_rng(0)
+    logits = r.normal(size=(3, 5, 7)).astype(np.float32) * 3
+    targets = r.integers(0, 7, size=(3, 5))
+    loss, nll = common.cross_entropy(jnp.asarray(logits), jnp.asarray(targets), eps)
+    x = logits.astype(np.float64)
+    logp = x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(
+        -1, keepdims=True)
+    onehot = np.eye(7)[targets]
+    smoothed = (1 - eps) * onehot + eps / 7  # optax.smooth_labels' target distribution
+    np.testing.assert_allclose(loss, -(smoothed * logp).sum(-1), rtol=1e-5)
+    np.testing.assert_allclose(nll, -(onehot * logp).sum(-1), rtol=1e-5)
+
+
+def test_token_metrics_weights_and_finalize():
+    logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]]))
+    targets = jnp.array([[0, 2]])
+    loss, metrics = common.token_metrics(logits, targets, jnp.array([[1.0, 0.0]]))
+    np.testing.assert_allclose(loss, np.log(2), rtol=1e-6)  # the weight-0 token is ignored
+    means = common.finalize(jax.device_get(metrics))
+    np.testing.assert_allclose(means["loss"], np.log(2), rtol=1e-6)
+    np.testing.assert_allclose(means["perplexity"], 2.0, rtol=1e-6)
+    assert means["accuracy"] == 1.0
+
+
+def test_bert_masking_rates_and_specials():
+    tokens = jax.random.randint(jax.random.key(0), (64, 512), NUM_SPECIAL, 260)
+    tokens = tokens.at[:, :8].set(PAD).at[:, 8].set(BOS)  # specials are never selected
+    corrupted, selected = mask_tokens(jax.random.key(1), tokens, mask_probability=0.15,
+                                      mask_token_fraction=0.8, random_token_fraction=0.1,
+                                      vocab_size=260)
+    corrupted, selected, tokens = map(np.asarray, (corrupted, selected, tokens))
+    assert not selected[:, :9].any()
+    np.testing.assert_array_equal(corrupted[~selected], tokens[~selected])
+    regular = 64 * (512 - 9)
+    assert abs(selected.sum() / regular - 0.15) < 0.005
+    sel_new, sel_old = corrupted[selected], tokens[selected]
+    frac_mask = np.mean(sel_new == MASK)
+    frac_same = np.mean(sel_new == sel_old)
+    frac_random = 1 - frac_mask - frac_same
+    assert abs(frac_mask - 0.8) < 0.01
+    # "unchanged" also catches the 1/256 random draws that hit the original token
+    assert abs(frac_same - (0.1 + 0.1 / 256)) < 0.01 and abs(frac_random - 0.1) < 0.01
+    assert sel_new[sel_new != MASK].min() >= NUM_SPECIAL
+
+
+def test_shift_right_and_bleu():
+    np.testing.assert_array_equal(shift_right(jnp.array([[7, 8, 2, 0]])), [[BOS, 7, 8, 2]])
+    refs = ["one thousand two hundred thirty-four", "seven", "forty-two thousand"]
+    perfect = bleu_and_exact_match(refs, refs)
+    assert perfect == {"bleu": pytest.approx(100.0), "exact_match": 1.0}
+    partial = bleu_and_exact_match(["one thousand two hundred", "seven", "forty"], refs)
+    assert 0 < partial["bleu"] < 100 and partial["exact_match"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("config_module", [bert, transformer_configs])
+def test_tiny_configs_train_end_to_end(tmp_path, config_module):
+    c = config_module.get_config("tiny")
+    c.train.num_steps = 4
+    summary = trainer.train_and_evaluate(c, str(tmp_path))
+    assert summary["train/steps"] == 4
+    assert np.isfinite(summary["validation/loss"]) and np.isfinite(summary["test/loss"])
+    if config_module is transformer_configs:
+        for key in ("test/bleu", "test/exact_match", "test/bleu_beam2", "validation/bleu"):
+            assert 0.0 <= summary[key] <= 100.0
+        assert (tmp_path / "decodes.txt").read_text().count("[test_beam2]") == 5
+    text = format_summary({**summary, "sample": "abc"})
+    assert "validation/loss" in text and text.endswith("sample:\nabc")
