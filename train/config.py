@@ -39,9 +39,9 @@ def task_config(name: str) -> ml_collections.ConfigDict:
     if name == "lm":
         t.sample_prompt = "def "   # text sample written to the workdir after training
         t.sample_tokens = 200
-        t.sample_temperature = 0.8
+        t.sample_temperature = 1.0
         t.sample_top_k = 0
-        t.sample_top_p = 0.95
+        t.sample_top_p = 0.9
     elif name == "mlm":
         t.mask_probability = 0.15  # BERT: 15% of tokens, then 80% [MASK] / 10% random /
         t.mask_token_fraction = 0.8  # 10% unchanged

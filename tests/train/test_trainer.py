@@ -204,3 +204,24 @@ def test_mock_tfds_source_runs_one_step_end_to_end(tmp_path):
         summary = trainer.train_and_evaluate(c, str(tmp_path))
     assert summary["train/steps"] == 1 and np.isfinite(summary["validation/loss"])
     assert ckpt_lib.Checkpointer(tmp_path / "checkpoints", save_every=1).latest_step() == 1
+
+
+def test_early_stopping_stops_and_checkpoints(tmp_path):
+    c = tiny_config(num_steps=20, eval_every=2, log_every=2)
+    c.train.early_stopping.update(patience=2, min_delta=10.0)  # nothing improves by 10 nats
+    summary = trainer.train_and_evaluate(c, str(tmp_path))
+    # evals at steps 2 (sets the best), 4 and 6 (no improvement): stop after step 6
+    assert summary["train/stopped_early"] is True and summary["train/steps"] == 6
+    assert _final_params(tmp_path)[0] == 6
+    again = trainer.train_and_evaluate(c, str(tmp_path))  # a rerun does not train on
+    assert again["train/steps"] == 6
+
+
+def test_mixed_precision_keeps_float32_master_weights(tmp_path):
+    c = tiny_config(num_steps=3, eval_every=100)
+    c.model.dtype = "bfloat16"
+    summary = trainer.train_and_evaluate(c, str(tmp_path))
+    assert np.isfinite(summary["validation/loss"])
+    assert summary["params/bytes"] == 4 * summary["params/count"]
+    _, params = _final_params(tmp_path)
+    assert {np.asarray(x).dtype for x in jax.tree.leaves(params)} == {np.dtype("float32")}
