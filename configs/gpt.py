@@ -44,7 +44,7 @@ def get_config(variant: str = "default"):
         c.task.sample_tokens = 16
     elif variant == "gpt2_small":
         c = base_config("lm", "gpt2_small", dtype="bfloat16", attention_impl="fused",
-                        scan_layers=True, remat_policy="none")
+                        fused_qkv=True, scan_layers=True, remat_policy="none")
         c.data.seq_len = 1024
         c.data.batch_size = 16
         c.optim.learning_rate = 6e-4
@@ -56,3 +56,22 @@ def get_config(variant: str = "default"):
     else:
         raise ValueError(f"unknown gpt variant {variant!r}; allowed: default, tiny, gpt2_small")
     return c
+
+
+def get_sweep(variant: str = "default"):
+    """The example ablation: `python -m train.sweep --config=configs/gpt.py[:variant]`.
+
+    default: optimizer x depth, 4 x 2 = 8 runs of the default config. Each optimizer runs
+      at two peak learning rates around its own good value (one shared learning rate would
+      only show that SGD needs a larger one): AdamW at 1e-3 and 3e-3 (the default), SGD
+      with momentum 0.9 at 0.1 and 0.3; depth 2 vs the default 4 layers.
+    tiny: 2 runs, 1 vs 2 layers (tests, smoke runs).
+    """
+    if variant == "default":
+        adamw = [{"optim.name": "adamw", "optim.learning_rate": lr} for lr in (1e-3, 3e-3)]
+        sgd = [{"optim.name": "sgd", "optim.momentum": 0.9, "optim.learning_rate": lr}
+               for lr in (0.1, 0.3)]
+        return [("optimizer", adamw + sgd), ("model.num_layers", [2, 4])]
+    if variant == "tiny":
+        return [("model.num_layers", [1, 2])]
+    raise ValueError(f"no sweep for gpt variant {variant!r}; allowed: default, tiny")
