@@ -98,6 +98,9 @@ class TransformerConfig:
         if self.num_heads % kv:
             raise ValueError(f"model.num_heads ({self.num_heads}) must be a multiple of "
                              f"model.num_kv_heads ({kv})")
+        if self.num_decoder_layers is not None and self.num_decoder_layers <= 0:
+            raise ValueError("model.num_decoder_layers must be positive (or None = "
+                             f"num_layers), got {self.num_decoder_layers}")
         for key in ("dropout_rate", "attention_dropout_rate"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ValueError(f"model.{key} must be in [0, 1), got {getattr(self, key)}")
@@ -116,6 +119,10 @@ class TransformerConfig:
     @property
     def weight_dtype(self):
         return jnp.dtype(self.param_dtype)
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
 
     @property
     def init(self) -> Callable:
@@ -151,9 +158,13 @@ def make_config(variant: str, **overrides) -> TransformerConfig:
 # ----------------------------------------------------------------------------------------
 # Blocks.
 # ----------------------------------------------------------------------------------------
-def _attention(cfg: TransformerConfig, name: str, decode: bool = False) -> MultiHeadAttention:
+def _attention(cfg: TransformerConfig, name: str, decode: bool = False,
+               cross: bool = False) -> MultiHeadAttention:
+    # fused_qkv applies to self-attention only: cross-attention projects the query and the
+    # keys/values from different inputs, so it always keeps separate projections.
     return MultiHeadAttention(
-        num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, fused_qkv=cfg.fused_qkv,
+        num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+        fused_qkv=cfg.fused_qkv and not cross,
         use_bias=cfg.use_bias, dropout_rate=cfg.attention_dropout_rate,
         implementation=cfg.attention_impl, decode=decode, dtype=cfg.compute_dtype,
         param_dtype=cfg.weight_dtype, kernel_init=cfg.init, dot_general=cfg.dot_general,
@@ -198,7 +209,7 @@ class TransformerBlock(nn.Module):
             x, lambda h: self_attn(h, is_causal=self.causal, key_valid=valid,
                                    deterministic=det))
         if self.cross_attention:
-            cross_attn = _attention(cfg, "cross_attention")
+            cross_attn = _attention(cfg, "cross_attention", cross=True)
             x = _Sublayer(cfg, det, name="cross_attention_sublayer")(
                 x, lambda h: cross_attn(h, encoded, key_valid=encoded_valid,
                                         deterministic=det))
@@ -255,9 +266,10 @@ class Embedder(nn.Module):
                             embedding_init=initializers.get("normal", cfg.init_stddev),
                             dot_general=cfg.dot_general)
         if cfg.position != "none":
-            self.positions = PositionEmbedding(cfg.position, cfg.max_length, cfg.d_model,
-                                               dtype=cfg.compute_dtype,
-                                               param_dtype=cfg.weight_dtype)
+            self.positions = PositionEmbedding(
+                cfg.position, cfg.max_length, cfg.d_model, dtype=cfg.compute_dtype,
+                param_dtype=cfg.weight_dtype,
+                embedding_init=initializers.get("normal", cfg.init_stddev))
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
     def __call__(self, tokens, positions, deterministic: bool):
@@ -298,7 +310,7 @@ def _positions_from_valid(valid):
 
 
 class _Unembed(nn.Module):
-    """Final projection to the vocabulary: tied (x E^T + b) or its own Dense."""
+    """Final projection to the vocabulary: tied (x E^T, no bias) or its own Dense (no bias)."""
     cfg: TransformerConfig
 
     @nn.compact
@@ -321,7 +333,7 @@ class Decoder(nn.Module):
 
     `valid` (bool [B, L], default all True) masks padding keys -- needed for left-padded
     prompts; positions count real tokens only. With `decode=True` every call appends its
-    tokens to the KV cache (create it with `models.decoding.init_cache`), and positions
+    tokens to the KV cache (create it with `models.decoding.init_decoder_cache`), and positions
     continue from the cached `next_position`.
     """
     cfg: TransformerConfig
@@ -416,7 +428,7 @@ class EncoderDecoder(nn.Module):
         cfg = self.cfg
         self.embedder = Embedder(cfg, name="embed")
         self.encoder = TransformerStack(cfg, cfg.num_layers, name="encoder")
-        self.decoder = TransformerStack(cfg, cfg.num_decoder_layers or cfg.num_layers,
+        self.decoder = TransformerStack(cfg, cfg.decoder_layers,
                                         causal=True, cross_attention=True, name="decoder")
         self.unembed = _Unembed(cfg, name="unembed")
         self.position = DecodePosition(name="position")

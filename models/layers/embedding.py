@@ -77,6 +77,8 @@ class PositionEmbedding(nn.Module):
         if self.kind == "learned":
             table = self.param("embedding", self.embedding_init,
                                (self.max_length, self.features), self.param_dtype)
+            # Callers check lengths statically (transformer._check_tokens, generate); under
+            # jit a position past the table cannot raise, so it is clamped to the last row.
             return jnp.take(table, positions, axis=0, mode="clip").astype(self.dtype)
-        raise ValueError(f"unknown position embedding {self.kind!r}; allowed: "
-                         f"{', '.join(POSITION_KINDS)}")
+        raise ValueError(f"unknown position embedding {self.kind!r}; allowed here: learned, "
+                         "sinusoidal (a model with position='none' has no PositionEmbedding)")
