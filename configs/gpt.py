@@ -64,13 +64,15 @@ def get_sweep(variant: str = "default"):
     default: optimizer x depth, 4 x 2 = 8 runs of the default config. Each optimizer runs
       at two peak learning rates around its own good value (one shared learning rate would
       only show that SGD needs a larger one): AdamW at 1e-3 and 3e-3 (the default), SGD
-      with momentum 0.9 at 0.1 and 0.3; depth 2 vs the default 4 layers.
+      with momentum 0.9 at 0.1 and 0.3. SGD gets no weight decay: the config's 0.01 is
+      AdamW's decoupled decay, and as SGD's L2 penalty it cost 0.16 nats of validation loss
+      in a 600-step run at lr 0.1 (2.34 vs 2.19). Depth: 2 vs the default 4 layers.
     tiny: 2 runs, 1 vs 2 layers (tests, smoke runs).
     """
     if variant == "default":
         adamw = [{"optim.name": "adamw", "optim.learning_rate": lr} for lr in (1e-3, 3e-3)]
-        sgd = [{"optim.name": "sgd", "optim.momentum": 0.9, "optim.learning_rate": lr}
-               for lr in (0.1, 0.3)]
+        sgd = [{"optim.name": "sgd", "optim.learning_rate": lr, "optim.momentum": 0.9,
+                "optim.weight_decay": 0.0} for lr in (0.1, 0.3)]
         return [("optimizer", adamw + sgd), ("model.num_layers", [2, 4])]
     if variant == "tiny":
         return [("model.num_layers", [1, 2])]

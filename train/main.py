@@ -7,13 +7,13 @@ Running the same command on the same workdir resumes from its latest checkpoint.
 """
 from __future__ import annotations
 
-import logging as pylogging
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from train import config as config_lib
+from train.metrics_log import quiet_library_logs
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, optionally with a variant: configs/gpt.py:tiny",
@@ -34,15 +34,8 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-class _QuietLibraries(pylogging.Filter):
-    """Drop orbax's per-save INFO chatter (dozens of lines a checkpoint); keep warnings."""
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
-    pylogging.getLogger("absl").addFilter(_QuietLibraries())
+    quiet_library_logs()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value

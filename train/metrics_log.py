@@ -9,6 +9,7 @@ TensorBoard event files are written with tensorboardX (no TensorFlow needed), ta
 from __future__ import annotations
 
 import json
+import logging as pylogging
 import math
 import os
 import time
@@ -47,6 +48,18 @@ class MetricsLog:
     def close(self) -> None:
         self._jsonl.close()
         self._tb.close()
+
+
+class _QuietLibraries(pylogging.Filter):
+    """Drop orbax's per-save INFO chatter (dozens of lines a checkpoint); keep warnings."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+    """For command-line entry points: keep library INFO logs out of the progress output."""
+    pylogging.getLogger("absl").addFilter(_QuietLibraries())
 
 
 def _is_number(v) -> bool:

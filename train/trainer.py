@@ -39,7 +39,7 @@ def _check_workdir_config(config, workdir: str) -> None:
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
-        diffs = sorted(_diff_keys(saved, current))
+        diffs = config_differences(saved, current)
         if diffs:
             raise ValueError(
                 f"{workdir} holds a run with a different config (keys differ: "
@@ -48,13 +48,16 @@ def _check_workdir_config(config, workdir: str) -> None:
     write_json(path, current)
 
 
-def _diff_keys(a, b, prefix=""):
+def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two (JSON) configs, sorted."""
+    diffs = []
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key), b.get(key)
         if isinstance(va, dict) and isinstance(vb, dict):
-            yield from _diff_keys(va, vb, f"{prefix}{key}.")
+            diffs += config_differences(va, vb, f"{prefix}{key}.")
         elif va != vb:
-            yield prefix + key
+            diffs.append(prefix + key)
+    return diffs
 
 
 def _param_count_and_bytes(params) -> tuple[int, int]:

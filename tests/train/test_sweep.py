@@ -1,0 +1,266 @@
+"""train.sweep: parsing and typing a sweep, run names, and a real sweep of the tiny GPT
+(results tables equal to each run's summary.json, skip on rerun, failed runs, exit status)."""
+import csv
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from configs import gpt
+from train import sweep, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+GRID = "optim.name=adam,sgd;optim.learning_rate=1e-3,3e-3;model.num_layers=1,2"
+
+
+@pytest.fixture(scope="module")
+def base():
+    config = gpt.get_config("tiny")
+    config.lock()  # as the command line's config flag does: values change, keys don't
+    return config
+
+
+# ---- Parsing ---------------------------------------------------------------------------
+def test_grid_is_the_product_of_the_axes_first_axis_slowest(base):
+    runs = sweep.parse_sweep(GRID, base)
+    assert len(runs) == 8
+    assert runs[0] == {"optim.name": "adam", "optim.learning_rate": 0.001,
+                       "model.num_layers": 1}
+    assert [(r["optim.name"], r["optim.learning_rate"], r["model.num_layers"])
+            for r in runs[:4]] == [("adam", 1e-3, 1), ("adam", 1e-3, 2),
+                                   ("adam", 3e-3, 1), ("adam", 3e-3, 2)]
+    assert runs[-1] == {"optim.name": "sgd", "optim.learning_rate": 0.003,
+                        "model.num_layers": 2}
+    assert list(runs[0]) == ["optim.name", "optim.learning_rate", "model.num_layers"]
+    # The get_sweep form of the same grid gives the same runs.
+    axes = [("optim.name", ["adam", "sgd"]), ("optim.learning_rate", [1e-3, 3e-3]),
+            ("model.num_layers", [1, 2])]
+    assert sweep.parse_sweep(axes, base) == runs
+
+
+def test_values_take_the_type_of_the_config_field(base):
+    runs = sweep.parse_sweep("train.num_steps=7,1e2;optim.learning_rate=1e-3,2;"
+                             "optim.nesterov=true,False;optim.name=sgd;"
+                             "model.num_kv_heads=1,none", base)
+    assert len(runs) == 16
+    steps = {r["train.num_steps"] for r in runs}
+    assert steps == {7, 100} and all(type(s) is int for s in steps)
+    rates = {r["optim.learning_rate"] for r in runs}
+    assert rates == {0.001, 2.0} and all(type(x) is float for x in rates)
+    assert [r["optim.nesterov"] for r in runs[:4]] == [True, True, False, False]
+    assert {r["optim.name"] for r in runs} == {"sgd"}
+    assert {r["model.num_kv_heads"] for r in runs} == {1, None}  # a typed placeholder
+    config = sweep.apply_overrides(base, runs[-1])
+    assert config.train.num_steps == 100 and config.optim.learning_rate == 2.0
+    assert config.optim.nesterov is False and base.optim.nesterov is False
+    assert base.train.num_steps == 20  # the base config is not touched
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("optim.lr=1e-3", ["'optim.lr'", "learning_rate", "momentum"]),
+    ("optimizer.name=sgd", ["'optimizer.name'", "optim", "train"]),
+    ("optim.learning_rate=fast", ["'fast'", "optim.learning_rate", "number"]),
+    ("model.num_layers=2,1.5", ["'1.5'", "model.num_layers", "integer"]),
+    ("optim.nesterov=maybe", ["optim.nesterov", "bool"]),
+    ("optim=sgd", ["'optim' is a section", "learning_rate"]),
+    ("optim.weight_decay_exclude=bias", ["optim.weight_decay_exclude", "get_sweep"]),
+    ("optim.name", ["key=value1,value2"]),
+    ("model.num_layers=1;model.num_layers=2", ["'model.num_layers' is set by two axes"]),
+    ("", ["empty"]),
+])
+def test_bad_sweeps_name_the_key_and_what_is_allowed(base, spec, words):
+    with pytest.raises(ValueError) as e:
+        sweep.parse_sweep(spec, base)
+    for word in words:
+        assert word in str(e.value)
+
+
+def test_python_values_are_checked_too(base):
+    with pytest.raises(ValueError, match="model.num_layers.*integer"):
+        sweep.parse_sweep([("model.num_layers", [1, 2.5])], base)
+    with pytest.raises(ValueError, match="optim.nesterov.*bool"):
+        sweep.parse_sweep([{"optim.nesterov": 1}], base)
+
+
+def test_run_dicts_and_linked_axis_values(base):
+    runs = sweep.parse_sweep([{"optim.name": "sgd", "optim.learning_rate": 1},
+                              {"model.num_layers": 3}], base)
+    assert runs == [{"optim.name": "sgd", "optim.learning_rate": 1.0},
+                    {"model.num_layers": 3}]
+    linked = [("optimizer", [{"optim.name": "sgd", "optim.momentum": 0.9},
+                             {"optim.name": "adamw"}]), ("model.num_layers", [1, 2])]
+    runs = sweep.parse_sweep(linked, base)
+    assert runs == [{"optim.name": "sgd", "optim.momentum": 0.9, "model.num_layers": 1},
+                    {"optim.name": "sgd", "optim.momentum": 0.9, "model.num_layers": 2},
+                    {"optim.name": "adamw", "model.num_layers": 1},
+                    {"optim.name": "adamw", "model.num_layers": 2}]
+    # The config file's sweeps: every run of the default sweep is a valid config.
+    default = gpt.get_config()
+    plan = sweep.plan_runs(default, sweep.parse_sweep(gpt.get_sweep(), default))
+    assert len(plan) == 8 and len(sweep.parse_sweep(gpt.get_sweep("tiny"), base)) == 2
+
+
+def test_invalid_run_configs_stop_the_sweep_before_any_run(base, tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer, "train_and_evaluate", _must_not_train)
+    runs = sweep.parse_sweep("optim.learning_rate=1e-3,-1", base)
+    with pytest.raises(ValueError, match="run optim.learning_rate=-1.0: optim.learning_rate"):
+        sweep.run_sweep(base, runs, str(tmp_path / "sweep"))
+    assert not os.path.exists(tmp_path / "sweep")
+    with pytest.raises(ValueError, match="twice"):
+        sweep.plan_runs(base, [{"seed": 1}, {"seed": 1}])
+
+
+def test_run_names_are_readable_filesystem_safe_and_unique(tmp_path):
+    assert sweep.run_name({"optim.name": "adam", "optim.learning_rate": 1e-3}) == (
+        "optim.name=adam,optim.learning_rate=0.001")
+    # Distinct values of one (typed) key, and distinct sets of keys. (True and "True"
+    # never meet: parse_sweep gives every value of a key the type of its config field.)
+    overrides = [{"a": v} for v in ("x/y", "x_y", "x y", "../..", "", ",=", "x" * 300,
+                                    "x" * 301, "1,b=2", "é")]
+    overrides += [{"a": v} for v in (1e-3, 1e-5, 0.1, 1.0, -2.0)]
+    overrides += [{"a": 1, "b": 2}, {"b": 2, "a": 1}, {"a": None}, {"a": True}, {}]
+    names = [sweep.run_name(o) for o in overrides]
+    assert len(set(names)) == len(names)
+    for name in names:
+        assert re.fullmatch(r"[A-Za-z0-9._+=,~-]+", name) and len(name) <= 200
+        os.mkdir(tmp_path / name)  # a single, new path component
+    assert sorted(os.listdir(tmp_path)) == sorted(names)
+
+
+def _must_not_train(config, workdir, **kwargs):
+    raise AssertionError(f"trained {workdir} again")
+
+
+# ---- A real sweep ----------------------------------------------------------------------
+def _read_csv(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _md_rows(path):
+    """The markdown table as dicts (header cells as keys), in table order."""
+    lines = [line for line in open(path, encoding="utf-8") if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
+    return [dict(zip(cells[0], row)) for row in cells[2:]]
+
+
+def test_sweep_of_the_tiny_gpt_end_to_end(base, tmp_path, monkeypatch):
+    fast = sweep.apply_overrides(base, {"train.num_steps": 4, "train.log_every": 2,
+                                        "train.eval_every": 2, "checkpoint.every": 4})
+    runs = sweep.parse_sweep(gpt.get_sweep("tiny"), fast)
+    workdir = str(tmp_path)
+    records = sweep.run_sweep(fast, runs, workdir, spec=gpt.get_sweep("tiny"))
+    assert [r["status"] for r in records] == ["finished", "finished"]
+
+    # results.csv: one row per run, override values, status, every numeric summary key.
+    rows = _read_csv(os.path.join(workdir, "results.csv"))
+    assert [row["run"] for row in rows] == ["model.num_layers=1", "model.num_layers=2"]
+    for row, layers in zip(rows, (1, 2)):
+        with open(os.path.join(workdir, row["run"], "summary.json")) as f:
+            summary = json.load(f)
+        numeric = {k: v for k, v in summary.items() if not isinstance(v, (bool, str))}
+        assert list(row)[:3] == ["run", "model.num_layers", "status"]
+        assert set(row) == {"run", "model.num_layers", "status", "error", *numeric}
+        assert (row["model.num_layers"], row["status"], row["error"]) == (
+            str(layers), "finished", "")
+        for key, value in numeric.items():  # exactly, not rounded
+            assert float(row[key]) == value or math.isnan(value) and row[key] == "nan"
+    assert "validation/loss" in rows[0] and "params/count" in rows[0]
+
+    # results.md: key metrics only, best validation loss first; results.png; sweep.json.
+    table = _md_rows(os.path.join(workdir, "results.md"))
+    losses = {r["settings"]["model.num_layers"]: r["metrics"]["validation/loss"]
+              for r in records}
+    assert [row["model.num_layers"] for row in table] == [
+        str(k) for k in sorted(losses, key=losses.get)]
+    assert list(table[0])[:3] == ["#", "model.num_layers", "validation/loss"]
+    assert "test/perplexity" in table[0] and "train/objective" not in table[0]
+    with open(os.path.join(workdir, "results.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(workdir, "sweep.json")) as f:
+        recorded = json.load(f)
+    assert recorded["base_config"]["train"]["num_steps"] == 4
+    assert [r["name"] for r in recorded["runs"]] == [row["run"] for row in rows]
+
+    # Rerun: both runs are read back, not trained, and the tables come out identical.
+    outputs = {name: open(os.path.join(workdir, name), "rb").read()
+               for name in ("results.csv", "results.md")}
+    monkeypatch.setattr(trainer, "train_and_evaluate", _must_not_train)
+    again = sweep.run_sweep(fast, runs, workdir)
+    assert [r["metrics"] for r in again] == [r["metrics"] for r in records]
+    for name, content in outputs.items():
+        assert open(os.path.join(workdir, name), "rb").read() == content
+
+    # Another sort metric: accuracy ranks highest first.
+    sweep.write_results(again, workdir, "validation/accuracy")
+    table = _md_rows(os.path.join(workdir, "results.md"))
+    accuracy = [float(row["validation/accuracy"]) for row in table]
+    assert accuracy == sorted(accuracy, reverse=True)
+    assert list(table[0])[2] == "validation/accuracy"
+
+
+def test_a_failing_run_is_recorded_and_the_others_complete(base, tmp_path, monkeypatch):
+    def fake_train(config, workdir):  # what the trainer leaves behind, without training
+        if config.model.num_layers == 2:
+            raise RuntimeError("boom\nsecond line")
+        os.makedirs(workdir, exist_ok=True)
+        loss = 5.0 - config.model.num_layers
+        with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+            for step, split in ((1, "train"), (2, "train"), (2, "validation")):
+                f.write(json.dumps({"step": step, "split": split, "loss": loss + 1 / step})
+                        + "\n")
+        summary = {"validation/loss": loss, "params/count": 10 * config.model.num_layers}
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f)
+        return {**summary, "sample": "text"}
+
+    monkeypatch.setattr(trainer, "train_and_evaluate", fake_train)
+    runs = sweep.parse_sweep("model.num_layers=1,2,3", base)
+    records = sweep.run_sweep(base, runs, str(tmp_path))
+    assert [r["status"] for r in records] == ["finished", "failed", "finished"]
+    assert records[1]["error"] == "RuntimeError: boom\nsecond line"
+    rows = _read_csv(tmp_path / "results.csv")
+    assert [(r["status"], r["validation/loss"]) for r in rows] == [
+        ("finished", "4.0"), ("failed", ""), ("finished", "2.0")]
+    assert rows[1]["error"] == "RuntimeError: boom\nsecond line"
+    table = _md_rows(tmp_path / "results.md")  # failed runs last, first error line shown
+    assert [(r["model.num_layers"], r["status"]) for r in table] == [
+        ("3", "finished"), ("1", "finished"), ("2", "failed: RuntimeError: boom")]
+
+
+def test_a_preempted_run_stops_the_sweep(base, tmp_path, monkeypatch):
+    # SIGTERM/SIGINT inside a run: the trainer checkpoints and returns this status.
+    monkeypatch.setattr(trainer, "train_and_evaluate",
+                        lambda config, workdir: {"status": "preempted", "step": 3})
+    records = sweep.run_sweep(base, sweep.parse_sweep("seed=1,2", base), str(tmp_path))
+    assert [r["status"] for r in records] == ["preempted", "pending"]
+    assert [r["status"] for r in _read_csv(tmp_path / "results.csv")] == [
+        "preempted", "pending"]
+
+
+@pytest.mark.parametrize("metric, mode, direction", [
+    ("validation/loss", "auto", "min"), ("test/perplexity", "auto", "min"),
+    ("validation/accuracy", "auto", "max"), ("test/bleu", "auto", "max"),
+    ("test/exact_match", "auto", "max"), ("validation/accuracy", "min", "min"),
+    ("validation/loss", "max", "max")])
+def test_sort_direction(metric, mode, direction):
+    assert sweep.sort_direction(metric, mode) == direction
+
+
+def test_command_line_prints_the_table_and_fails_when_a_run_fails(tmp_path):
+    # The only run's workdir holds another config, so the trainer refuses it at once.
+    os.makedirs(tmp_path / "seed=1")
+    (tmp_path / "seed=1" / "config.json").write_text('{"seed": 7}')
+    result = subprocess.run(
+        [sys.executable, "-m", "train.sweep", "--config=configs/gpt.py:tiny",
+         f"--workdir={tmp_path}", "--sweep=seed=1", "--config.train.num_steps=5"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "| 1 | 1 |" in result.stdout and "failed: ValueError" in result.stdout
+    assert "1 of 1 runs did not finish: seed=1" in result.stderr
+    with open(tmp_path / "sweep.json") as f:
+        assert json.load(f)["base_config"]["train"]["num_steps"] == 5
