@@ -137,7 +137,7 @@ def test_config_validation():
     assert sharding.validate(cfg, global_batch_size=64, num_devices=8) == (8, 1)
     cfg.fsdp, cfg.strategy = 4, "fsdp"
     assert sharding.validate(cfg, 64, 8) == (2, 4)
-    with pytest.raises(ValueError, match="batch_size 60 is not divisible by the 8 devices"):
+    with pytest.raises(ValueError, match="data.batch_size=60 is not divisible by the 8 devices"):
         sharding.validate(cfg, 60, 8)
     with pytest.raises(ValueError, match="needs 12 devices, but 8"):
         cfg.data = 3
