@@ -171,7 +171,7 @@ def build_run_config(args, settings: dict):
     """configs/gpt.py:gpt2_small with the model section re-made for variant + settings."""
     from configs import gpt
     from models import transformer
-    from train import config as config_lib
+    from train import config as config_lib, families
 
     c = gpt.get_config("gpt2_small")
     if args.variant not in transformer.VARIANTS:
@@ -180,8 +180,8 @@ def build_run_config(args, settings: dict):
     overrides = dict(settings)
     overrides.setdefault("scan_layers", bool(c.model.scan_layers))
     max_length = max(transformer.VARIANTS[args.variant].get("max_length", 0), args.seq_len)
-    c.model = config_lib.model_config(args.variant, c.model.kind, max_length=max_length,
-                                      **overrides)
+    c.model = families.model_section("transformer", args.variant, max_length=max_length,
+                                     **overrides)
     c.data.batch_size = args.batch
     c.data.seq_len = args.seq_len
     c.sharding.num_devices = args.num_devices
@@ -194,15 +194,15 @@ class Setup:
 
     def __init__(self, args, settings: dict):
         from train import config as config_lib, optim, sharding, trainer
-        from train.tasks import build_model, make_task
+        from train import families
+        from train.tasks import make_task
         from jax.sharding import NamedSharding, PartitionSpec as P
 
         self.config = c = build_run_config(args, settings)
         self.mesh = mesh = sharding.mesh_from_config(c.sharding)
         self.batch_sh = sharding.batch_sharding(mesh)
         replicated = NamedSharding(mesh, P())
-        self.model_cfg = config_lib.model_fields(c.model, vocab_size=args.vocab)
-        self.model = build_model(c.model, self.model_cfg)
+        self.model, self.model_cfg = families.build(c.model, "lm", vocab_size=args.vocab)
         # LanguageModelTask uses its datasets only in report() (after training).
         self.task = make_task(c, self.model, datasets=None)
         self.tx = optim.make_optimizer(c.optim, c.train.num_steps)

@@ -5,7 +5,8 @@ A run config (an `ml_collections.ConfigDict`) has these sections; every config f
 
   seed        int, the one source of randomness (params, dropout, data order)
   task        the objective: name ("lm" | "mlm" | "seq2seq") and its options
-  model       the architecture: family/kind/variant and every TransformerConfig field
+  model       the architecture: family, variant and every field of the family's config
+              dataclass (train/families.py)
   data        train.data.default_config()
   optim       train.optim.default_config()
   train       steps, logging, evaluation, early stopping
@@ -22,14 +23,11 @@ from numbers import Integral, Real
 
 import ml_collections
 
-from models import transformer
 from train import data as data_lib
+from train import families
 from train import optim, sharding
 
-TASK_MODEL_KINDS = {"lm": "decoder", "mlm": "encoder", "seq2seq": "encoder_decoder"}
-MODEL_KINDS = ("decoder", "encoder", "encoder_decoder")
-# TransformerConfig fields that are not config values (code hooks, or set by the trainer).
-_MODEL_FIELDS_NOT_IN_CONFIG = ("dot_general", "vocab_size")
+TASKS = ("lm", "mlm", "seq2seq")
 
 
 def task_config(name: str) -> ml_collections.ConfigDict:
@@ -51,30 +49,8 @@ def task_config(name: str) -> ml_collections.ConfigDict:
         t.beam_size = 4              # beam search on the test split (1 = greedy only)
         t.length_penalty = 0.6       # GNMT alpha
     else:
-        raise ValueError(f"task.name={name!r} is unknown; allowed: "
-                         f"{', '.join(TASK_MODEL_KINDS)}")
+        raise ValueError(f"task.name={name!r} is unknown; allowed: {', '.join(TASKS)}")
     return t
-
-
-def model_config(variant: str, kind: str, **overrides) -> ml_collections.ConfigDict:
-    """Model section: family/kind/variant plus every TransformerConfig field, filled in."""
-    if kind not in MODEL_KINDS:
-        raise ValueError(f"model.kind={kind!r} is unknown; allowed: {', '.join(MODEL_KINDS)}")
-    resolved = transformer.make_config(variant, **overrides)  # raises on unknown variant
-    m = ml_collections.ConfigDict()
-    m.family = "transformer"
-    m.kind = kind
-    m.variant = variant
-    for field in dataclasses.fields(transformer.TransformerConfig):
-        if field.name in _MODEL_FIELDS_NOT_IN_CONFIG:
-            continue
-        value = getattr(resolved, field.name)
-        if field.name == "num_decoder_layers":  # Optional[int]: keep the type for overrides
-            value = ml_collections.config_dict.placeholder(int) if value is None else value
-        elif field.name == "num_kv_heads":
-            value = ml_collections.config_dict.placeholder(int) if value is None else value
-        setattr(m, field.name, value)
-    return m
 
 
 def train_config() -> ml_collections.ConfigDict:
@@ -100,14 +76,14 @@ def checkpoint_config() -> ml_collections.ConfigDict:
     return c
 
 
-def base_config(task: str, variant: str, **model_overrides) -> ml_collections.ConfigDict:
-    """A complete run config for `task` with the transformer `variant`."""
-    if task not in TASK_MODEL_KINDS:
-        raise ValueError(f"task {task!r} is unknown; allowed: {', '.join(TASK_MODEL_KINDS)}")
+def base_config(task: str, variant: str, family: str = "transformer",
+                **model_overrides) -> ml_collections.ConfigDict:
+    """A complete run config for `task` with model `family` at size `variant`."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.task = task_config(task)
-    c.model = model_config(variant, TASK_MODEL_KINDS[task], **model_overrides)
+    families.check_task(family, task)
+    c.model = families.model_section(family, variant, **model_overrides)
     c.data = data_lib.default_config()
     c.optim = optim.default_config()
     c.train = train_config()
@@ -157,20 +133,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if section not in config or "name" not in config.get("task", {}):
             raise ValueError(f"config has no {section} section (see train/config.py)")
     task = config.task.name
-    if task not in TASK_MODEL_KINDS:
-        raise ValueError(f"task.name={task!r} is unknown; allowed: "
-                         f"{', '.join(TASK_MODEL_KINDS)}")
-    if config.model.get("variant") not in transformer.VARIANTS:
-        raise ValueError(f"model.variant={config.model.get('variant')!r} is unknown; "
-                         f"allowed: {', '.join(transformer.VARIANTS)}")
-    reference = base_config(task, config.model.variant)
+    if task not in TASKS:
+        raise ValueError(f"task.name={task!r} is unknown; allowed: {', '.join(TASKS)}")
+    family = families.get_family(config.model.get("family"))
+    families.check_task(config.model.family, task)
+    if config.model.get("variant") not in family.variants:
+        raise ValueError(f"model.variant={config.model.get('variant')!r} is unknown for "
+                         f"family {config.model.family!r}; allowed: "
+                         f"{', '.join(family.variants)}")
+    reference = base_config(task, config.model.variant, config.model.family)
     for key, allowed in _unknown_keys(config, reference):
         raise ValueError(f"unknown config key {key!r}; allowed here: {', '.join(allowed)}")
     _check_types(config, reference)
-    if config.model.kind != TASK_MODEL_KINDS[task]:
-        raise ValueError(f"model.kind={config.model.kind!r} does not fit task {task!r}; "
-                         f"it needs model.kind={TASK_MODEL_KINDS[task]!r}")
-    model_fields(config.model, vocab_size=1)  # TransformerConfig's own checks
+    families.resolve(config.model)  # the model config's own checks (dataset fields default)
 
     t = config.train
     for key in ("num_steps", "log_every", "eval_every"):
@@ -205,10 +180,3 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.data.eval_batch_size % num_devices:
         raise ValueError(f"data.eval_batch_size={config.data.eval_batch_size} must be "
                          f"divisible by the {num_devices} devices")
-
-
-def model_fields(model_cfg: ml_collections.ConfigDict, vocab_size: int
-                 ) -> transformer.TransformerConfig:
-    """The TransformerConfig a model section describes (vocab from the dataset)."""
-    fields = {k: v for k, v in model_cfg.items() if k not in ("family", "kind", "variant")}
-    return transformer.TransformerConfig(**fields, vocab_size=vocab_size)

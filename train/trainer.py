@@ -25,7 +25,8 @@ from train import config as config_lib
 from train import data as data_lib
 from train import optim, sharding
 from train.metrics_log import MetricsLog, plot_loss_curve, write_json
-from train.tasks import build_model, common, make_task
+from train import families
+from train.tasks import common, make_task
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -141,8 +142,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
     train_ds = datasets["train"]
 
     # ---- Model and task -----------------------------------------------------------------
-    model_cfg = config_lib.model_fields(config.model, vocab_size=train_ds.vocab_size)
-    model = build_model(config.model, model_cfg)
+    model, model_cfg = families.build(config.model, config.task.name,
+                                      vocab_size=train_ds.vocab_size)
     task = make_task(config, model, datasets)
     tx = optim.make_optimizer(config.optim, num_steps)
 
@@ -158,8 +159,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
                                        config.sharding.min_size_to_shard)
     state = jax.jit(init_state, out_shardings=state_sh)()
     n_params, n_bytes = _param_count_and_bytes(state["params"])
-    logging.info("model %s/%s (%s): %d parameters, %.2f MB", config.model.kind,
-                 config.model.variant, model_cfg.dtype, n_params, n_bytes / 1e6)
+    logging.info("model %s/%s for %s: %d parameters, %.2f MB", config.model.family,
+                 config.model.variant, config.task.name, n_params, n_bytes / 1e6)
 
     # ---- Steps --------------------------------------------------------------------------
     o = config.optim
