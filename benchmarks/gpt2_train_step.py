@@ -126,11 +126,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peer_python", default=sys.executable,
                    help="interpreter with PyTorch for the peer")
     p.add_argument("--peer_timeout", type=float, default=420.0, help="seconds")
-    p.add_argument("--out", default=DEFAULT_OUT, help="JSON results path ('' = none)")
+    p.add_argument("--out", default=None,
+                   help=f"JSON results path ('' = none; default {DEFAULT_OUT}, or none for "
+                        "--dry_run so a dry run never replaces measured results)")
     p.add_argument("--dry_run", action="store_true",
                    help="build, count parameters, trace and lower the train step "
                         "(jax.eval_shape, jit.lower); no compilation, no execution")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = "" if args.dry_run else DEFAULT_OUT
     for key in ("batch", "seq_len", "vocab", "steps", "windows", "num_batches"):
         if getattr(args, key) < 1:
             p.error(f"--{key} must be >= 1")
