@@ -273,7 +273,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
         ckpt.close()
         log.close()
 
-    report = task.report(state["params"], workdir)
+    report = task.report(state["params"], state["model_state"], workdir)
     steps_per_second = timer.rate() or float("nan")
     summary = {
         **final,

@@ -5,7 +5,8 @@ A task object has:
   loss_fn(params, model_state, batch, rng, train) -> (loss, (metrics, model_state))
                                           metrics are (sum, weight) pairs (tasks/common.py)
   derived_metrics(means) -> dict          extra metrics from averaged ones (host side)
-  report(params, workdir) -> dict         after training: baselines, samples, BLEU, ...
+  report(params, model_state, workdir) -> dict
+                                          after training: baselines, samples, BLEU, ...
 """
 from __future__ import annotations
 

@@ -57,11 +57,13 @@ def example_weights(batch: Mapping[str, np.ndarray], batch_size: int) -> jax.Arr
 
 
 def finalize(sums: Mapping[str, tuple[float, float]]) -> dict[str, float]:
-    """(sum, weight) pairs -> means; adds perplexity = exp(loss) when there is a loss."""
-    out = {k: float(s) / max(float(w), 1e-12) for k, (s, w) in sums.items()}
-    if "loss" in out:
-        out["perplexity"] = float(np.exp(min(out["loss"], 50.0)))
-    return out
+    """(sum, weight) pairs -> means."""
+    return {k: float(s) / max(float(w), 1e-12) for k, (s, w) in sums.items()}
+
+
+def perplexity(mean_nll: float) -> float:
+    """exp(mean negative log-likelihood), capped to stay finite for diverged models."""
+    return float(np.exp(min(mean_nll, 50.0)))
 
 
 def add_metrics(total: Metrics | None, new: Metrics) -> Metrics:

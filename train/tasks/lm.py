@@ -34,9 +34,10 @@ class LanguageModelTask:
 
     def derived_metrics(self, metrics: dict) -> dict:
         """Bits per token: the corpus is byte-level, so this is bits per byte."""
-        return {"bits_per_token": metrics["loss"] / np.log(2.0)}
+        return {"perplexity": common.perplexity(metrics["loss"]),
+                "bits_per_token": metrics["loss"] / np.log(2.0)}
 
-    def report(self, params, workdir: str) -> dict:
+    def report(self, params, model_state, workdir: str) -> dict:
         """Unigram baseline perplexity and a sampled continuation (written to sample.txt)."""
         out = {}
         train_ds, val_ds = self.datasets["train"], self.datasets["validation"]

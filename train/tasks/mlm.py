@@ -57,7 +57,7 @@ class MaskedLanguageModelTask:
         return loss, (metrics, model_state)
 
     def derived_metrics(self, metrics: dict) -> dict:
-        return {}
+        return {"perplexity": common.perplexity(metrics["loss"])}
 
-    def report(self, params, workdir: str) -> dict:
+    def report(self, params, model_state, workdir: str) -> dict:
         return {}

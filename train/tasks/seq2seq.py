@@ -44,7 +44,7 @@ class Seq2SeqTask:
         return loss, (metrics, model_state)
 
     def derived_metrics(self, metrics: dict) -> dict:
-        return {}
+        return {"perplexity": common.perplexity(metrics["loss"])}
 
     def decode_split(self, params, split: str, beam_size: int = 1) -> dict:
         """Decode up to task.decode_max_examples of `split`; BLEU and exact match."""
@@ -74,7 +74,7 @@ class Seq2SeqTask:
         return {**bleu_and_exact_match(hyps, refs), "examples": hyps[:5], "references":
                 refs[:5]}
 
-    def report(self, params, workdir: str) -> dict:
+    def report(self, params, model_state, workdir: str) -> dict:
         out, lines = {}, []
         beam = self.config.task.beam_size
         runs = [("validation", 1), ("test", 1)] + ([("test", beam)] if beam > 1 else [])

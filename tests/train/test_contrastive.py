@@ -1,0 +1,106 @@
+"""Contrastive losses against float64 NumPy, padding, zero-shot and retrieval on hand-made
+examples, and the global-batch property across 8 devices."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from train.tasks import contrastive_losses as C
+
+
+def _embeddings(seed, n=6, d=5):
+    r = np.random.default_rng(seed)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    return unit(r.normal(size=(n, d))), unit(r.normal(size=(n, d)))
+
+
+def _log_softmax(x, axis):
+    x = x - x.max(axis=axis, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=axis, keepdims=True))
+
+
+def numpy_infonce(img, txt, scale):
+    logits = scale * img @ txt.T
+    n = len(img)
+    rows = -_log_softmax(logits, 1)[np.arange(n), np.arange(n)]
+    cols = -_log_softmax(logits, 0)[np.arange(n), np.arange(n)]
+    return 0.5 * (rows.mean() + cols.mean())
+
+
+def numpy_siglip(img, txt, scale, bias):
+    logits = scale * img @ txt.T + bias
+    labels = 2 * np.eye(len(img)) - 1
+    return np.sum(np.log1p(np.exp(-labels * logits))) / len(img)
+
+
+def test_infonce_equals_float64_reference():
+    img, txt = _embeddings(0)
+    loss, _ = C.infonce_loss(jnp.asarray(img, jnp.float32), jnp.asarray(txt, jnp.float32),
+                             14.3)
+    np.testing.assert_allclose(loss, numpy_infonce(img, txt, 14.3), rtol=1e-5)
+    # perfectly aligned embeddings with a large scale: loss -> 0; with scale 0: log N
+    assert float(C.infonce_loss(jnp.eye(4), jnp.eye(4), 100.0)[0]) < 1e-6
+    np.testing.assert_allclose(C.infonce_loss(jnp.eye(4), jnp.eye(4), 0.0)[0], np.log(4),
+                               rtol=1e-6)
+
+
+def test_siglip_equals_float64_reference():
+    img, txt = _embeddings(1)
+    loss, _ = C.siglip_loss(jnp.asarray(img, jnp.float32), jnp.asarray(txt, jnp.float32),
+                            10.0, -10.0)
+    np.testing.assert_allclose(loss, numpy_siglip(img, txt, 10.0, -10.0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss_name", ["infonce", "siglip"])
+def test_padded_examples_change_nothing(loss_name):
+    img, txt = _embeddings(2, n=5)
+    img_p = np.concatenate([img, _embeddings(3, n=3)[0]])  # 3 padding rows of garbage
+    txt_p = np.concatenate([txt, _embeddings(3, n=3)[1]])
+    w = np.array([1.0] * 5 + [0.0] * 3)
+    if loss_name == "infonce":
+        full = C.infonce_loss(img, txt, 7.0)[0]
+        padded = C.infonce_loss(img_p, txt_p, 7.0, weights=w)[0]
+    else:
+        full = C.siglip_loss(img, txt, 7.0, -3.0)[0]
+        padded = C.siglip_loss(img_p, txt_p, 7.0, -3.0, weights=w)[0]
+    np.testing.assert_allclose(padded, full, rtol=1e-6)
+
+
+def test_loss_on_global_batch_sharded_over_8_devices_equals_one_device():
+    img, txt = _embeddings(4, n=16)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharded = [jax.device_put(jnp.asarray(x, jnp.float32), NamedSharding(mesh, P("data")))
+               for x in (img, txt)]
+    f = jax.jit(lambda a, b: C.infonce_loss(a, b, 10.0)[0])
+    np.testing.assert_allclose(f(*sharded), numpy_infonce(img, txt, 10.0), rtol=1e-5)
+    g = jax.jit(lambda a, b: C.siglip_loss(a, b, 10.0, -5.0)[0])
+    np.testing.assert_allclose(g(*sharded), numpy_siglip(img, txt, 10.0, -5.0), rtol=1e-5)
+
+
+def test_zero_shot_with_prompt_ensembling_picks_the_right_class():
+    # 3 classes in 3-d; each class has 2 prompts whose embeddings scatter around its axis.
+    prompts = np.array([[[1, 0.3, 0], [1, -0.3, 0]],
+                        [[0.2, 1, 0], [-0.2, 1, 0.1]],
+                        [[0, 0.1, 1], [0, -0.1, 1]]], np.float32)
+    weights = C.zero_shot_classifier(jnp.asarray(prompts))
+    np.testing.assert_allclose(np.linalg.norm(weights, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(weights[0], [1, 0, 0], atol=1e-6)  # ensembling cancels noise
+    images = np.array([[0.9, 0.1, 0.0], [0.0, 0.2, 1.0], [0.1, 1.0, 0.0]], np.float32)
+    scores = np.asarray(C.l2_normalize(images) @ weights.T)
+    assert C.topk_accuracy(scores, np.array([0, 2, 1]), 1) == 1.0
+    assert C.topk_accuracy(scores, np.array([1, 2, 1]), 1) == pytest.approx(2 / 3)
+    assert C.topk_accuracy(scores, np.array([1, 2, 1]), 2) == 1.0
+
+
+def test_retrieval_recall_on_a_hand_made_matrix():
+    sim = np.array([[0.9, 0.1, 0.0],    # image 0: caption 0 first
+                    [0.8, 0.5, 0.1],    # image 1: caption 1 second
+                    [0.7, 0.6, 0.2]])   # image 2: caption 2 third
+    r = C.retrieval_recall(sim, ks=(1, 2))
+    assert r["image_to_text_r@1"] == pytest.approx(1 / 3)
+    assert r["image_to_text_r@2"] == pytest.approx(2 / 3)
+    # columns: caption 0 -> image 0 best; caption 1 -> image 2 (0.6) beats image 1 (0.5);
+    # caption 2 -> image 2 best
+    assert r["text_to_image_r@1"] == pytest.approx(2 / 3)
+    assert r["text_to_image_r@2"] == pytest.approx(1.0)

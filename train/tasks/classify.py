@@ -1,0 +1,62 @@
+"""Classification: cross-entropy on class logits, top-1 (and top-5) accuracy.
+
+Works for any model mapping an input batch to logits [B, num_classes]: images
+(batch["image"], ViT / ResNet / EfficientNet) or token sequences (batch["tokens"]).
+Models with batch statistics (batch norm) update them in training and use them frozen in
+evaluation: the task passes the non-parameter collections as mutable only when training.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from train.tasks import common
+
+
+def apply_model(model, params, model_state, inputs, rng, train: bool):
+    """model.apply with the model's extra collections (batch_stats, ...).
+
+    Returns (outputs, new_model_state): state is updated in training only.
+    """
+    variables = {"params": params, **model_state}
+    if train and model_state:
+        out, updates = model.apply(variables, inputs, train=True, rngs={"dropout": rng},
+                                   mutable=list(model_state))
+        return out, {**model_state, **updates}
+    return model.apply(variables, inputs, train=train, rngs={"dropout": rng}), model_state
+
+
+def topk_correct(logits, labels, k: int):
+    """1.0 where the label is among the k largest logits, per example [B]."""
+    topk = jax.lax.top_k(logits, k)[1]
+    return jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+class ClassificationTask:
+    """batch {input_key: [B, ...], "label": int[B]} -> logits [B, num_classes]."""
+
+    def __init__(self, config, model, datasets):
+        self.config, self.model, self.datasets = config, model, datasets
+        self.input_key = config.task.input_key
+
+    def init_args(self, batch):
+        return (batch[self.input_key],), {}
+
+    def loss_fn(self, params, model_state, batch, rng, train: bool):
+        logits, model_state = apply_model(self.model, params, model_state,
+                                          batch[self.input_key], rng, train)
+        labels = batch["label"]
+        w = common.example_weights(batch, labels.shape[0])
+        loss, nll = common.cross_entropy(logits, labels, self.config.task.label_smoothing)
+        total = jnp.sum(w)
+        metrics = {"loss": (jnp.sum(nll * w), total),
+                   "accuracy": (jnp.sum(topk_correct(logits, labels, 1) * w), total)}
+        if logits.shape[-1] > 5:
+            metrics["top5_accuracy"] = (jnp.sum(topk_correct(logits, labels, 5) * w), total)
+        return jnp.sum(loss * w) / jnp.maximum(total, 1.0), (metrics, model_state)
+
+    def derived_metrics(self, metrics: dict) -> dict:
+        return {}
+
+    def report(self, params, model_state, workdir: str) -> dict:
+        return {}
