@@ -4,8 +4,10 @@
     python -m train.main --config=configs/bert.py:tiny --workdir=/tmp/bert_tiny
 
 Variants:
-  default  4 layers, 128 wide, byte-level, 15% of tokens masked (80/10/10); a few minutes
-           on 2 CPU cores (README "Results" has the measured masked-token accuracy).
+  default  4 layers, 128 wide, byte-level, 15% of tokens masked (80/10/10). Measured on 2
+           CPU cores: 600 steps in ~4 minutes; masked-token accuracy 29.6% and masked-token
+           perplexity 18.9 on validation (a byte-level MLM learns slowly: only 15% of the
+           tokens carry a loss).
   tiny     a seconds-long smoke run (tests).
 """
 from train.config import base_config

@@ -4,9 +4,9 @@
     python -m train.main --config=configs/gpt.py:tiny --workdir=/tmp/gpt_tiny
 
 Variants:
-  default     the README's main job: a 4-layer, 128-wide byte-level GPT; on 2 CPU cores it
-              trains in a few minutes to a validation perplexity far below the unigram
-              baseline (see README "Results" for the measured numbers).
+  default     the README's main job: a 4-layer, 128-wide byte-level GPT (0.84M params).
+              Measured on 2 CPU cores: 600 steps in ~3 minutes (3.3-3.7 steps/s), validation
+              perplexity 5.14 (2.36 bits/byte) against the unigram baseline's 21.90.
   tiny        a seconds-long smoke run (tests).
   gpt2_small  GPT-2 small (12 layers, 768 wide, 1024 context) in bf16 with fused attention:
               the GPU benchmark shape.

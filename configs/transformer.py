@@ -7,7 +7,8 @@ thirty-four"), scored by exact match and BLEU (sacrebleu) with greedy and beam d
 
 Variants:
   default  3+3 layers, 128 wide, sinusoidal positions, shared embeddings, label smoothing
-           0.1 as in the paper; a few minutes on 2 CPU cores (README "Results").
+           0.1 as in the paper. Measured on 2 CPU cores (1500 steps): test BLEU 96.1 greedy,
+           95.9 beam 4, exact match 86.8%; see README "Results" for the current default.
   tiny     a seconds-long smoke run (tests).
 """
 from train.config import base_config
