@@ -27,7 +27,7 @@ from train import data as data_lib
 from train import families
 from train import optim, sharding
 
-TASKS = ("lm", "mlm", "seq2seq")
+TASKS = ("lm", "mlm", "seq2seq", "classify", "contrastive")
 
 
 def task_config(name: str) -> ml_collections.ConfigDict:
@@ -48,6 +48,12 @@ def task_config(name: str) -> ml_collections.ConfigDict:
         t.decode_max_examples = 500  # examples greedily decoded for exact match / BLEU
         t.beam_size = 4              # beam search on the test split (1 = greedy only)
         t.length_penalty = 0.6       # GNMT alpha
+    elif name == "classify":
+        t.input_key = "image"      # batch key fed to the model ("image" | "tokens")
+    elif name == "contrastive":
+        t.loss = "infonce"         # "infonce" (CLIP, ALIGN) | "siglip"
+        t.retrieval_examples = 1000  # test examples for recall@k (0 = the whole split)
+        t.heatmap_size = 8         # images x captions in similarity_heatmap.png
     else:
         raise ValueError(f"task.name={name!r} is unknown; allowed: {', '.join(TASKS)}")
     return t
@@ -135,13 +141,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     task = config.task.name
     if task not in TASKS:
         raise ValueError(f"task.name={task!r} is unknown; allowed: {', '.join(TASKS)}")
-    family = families.get_family(config.model.get("family"))
-    families.check_task(config.model.family, task)
-    if config.model.get("variant") not in family.variants:
-        raise ValueError(f"model.variant={config.model.get('variant')!r} is unknown for "
-                         f"family {config.model.family!r}; allowed: "
-                         f"{', '.join(family.variants)}")
-    reference = base_config(task, config.model.variant, config.model.family)
+    families.check_task(config.model.get("family"), task)
+    # base_config raises on an unknown variant, naming the family's variants.
+    reference = base_config(task, config.model.get("variant"), config.model.family)
     for key, allowed in _unknown_keys(config, reference):
         raise ValueError(f"unknown config key {key!r}; allowed here: {', '.join(allowed)}")
     _check_types(config, reference)

@@ -16,10 +16,10 @@ from typing import Any, Callable
 import flax.linen as nn
 import ml_collections
 
-from models import transformer
+from models import clip, cnn, transformer, vit
 
 # Fields that are code, not configuration (hooks injected by the compression transforms).
-CODE_FIELDS = ("dot_general",)
+CODE_FIELDS = ("dot_general", "conv_general_dilated")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +40,22 @@ FAMILIES: dict[str, Family] = {
                   "mlm": lambda cfg: transformer.Encoder(cfg, head="mlm"),
                   "seq2seq": transformer.EncoderDecoder},
         data_fields=("vocab_size",)),
+    "vit": Family(
+        config_cls=vit.ViTConfig, make_config=vit.make_config, variants=vit.VARIANTS,
+        builders={"classify": vit.ViT},
+        data_fields=("num_classes", "image_size", "channels")),
+    "resnet": Family(
+        config_cls=cnn.ResNetConfig, make_config=cnn.make_resnet_config,
+        variants=tuple(cnn.RESNET_VARIANTS), builders={"classify": cnn.ResNet},
+        data_fields=("num_classes",)),
+    "efficientnet": Family(
+        config_cls=cnn.EfficientNetConfig, make_config=cnn.make_efficientnet_config,
+        variants=tuple(cnn.EFFICIENTNET_VARIANTS), builders={"classify": cnn.EfficientNet},
+        data_fields=("num_classes",)),
+    "clip": Family(
+        config_cls=clip.ClipConfig, make_config=clip.make_config,
+        variants=tuple(clip.VARIANTS), builders={"contrastive": clip.ClipModel},
+        data_fields=("vocab_size", "image_size", "channels")),
 }
 
 
@@ -64,27 +80,56 @@ def _placeholder(annotation: Any):
     raise TypeError(f"cannot store None for a field annotated {annotation}")
 
 
+def _to_section(config, skip: tuple[str, ...]) -> ml_collections.ConfigDict:
+    """A dataclass instance as a ConfigDict; nested dataclasses become nested sections
+    (minus the fields their parent derives, named in the field's metadata["derived"])."""
+    hints = typing.get_type_hints(type(config))
+    section = ml_collections.ConfigDict()
+    for field in dataclasses.fields(config):
+        if field.name in CODE_FIELDS or field.name in skip:
+            continue
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            section[field.name] = _to_section(value, field.metadata.get("derived", ()))
+        elif isinstance(value, tuple):
+            section[field.name] = list(value)  # ConfigDict/JSON friendly; the dataclass
+        else:                                  # turns it back into a tuple
+            section[field.name] = _placeholder(hints[field.name]) if value is None else value
+    return section
+
+
+def _from_section(config_cls, section: ml_collections.ConfigDict, **extra):
+    """Inverse of _to_section: nested sections become their dataclasses again."""
+    defaults = config_cls()
+    fields = {}
+    for field in dataclasses.fields(config_cls):
+        if field.name not in section:
+            continue
+        value = section[field.name]
+        if isinstance(value, ml_collections.ConfigDict):
+            value = _from_section(type(getattr(defaults, field.name)), value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        fields[field.name] = value
+    return config_cls(**fields, **extra)
+
+
 def model_section(family_name: str, variant: str, **overrides) -> ml_collections.ConfigDict:
     """`model` config section: family, variant and every config field of the dataclass."""
     family = get_family(family_name)
     resolved = family.make_config(variant, **overrides)  # raises on unknown variant / keys
-    hints = typing.get_type_hints(family.config_cls)
-    section = ml_collections.ConfigDict()
-    section.family, section.variant = family_name, variant
-    for field in dataclasses.fields(family.config_cls):
-        if field.name in CODE_FIELDS or field.name in family.data_fields:
-            continue
-        value = getattr(resolved, field.name)
-        section[field.name] = _placeholder(hints[field.name]) if value is None else value
+    section = ml_collections.ConfigDict({"family": family_name, "variant": variant})
+    section.update(_to_section(resolved, family.data_fields))
     return section
 
 
 def resolve(section: ml_collections.ConfigDict, **data_info) -> Any:
     """The dataclass a model section describes; data_info supplies the data fields."""
     family = get_family(section.family)
-    fields = {k: v for k, v in section.items() if k not in ("family", "variant")}
-    fields.update({k: v for k, v in data_info.items() if k in family.data_fields})
-    return family.config_cls(**fields)
+    body = ml_collections.ConfigDict(
+        {k: v for k, v in section.items() if k not in ("family", "variant")})
+    return _from_section(family.config_cls, body,
+                         **{k: v for k, v in data_info.items() if k in family.data_fields})
 
 
 def build(section: ml_collections.ConfigDict, task: str, **data_info) -> tuple[nn.Module, Any]:

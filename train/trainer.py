@@ -142,8 +142,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
     train_ds = datasets["train"]
 
     # ---- Model and task -----------------------------------------------------------------
-    model, model_cfg = families.build(config.model, config.task.name,
-                                      vocab_size=train_ds.vocab_size)
+    model, model_cfg = families.build(config.model, config.task.name, **train_ds.data_info())
     task = make_task(config, model, datasets)
     tx = optim.make_optimizer(config.optim, num_steps)
 

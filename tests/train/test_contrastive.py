@@ -104,3 +104,10 @@ def test_retrieval_recall_on_a_hand_made_matrix():
     # caption 2 -> image 2 best
     assert r["text_to_image_r@1"] == pytest.approx(2 / 3)
     assert r["text_to_image_r@2"] == pytest.approx(1.0)
+    # Caption 0 is also true of image 1 (captions repeat): image 1's best true caption is
+    # now caption 0 at rank 0, and caption 0's best true image stays image 0.
+    matches = np.eye(3, dtype=bool)
+    matches[1, 0] = True
+    r = C.retrieval_recall(sim, matches, ks=(1,))
+    assert r["image_to_text_r@1"] == pytest.approx(2 / 3)
+    assert r["text_to_image_r@1"] == pytest.approx(2 / 3)

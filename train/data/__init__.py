@@ -3,13 +3,19 @@
 Every dataset is random-access: ``ds.batch(step)`` is a pure function of
 (data, seed, step), so a resumed run needs only the step as iterator state, and
 ``ds.eval_batches(batch_size)`` is one fixed-order pass with a ``weights`` array
-(1.0 real, 0.0 padding). Each dataset has ``vocab_size`` and ``tokenizer``.
+(1.0 real, 0.0 padding). Each dataset has ``vocab_size``, ``tokenizer`` and
+``data_info()`` (the fields the trainer copies into the model config, e.g.
+{"vocab_size": 260, "num_classes": 16, "image_size": 32, "channels": 3}).
 
 Sources (``data_cfg.source``):
   "stdlib_text"       byte-level LM on Python standard-library source  -> {"tokens"}
   "numbers_to_words"  "1234" -> "one thousand two hundred thirty-four" -> {"inputs", "targets"}
   "tfds"              a TensorFlow Datasets text split: LM, or classification when
                       ``label_key`` is set -> {"tokens", "label"}
+  "shapes"            rendered shapes with captions, labels and masks (no download)
+                      -> {"image", "mask", "caption", "label", ...}; splits add "zero_shot"
+  "tfds_images"       a TFDS image split (mnist, cifar10, coco_captions, ...)
+                      -> {"image", ["label"], ["caption"]}
 """
 from __future__ import annotations
 
@@ -18,11 +24,12 @@ from numbers import Integral, Real
 
 import ml_collections
 
-from train.data import seq2seq, text
+from train.data import seq2seq, shapes, text
 from train.data.tokenizers import BOS, EOS, MASK, PAD, VOCAB_SIZE, ByteTokenizer
 
-SOURCES = ("stdlib_text", "numbers_to_words", "tfds")
-SPLITS = ("train", "validation", "test")
+SOURCES = ("stdlib_text", "numbers_to_words", "tfds", "shapes", "tfds_images")
+SPLITS = ("train", "validation", "test")   # what the trainer builds
+SHAPES_SPLITS = shapes.SPLITS              # SPLITS + "zero_shot" (held-out classes only)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -52,6 +59,23 @@ def default_config() -> ml_collections.ConfigDict:
     c.text_key = "text"
     c.label_key = ""               # "" = language modelling; e.g. "label" = classification
     c.data_dir = ml_collections.config_dict.placeholder(str)  # None = TFDS default
+    # Images (shapes, tfds_images): side in pixels; tfds_images: 0 = native size.
+    c.image_size = 32
+    # Caption tokens BOS + text + EOS, PAD-padded; shapes needs >= 44 (longest caption 42
+    # bytes); tfds captions longer than max_caption_len - 2 bytes are cut.
+    c.max_caption_len = 48
+    # shapes: (color, shape) classes such as "red square" that the zero_shot split holds;
+    # () disables zero_shot. Default: one per color and per shape (a Latin square).
+    c.heldout_classes = shapes.DEFAULT_HELDOUT
+    # shapes: True keeps heldout_classes out of train/validation/test (contrastive runs
+    # with zero-shot evaluation); False puts all 16 classes there (classification runs).
+    c.exclude_heldout_from_train = True
+    # shapes: examples per split (each split is a fixed set; the seed only reorders).
+    c.shapes_split_sizes = ml_collections.ConfigDict(dict(shapes.DEFAULT_SIZES))
+    # tfds_images (name, splits, data_dir and max_eval_examples as for tfds): feature keys;
+    # "" = none; "a/b" = nested, e.g. caption_key="captions/text" for coco_captions.
+    c.image_key = "image"
+    c.caption_key = ""
     return c
 
 
@@ -101,29 +125,89 @@ def validate(data_cfg: ml_collections.ConfigDict) -> None:
         if c.max_target_len < need_out:
             _fail("max_target_len", c.max_target_len, f"expected >= {need_out} (longest "
                   f"target for max_number={c.max_number} plus EOS)")
+    elif c.source == "shapes":
+        _validate_shapes(c)
+    elif c.source == "tfds_images":
+        _check_int(c, "image_size", 0)
+        _check_tfds(c, ("tfds_name", "image_key"))
+        for key in ("label_key", "caption_key"):
+            if not isinstance(c[key], str):
+                _fail(key, c[key], "expected a string ('' = not used)")
+        if c.caption_key:
+            _check_int(c, "max_caption_len", 3)
     else:  # tfds
         _check_int(c, "max_bytes", 0)
-        for key in ("tfds_name", "text_key"):
-            if not isinstance(c[key], str) or not c[key]:
-                _fail(key, c[key], "expected a non-empty string")
-        for split in SPLITS:
-            if not isinstance(c.tfds_splits.get(split), str):
-                _fail(f"tfds_splits.{split}", c.tfds_splits.get(split),
-                      "expected a TFDS split string such as 'train' or 'train[:5%]'")
+        _check_tfds(c, ("tfds_name", "text_key"))
         if c.label_key and c.seq_len < 2:
             _fail("seq_len", c.seq_len, "expected >= 2 for classification (BOS + text)")
 
 
-def make_dataset(data_cfg: ml_collections.ConfigDict, split: str, seed: int):
-    """The ``split`` ("train" | "validation" | "test") dataset of ``data_cfg.source``.
+def _check_tfds(c, nonempty: tuple[str, ...]) -> None:
+    for key in nonempty:
+        if not isinstance(c[key], str) or not c[key]:
+            _fail(key, c[key], "expected a non-empty string")
+    for split in SPLITS:
+        if not isinstance(c.tfds_splits.get(split), str):
+            _fail(f"tfds_splits.{split}", c.tfds_splits.get(split),
+                  "expected a TFDS split string such as 'train' or 'train[:5%]'")
 
-    Returns an ``LMDataset``, ``Seq2SeqDataset`` or ``ClassificationDataset``;
-    ``batch_size`` comes from ``data_cfg.batch_size`` (evaluation passes its own).
+
+def _validate_shapes(c) -> None:
+    _check_int(c, "image_size", 16)
+    _check_int(c, "max_caption_len", shapes.longest_caption_len() + 2)
+    held = c.heldout_classes
+    if isinstance(held, str) or not all(isinstance(n, str) for n in held):
+        _fail("heldout_classes", held, "expected a tuple of class names such as 'red square'")
+    for name in held:
+        if name not in shapes.CLASS_NAMES:
+            _fail("heldout_classes", held, f"{name!r} is not one of {shapes.CLASS_NAMES}")
+    if len(set(held)) != len(held):
+        _fail("heldout_classes", held, "expected no duplicates")
+    if c.exclude_heldout_from_train:
+        # Zero-shot transfer composes attributes seen in training: each color and each
+        # shape must still occur in some training class.
+        seen = [n.split() for n in shapes.CLASS_NAMES if n not in held]
+        for i, values in ((0, shapes.COLORS), (1, shapes.SHAPES)):
+            missing = sorted(set(values) - {n[i] for n in seen})
+            if missing:
+                _fail("heldout_classes", held, f"holds out every class with {missing[0]!r}, "
+                      "so training never shows it")
+    sizes = c.shapes_split_sizes
+    for split in shapes.SPLITS:
+        v = sizes.get(split)
+        if not isinstance(v, Integral) or isinstance(v, bool) or v < 1:
+            _fail(f"shapes_split_sizes.{split}", v, "expected an integer >= 1")
+
+
+def make_dataset(data_cfg: ml_collections.ConfigDict, split: str, seed: int):
+    """The ``split`` ("train" | "validation" | "test"; shapes also "zero_shot") dataset of
+    ``data_cfg.source``.
+
+    Returns an ``LMDataset``, ``Seq2SeqDataset``, ``ClassificationDataset``,
+    ``ShapesDataset`` or ``ImageDataset``; ``batch_size`` comes from
+    ``data_cfg.batch_size`` (evaluation passes its own).
     """
     validate(data_cfg)
     c = data_cfg
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r} is invalid: expected one of {SPLITS}")
+    allowed = SHAPES_SPLITS if c.source == "shapes" else SPLITS
+    if split not in allowed:
+        raise ValueError(f"split={split!r} is invalid: expected one of {allowed}")
+    if c.source == "shapes":
+        if split == "zero_shot" and not c.heldout_classes:
+            _fail("heldout_classes", c.heldout_classes,
+                  "the zero_shot split needs at least one held-out class")
+        return shapes.ShapesDataset(
+            split, c.batch_size, seed, image_size=c.image_size,
+            max_caption_len=c.max_caption_len, heldout_classes=tuple(c.heldout_classes),
+            exclude_heldout_from_train=c.exclude_heldout_from_train,
+            num_examples=c.shapes_split_sizes[split])
+    if c.source == "tfds_images":
+        from train.data import tfds_images  # tensorflow_datasets is imported lazily
+        return tfds_images.tfds_image_dataset(
+            c.tfds_name, c.tfds_splits[split], c.batch_size, seed, image_key=c.image_key,
+            label_key=c.label_key, caption_key=c.caption_key, image_size=c.image_size,
+            max_caption_len=c.max_caption_len, data_dir=c.data_dir,
+            max_eval_examples=c.max_eval_examples)
     if c.source == "stdlib_text":
         tokens = text.corpus_splits(c.max_bytes, c.train_fraction, c.validation_fraction,
                                     c.test_fraction)[split]
@@ -145,5 +229,5 @@ def make_dataset(data_cfg: ml_collections.ConfigDict, split: str, seed: int):
                                        max_bytes=c.max_bytes)
 
 
-__all__ = ["BOS", "EOS", "MASK", "PAD", "SOURCES", "SPLITS", "VOCAB_SIZE", "ByteTokenizer",
-           "default_config", "make_dataset", "validate"]
+__all__ = ["BOS", "EOS", "MASK", "PAD", "SHAPES_SPLITS", "SOURCES", "SPLITS", "VOCAB_SIZE",
+           "ByteTokenizer", "default_config", "make_dataset", "validate"]

@@ -125,6 +125,10 @@ class Seq2SeqDataset:
     def steps_per_epoch(self) -> float:
         return self._sampler.steps_per_epoch
 
+    def data_info(self) -> dict:
+        """Fields the trainer copies into the model config."""
+        return {"vocab_size": self.vocab_size}
+
     def examples(self, numbers: np.ndarray) -> dict[str, np.ndarray]:
         """-> {"inputs": int32[len, max_input_len], "targets": int32[len, max_target_len]}:
         digits + EOS and words + EOS, right-padded with PAD (the task adds BOS/shift)."""

@@ -169,6 +169,10 @@ class LMDataset:
     def steps_per_epoch(self) -> float:
         return self._sampler.steps_per_epoch
 
+    def data_info(self) -> dict:
+        """Fields the trainer copies into the model config."""
+        return {"vocab_size": self.vocab_size}
+
     def window_starts(self, epoch: int) -> np.ndarray:
         """int64[num_windows]: token offsets of the windows of ``epoch``, in visit order."""
         return self._sampler.epoch_order(epoch)

@@ -108,6 +108,10 @@ class ClassificationDataset:
     def steps_per_epoch(self) -> float:
         return self._sampler.steps_per_epoch
 
+    def data_info(self) -> dict:
+        """Fields the trainer copies into the model config."""
+        return {"vocab_size": self.vocab_size, "num_classes": self.num_classes}
+
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """-> {"tokens": int32[B, seq_len], "label": int32[B]} for training step ``step``."""
         _, idx = self._sampler.indices(step)

@@ -76,17 +76,24 @@ def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
     return float(np.mean(np.any(top == labels[:, None], axis=1)))
 
 
-def retrieval_recall(similarity: np.ndarray, ks=(1, 5)) -> dict[str, float]:
-    """Recall@k both ways for a square similarity [N images, N texts], pair i = (i, i).
+def retrieval_recall(similarity: np.ndarray, matches: np.ndarray | None = None,
+                     ks=(1, 5)) -> dict[str, float]:
+    """Recall@k both ways for similarity [N images, N texts].
 
-    image_to_text R@k: the true caption ranks in the top k of the image's row;
-    text_to_image R@k: the true image ranks in the top k of the caption's column.
+    matches: bool [N, N], which captions are true of which image (default: only the
+    diagonal, pair i = (image i, caption i)). Where captions repeat or under-describe
+    (several images fit "a red circle"), any true caption or image counts as a hit.
+    image_to_text R@k: some true caption ranks in the top k of the image's row;
+    text_to_image R@k: some true image ranks in the top k of the caption's column.
     """
     sim = np.asarray(similarity, np.float64)
-    true = np.diagonal(sim)
-    # rank = number of candidates strictly better than the true one (ties favour the truth)
-    rank_i2t = np.sum(sim > true[:, None], axis=1)
-    rank_t2i = np.sum(sim > true[None, :], axis=0)
+    n = sim.shape[0]
+    matches = np.eye(n, dtype=bool) if matches is None else np.asarray(matches, bool)
+    # Best true candidate's score; its rank = candidates strictly better (ties favour it).
+    best_i2t = np.where(matches, sim, -np.inf).max(axis=1)
+    best_t2i = np.where(matches, sim, -np.inf).max(axis=0)
+    rank_i2t = np.sum(sim > best_i2t[:, None], axis=1)
+    rank_t2i = np.sum(sim > best_t2i[None, :], axis=0)
     out = {}
     for k in ks:
         out[f"image_to_text_r@{k}"] = float(np.mean(rank_i2t < k))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from train import data
-from train.data import seq2seq, text
+from train.data import seq2seq, shapes, text
 from train.data.tfds_source import ClassificationDataset
 
 
@@ -19,7 +19,13 @@ def test_default_config_keys_and_values():
         "max_bytes": 3_000_000, "max_number": 999_999, "max_input_len": 8,
         "max_target_len": 72, "max_eval_examples": 0, "tfds_name": "lm1b",
         "tfds_splits": {"train": "train", "validation": "validation", "test": "test"},
-        "text_key": "text", "label_key": "", "data_dir": None}
+        "text_key": "text", "label_key": "", "data_dir": None, "image_size": 32,
+        "max_caption_len": 48,
+        "heldout_classes": ("red square", "green cross", "blue triangle", "yellow circle"),
+        "exclude_heldout_from_train": True,
+        "shapes_split_sizes": {"train": 50_000, "validation": 2_000, "test": 2_000,
+                               "zero_shot": 2_000},
+        "image_key": "image", "caption_key": ""}
     for source in data.SOURCES:
         c.source = source
         data.validate(c)
@@ -33,6 +39,7 @@ def test_stdlib_text_datasets():
         ds = data.make_dataset(c, split, seed=0)
         assert isinstance(ds, text.LMDataset) and ds.vocab_size == 260
         assert ds.batch(0)["tokens"].shape == (32, 257)
+        assert ds.data_info() == {"vocab_size": 260}
         sizes[split] = len(ds.tokens)
     assert sizes == {"train": 2_700_000, "validation": 150_000, "test": 150_000}
 
@@ -46,12 +53,28 @@ def test_numbers_to_words_datasets():
     assert isinstance(ds, seq2seq.Seq2SeqDataset) and ds.vocab_size == 260
     b = ds.batch(0)
     assert b["inputs"].shape == (4, 8) and b["targets"].shape == (4, 72)
+    assert ds.data_info() == {"vocab_size": 260}
     assert sum(x["weights"].sum() for x in ds.eval_batches(64)) == 5
+
+
+def test_shapes_datasets():
+    c = data.default_config()
+    c.source = "shapes"
+    c.batch_size = 4
+    assert data.SHAPES_SPLITS == data.SPLITS + ("zero_shot",)
+    for split in data.SHAPES_SPLITS:
+        ds = data.make_dataset(c, split, seed=0)
+        assert isinstance(ds, shapes.ShapesDataset)
+        assert ds.num_examples == c.shapes_split_sizes[split]
+        assert ds.batch(0)["image"].shape == (4, 32, 32, 3)
+        assert ds.data_info()["num_classes"] == 16
 
 
 def test_make_dataset_rejects_unknown_split():
     with pytest.raises(ValueError, match="split='valid'"):
         data.make_dataset(data.default_config(), "valid", seed=0)
+    with pytest.raises(ValueError, match="split='zero_shot'"):  # shapes only
+        data.make_dataset(data.default_config(), "zero_shot", seed=0)
 
 
 def _with(**changes):
@@ -79,6 +102,24 @@ def _with(**changes):
     ({"source": "tfds", "text_key": ""}, r"data.text_key=''"),
     ({"source": "tfds", "max_bytes": -1}, r"data.max_bytes=-1"),
     ({"source": "tfds", "label_key": "label", "seq_len": 1}, r"data.seq_len=1 .*>= 2"),
+    ({"source": "shapes", "image_size": 8}, r"data.image_size=8 .*>= 16"),
+    ({"source": "shapes", "max_caption_len": 40}, r"data.max_caption_len=40 .*>= 44"),
+    ({"source": "shapes", "heldout_classes": ("red squares",)},
+     r"data.heldout_classes=.*'red squares' is not one of"),
+    ({"source": "shapes", "heldout_classes": ("red square", 3)},
+     r"data.heldout_classes=.*tuple of class names"),
+    ({"source": "shapes", "heldout_classes": ("red square", "red square")},
+     r"data.heldout_classes=.*duplicates"),
+    ({"source": "shapes", "heldout_classes": ("red circle", "green circle", "blue circle",
+                                               "yellow circle")},
+     r"data.heldout_classes=.*every class with 'circle'"),
+    ({"source": "shapes", "shapes_split_sizes": {"train": 0, "validation": 1, "test": 1,
+                                                  "zero_shot": 1}},
+     r"data.shapes_split_sizes.train=0"),
+    ({"source": "tfds_images", "image_key": ""}, r"data.image_key=''"),
+    ({"source": "tfds_images", "image_size": -1}, r"data.image_size=-1 .*>= 0"),
+    ({"source": "tfds_images", "caption_key": "c", "max_caption_len": 2},
+     r"data.max_caption_len=2 .*>= 3"),
 ])
 def test_validate_names_the_key(changes, message):
     with pytest.raises(ValueError, match=message):
@@ -88,6 +129,12 @@ def test_validate_names_the_key(changes, message):
 def test_validate_smaller_number_range_needs_shorter_targets():
     data.validate(_with(source="numbers_to_words", max_number=999, max_input_len=4,
                         max_target_len=len("seven hundred seventy-seven") + 1))
+
+
+def test_shapes_heldout_everything_allowed_for_classification():
+    held = tuple(n for n in shapes.CLASS_NAMES if n.endswith("circle"))
+    data.validate(_with(source="shapes", heldout_classes=held,
+                        exclude_heldout_from_train=False))
 
 
 def test_classification_dataset():
@@ -102,12 +149,14 @@ def test_classification_dataset():
     ev = list(ds.eval_batches(4))
     np.testing.assert_array_equal(np.concatenate([e["weights"] for e in ev]),
                                   [1] * 9 + [0] * 3)
+    assert ds.data_info() == {"vocab_size": 260, "num_classes": 2}
 
 
 def test_embedded_sources_never_import_tensorflow():
     code = ("import sys; from train import data; c = data.default_config();"
             "data.make_dataset(c, 'validation', 0).batch(0);"
             "c.source = 'numbers_to_words'; data.make_dataset(c, 'test', 0).batch(0);"
+            "c.source = 'shapes'; data.make_dataset(c, 'zero_shot', 0).batch(0);"
             "bad = [m for m in sys.modules if m.split('.')[0] in"
             " ('tensorflow', 'tensorflow_datasets')]; assert not bad, bad")
     repo_root = pathlib.Path(__file__).resolve().parents[3]

@@ -1,0 +1,47 @@
+"""ResNet classifier on the embedded shapes images (16 color x shape classes).
+
+    python -m train.main --config=configs/resnet.py --workdir=runs/resnet
+    python -m train.main --config=configs/resnet.py:tiny --workdir=/tmp/resnet_tiny
+
+Variants:
+  default  "resnet_tiny" (basic blocks, stages [1, 1, 1] of 16/32/64 channels, CIFAR stem,
+           batch norm) on all 16 classes; README "Results" has the measured test accuracy
+           (target >= 90%).
+  tiny     a seconds-long smoke run (tests).
+Other sizes: --config.model.variant=resnet18 (..., resnet50, resnet101).
+"""
+from train.config import base_config
+
+
+def get_config(variant: str = "default"):
+    c = base_config("classify", "resnet_tiny", family="resnet")
+    c.data.source = "shapes"
+    c.data.exclude_heldout_from_train = False
+    c.data.batch_size = 64
+    c.data.eval_batch_size = 128
+    c.optim.name = "sgd"
+    c.optim.momentum = 0.9
+    c.optim.nesterov = True
+    c.optim.learning_rate = 0.05
+    c.optim.weight_decay = 5e-4
+    c.optim.schedule.name = "cosine"
+    c.checkpoint.best_metric = "validation/accuracy"
+    c.checkpoint.best_mode = "max"
+    c.train.early_stopping.metric = "validation/accuracy"
+    c.train.early_stopping.mode = "max"
+    if variant == "default":
+        c.train.num_steps = 1000
+        c.train.eval_every = 500
+        c.checkpoint.every = 500
+    elif variant == "tiny":
+        c.data.batch_size = 16
+        c.data.eval_batch_size = 64
+        c.data.shapes_split_sizes.validation = 128
+        c.data.shapes_split_sizes.test = 128
+        c.train.num_steps = 6
+        c.train.log_every = 3
+        c.train.eval_every = 3
+        c.checkpoint.every = 3
+    else:
+        raise ValueError(f"unknown resnet variant {variant!r}; allowed: default, tiny")
+    return c
