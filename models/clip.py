@@ -173,6 +173,10 @@ class ClipModel(nn.Module):
         """images [B, H, W, C] -> L2-normalized [B, embed_dim] float32."""
         return _l2_normalize(self.image_projection(self.image_tower(images, train=train)))
 
+    def image_features(self, images, *, train: bool = False):
+        """The image tower's pooled features [B, feature_dim] (before the projection)."""
+        return self.image_tower(images, train=train)
+
     def encode_text(self, texts, *, train: bool = False):
         """tokens int [B, L] -> L2-normalized [B, embed_dim] float32."""
         return _l2_normalize(self.text_projection(self.text_tower(texts, train=train)))

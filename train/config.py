@@ -54,6 +54,7 @@ def task_config(name: str) -> ml_collections.ConfigDict:
         t.loss = "infonce"         # "infonce" (CLIP, ALIGN) | "siglip"
         t.retrieval_examples = 1000  # test examples for recall@k (0 = the whole split)
         t.heatmap_size = 8         # images x captions in similarity_heatmap.png
+        t.linear_probe_examples = 4096  # training examples for the ridge linear probe
     else:
         raise ValueError(f"task.name={name!r} is unknown; allowed: {', '.join(TASKS)}")
     return t

@@ -111,3 +111,15 @@ def test_retrieval_recall_on_a_hand_made_matrix():
     r = C.retrieval_recall(sim, matches, ks=(1,))
     assert r["image_to_text_r@1"] == pytest.approx(2 / 3)
     assert r["text_to_image_r@1"] == pytest.approx(2 / 3)
+
+
+def test_linear_probe_separates_separable_features_and_not_noise():
+    r = np.random.default_rng(5)
+    labels = r.integers(0, 3, size=300)
+    centers = np.array([[4.0, 0, 0], [0, 4.0, 0], [0, 0, 4.0]])
+    x = centers[labels] + r.normal(size=(300, 3))
+    acc = C.linear_probe_accuracy(x[:200], labels[:200], x[200:], labels[200:], 3)
+    assert acc > 0.95
+    noise = r.normal(size=(300, 3))
+    assert C.linear_probe_accuracy(noise[:200], labels[:200], noise[200:], labels[200:],
+                                   3) < 0.6

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import bert, transformer as transformer_configs
+from configs import bert, clip, resnet, vit
+from configs import transformer as transformer_configs
 from train import trainer
 from train.data.tokenizers import BOS, MASK, NUM_SPECIAL, PAD
 from train.main import format_summary
@@ -69,7 +70,7 @@ def test_shift_right_and_bleu():
     assert 0 < partial["bleu"] < 100 and partial["exact_match"] == pytest.approx(1 / 3)
 
 
-@pytest.mark.parametrize("config_module", [bert, transformer_configs])
+@pytest.mark.parametrize("config_module", [bert, transformer_configs, vit, resnet, clip])
 def test_tiny_configs_train_end_to_end(tmp_path, config_module):
     c = config_module.get_config("tiny")
     c.train.num_steps = 4
@@ -80,5 +81,14 @@ def test_tiny_configs_train_end_to_end(tmp_path, config_module):
         for key in ("test/bleu", "test/exact_match", "test/bleu_beam2", "validation/bleu"):
             assert 0.0 <= summary[key] <= 100.0
         assert (tmp_path / "decodes.txt").read_text().count("[test_beam2]") == 5
+    if config_module in (vit, resnet):
+        assert 0.0 <= summary["test/accuracy"] <= summary["test/top5_accuracy"] <= 1.0
+    if config_module is clip:
+        assert summary["zero_shot/num_classes"] == 16 and summary["zero_shot/chance"] == 1 / 16
+        for key in ("zero_shot/top1", "zero_shot/top1_among_heldout", "test/zero_shot_top1",
+                    "test/image_to_text_r@1", "test/text_to_image_r@5",
+                    "test/linear_probe_accuracy"):
+            assert 0.0 <= summary[key] <= 1.0, key
+        assert (tmp_path / "similarity_heatmap.png").stat().st_size > 10_000
     text = format_summary({**summary, "sample": "abc"})
     assert "validation/loss" in text and text.endswith("sample:\nabc")

@@ -226,3 +226,18 @@ def test_mixed_precision_keeps_float32_master_weights(tmp_path):
     assert summary["params/bytes"] == 4 * summary["params/count"]
     _, params = _final_params(tmp_path)
     assert {np.asarray(x).dtype for x in jax.tree.leaves(params)} == {np.dtype("float32")}
+
+
+def test_contrastive_loss_sees_the_global_batch_on_8_devices(tmp_path):
+    from configs import clip
+    runs = {}
+    for n in (1, 8):
+        c = clip.get_config("tiny")
+        c.train.num_steps = 2
+        c.task.linear_probe_examples = 0
+        c.sharding.num_devices = n
+        runs[n] = trainer.train_and_evaluate(c, str(tmp_path / str(n)))
+    # the InfoNCE of a 32-example eval batch contrasts all 32 on 8 devices as on one
+    np.testing.assert_allclose(runs[8]["validation/loss"], runs[1]["validation/loss"],
+                               rtol=1e-5)
+    np.testing.assert_allclose(runs[8]["test/loss"], runs[1]["test/loss"], rtol=1e-5)

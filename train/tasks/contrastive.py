@@ -75,11 +75,28 @@ class ContrastiveTask:
     # ---- Evaluation after training ------------------------------------------------------
     def _encoders(self, params, model_state):
         variables = {"params": params, **model_state}
-        images = jax.jit(lambda x: self.model.apply(variables, x,
-                                                    method=self.model.encode_image))
-        texts = jax.jit(lambda t: self.model.apply(variables, t,
-                                                   method=self.model.encode_text))
-        return images, texts
+        encode = lambda method: jax.jit(  # noqa: E731
+            lambda x: self.model.apply(variables, x, method=method))
+        m = self.model
+        return encode(m.encode_image), encode(m.encode_text), encode(m.image_features)
+
+    def _linear_probe(self, image_features) -> float:
+        """Ridge probe on frozen image-tower features: fit on training batches, score on
+        the test split, classes = the dataset's labels."""
+        t, train_ds, test_ds = self.config.task, self.datasets["train"], self.datasets["test"]
+        xs, ys = [], []
+        for step in range(-(-t.linear_probe_examples // train_ds.batch_size)):
+            batch = train_ds.batch(step)
+            xs.append(np.asarray(image_features(batch["image"])))
+            ys.append(batch["label"])
+        tx, ty = [], []
+        for batch in test_ds.eval_batches(self.config.data.eval_batch_size):
+            keep = batch["weights"] > 0
+            tx.append(np.asarray(image_features(batch["image"]))[keep])
+            ty.append(batch["label"][keep])
+        return losses.linear_probe_accuracy(np.concatenate(xs), np.concatenate(ys),
+                                            np.concatenate(tx), np.concatenate(ty),
+                                            train_ds.num_classes)
 
     def _embed_split(self, ds, encode_image, encode_text):
         """Embeddings of a whole eval split: images, captions [N, E], labels, indices [N]."""
@@ -101,7 +118,7 @@ class ContrastiveTask:
         return np.asarray(losses.zero_shot_classifier(jnp.asarray(emb)))
 
     def report(self, params, model_state, workdir: str) -> dict:
-        encode_image, encode_text = self._encoders(params, model_state)
+        encode_image, encode_text, image_features = self._encoders(params, model_state)
         t = self.config.task
         zero_shot = data_lib.make_dataset(self.config.data, "zero_shot", self.config.seed)
         weights = self._class_weights(zero_shot, encode_text)
@@ -128,6 +145,8 @@ class ContrastiveTask:
                             for k, v in losses.retrieval_recall(sim, matches).items()})
                 _heatmap(sim[:t.heatmap_size, :t.heatmap_size], ds,
                          os.path.join(workdir, "similarity_heatmap.png"))
+        if t.linear_probe_examples:
+            out["test/linear_probe_accuracy"] = self._linear_probe(image_features)
         return out
 
 

@@ -76,6 +76,22 @@ def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
     return float(np.mean(np.any(top == labels[:, None], axis=1)))
 
 
+def linear_probe_accuracy(train_x, train_y, test_x, test_y, num_classes: int,
+                          ridge: float = 1e-2) -> float:
+    """Top-1 accuracy of a linear classifier fit on frozen features (the linear probe of
+    CLIP 3.2), here closed-form ridge regression onto one-hot targets -- deterministic and
+    a few milliseconds -- on standardized features. x [N, D] float, y int [N]."""
+    x = np.asarray(train_x, np.float64)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    x = np.concatenate([(x - mean) / std, np.ones((len(x), 1))], axis=1)
+    targets = np.eye(num_classes)[np.asarray(train_y)]
+    gram = x.T @ x + ridge * len(x) * np.eye(x.shape[1])
+    w = np.linalg.solve(gram, x.T @ targets)
+    xt = (np.asarray(test_x, np.float64) - mean) / std
+    xt = np.concatenate([xt, np.ones((len(xt), 1))], axis=1)
+    return float(np.mean(np.argmax(xt @ w, axis=1) == np.asarray(test_y)))
+
+
 def retrieval_recall(similarity: np.ndarray, matches: np.ndarray | None = None,
                      ks=(1, 5)) -> dict[str, float]:
     """Recall@k both ways for similarity [N images, N texts].
