@@ -10,7 +10,7 @@ Variants:
            tokens carry a loss).
   tiny     a seconds-long smoke run (tests).
 """
-from train.config import base_config
+from train.config import base_config, shrink_for_smoke_test
 
 
 def get_config(variant: str = "default"):
@@ -29,15 +29,11 @@ def get_config(variant: str = "default"):
         c.checkpoint.every = 200
     elif variant == "tiny":
         c = base_config("mlm", "tiny", max_length=32)
+        shrink_for_smoke_test(c, num_steps=10, batch_size=8, eval_batch_size=16, log_every=5,
+                              eval_every=5)
         c.data.seq_len = 32
-        c.data.batch_size = 8
-        c.data.eval_batch_size = 16
         c.data.max_bytes = 200_000
-        c.train.num_steps = 10
-        c.train.log_every = 5
-        c.train.eval_every = 5
         c.train.eval_max_batches = 2
-        c.checkpoint.every = 5
     else:
         raise ValueError(f"unknown bert variant {variant!r}; allowed: default, tiny")
     return c

@@ -16,7 +16,7 @@ Variants:
            and a BERT-style bidirectional text tower pooled at [CLS], InfoNCE.
   tiny     a seconds-long smoke run (tests).
 """
-from train.config import base_config
+from train.config import base_config, shrink_for_smoke_test
 
 MODEL_VARIANTS = {"default": "clip_tiny", "siglip": "siglip_tiny", "align": "align_tiny",
                   "tiny": "clip_tiny"}
@@ -41,15 +41,10 @@ def get_config(variant: str = "default"):
     c.train.eval_every = 500
     c.checkpoint.every = 500
     if variant == "tiny":
-        c.data.batch_size = 16
-        c.data.eval_batch_size = 32
+        shrink_for_smoke_test(c, num_steps=4, batch_size=16, eval_batch_size=32, log_every=2,
+                              eval_every=2)
         c.data.shapes_split_sizes.validation = 64
         c.data.shapes_split_sizes.test = 64
         c.data.shapes_split_sizes.zero_shot = 64
         c.task.retrieval_examples = 64
-        c.train.num_steps = 4
-        c.optim.schedule.warmup_steps = 1
-        c.train.log_every = 2
-        c.train.eval_every = 2
-        c.checkpoint.every = 2
     return c

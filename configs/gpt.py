@@ -11,7 +11,7 @@ Variants:
   gpt2_small  GPT-2 small (12 layers, 768 wide, 1024 context) in bf16 with fused attention:
               the GPU benchmark shape.
 """
-from train.config import base_config
+from train.config import base_config, shrink_for_smoke_test
 
 
 def get_config(variant: str = "default"):
@@ -31,16 +31,12 @@ def get_config(variant: str = "default"):
         c.checkpoint.every = 200
     elif variant == "tiny":
         c = base_config("lm", "tiny", max_length=32)
+        shrink_for_smoke_test(c, num_steps=20, batch_size=8, eval_batch_size=16, log_every=5,
+                              eval_every=10)
         c.data.seq_len = 32
-        c.data.batch_size = 8
-        c.data.eval_batch_size = 16
         c.data.max_bytes = 200_000
-        c.train.num_steps = 20
-        c.train.log_every = 5
-        c.train.eval_every = 10
         c.train.eval_max_batches = 2
         c.optim.learning_rate = 3e-3
-        c.checkpoint.every = 10
         c.task.sample_tokens = 16
     elif variant == "gpt2_small":
         c = base_config("lm", "gpt2_small", dtype="bfloat16", attention_impl="fused",

@@ -10,7 +10,7 @@ Variants:
   tiny     a seconds-long smoke run (tests).
 Other sizes: --config.model.variant=resnet18 (..., resnet50, resnet101).
 """
-from train.config import base_config
+from train.config import base_config, select_best_by, shrink_for_smoke_test
 
 
 def get_config(variant: str = "default"):
@@ -25,23 +25,16 @@ def get_config(variant: str = "default"):
     c.optim.learning_rate = 0.05
     c.optim.weight_decay = 5e-4
     c.optim.schedule.name = "cosine"
-    c.checkpoint.best_metric = "validation/accuracy"
-    c.checkpoint.best_mode = "max"
-    c.train.early_stopping.metric = "validation/accuracy"
-    c.train.early_stopping.mode = "max"
+    select_best_by(c, "validation/accuracy", "max")
     if variant == "default":
         c.train.num_steps = 1000
         c.train.eval_every = 500
         c.checkpoint.every = 500
     elif variant == "tiny":
-        c.data.batch_size = 16
-        c.data.eval_batch_size = 64
+        shrink_for_smoke_test(c, num_steps=6, batch_size=16, eval_batch_size=64, log_every=3,
+                              eval_every=3)
         c.data.shapes_split_sizes.validation = 128
         c.data.shapes_split_sizes.test = 128
-        c.train.num_steps = 6
-        c.train.log_every = 3
-        c.train.eval_every = 3
-        c.checkpoint.every = 3
     else:
         raise ValueError(f"unknown resnet variant {variant!r}; allowed: default, tiny")
     return c

@@ -11,7 +11,7 @@ Variants:
            95.9 beam 4, exact match 86.8%; see README "Results" for the current default.
   tiny     a seconds-long smoke run (tests).
 """
-from train.config import base_config
+from train.config import base_config, shrink_for_smoke_test
 
 
 def get_config(variant: str = "default"):
@@ -32,15 +32,11 @@ def get_config(variant: str = "default"):
     elif variant == "tiny":
         c = base_config("seq2seq", "tiny", max_length=72)
         c.data.source = "numbers_to_words"
-        c.data.batch_size = 8
-        c.data.eval_batch_size = 16
+        shrink_for_smoke_test(c, num_steps=10, batch_size=8, eval_batch_size=16, log_every=5,
+                              eval_every=5)
         c.data.max_eval_examples = 32
         c.task.decode_max_examples = 16
         c.task.beam_size = 2
-        c.train.num_steps = 10
-        c.train.log_every = 5
-        c.train.eval_every = 5
-        c.checkpoint.every = 5
     else:
         raise ValueError(f"unknown transformer variant {variant!r}; allowed: default, tiny")
     return c

@@ -9,7 +9,7 @@ Variants:
   tiny     a seconds-long smoke run (tests).
 Any ViT size works as model.variant (e.g. --config.model.variant=S/16 with image_size 224).
 """
-from train.config import base_config
+from train.config import base_config, select_best_by, shrink_for_smoke_test
 
 
 def get_config(variant: str = "default"):
@@ -23,24 +23,16 @@ def get_config(variant: str = "default"):
     c.optim.grad_clip_norm = 1.0
     c.optim.schedule.name = "warmup_cosine"
     c.optim.schedule.warmup_steps = 100
-    c.checkpoint.best_metric = "validation/accuracy"
-    c.checkpoint.best_mode = "max"
-    c.train.early_stopping.metric = "validation/accuracy"
-    c.train.early_stopping.mode = "max"
+    select_best_by(c, "validation/accuracy", "max")
     if variant == "default":
         c.train.num_steps = 1500
         c.train.eval_every = 500
         c.checkpoint.every = 500
     elif variant == "tiny":
-        c.data.batch_size = 16
-        c.data.eval_batch_size = 64
+        shrink_for_smoke_test(c, num_steps=6, batch_size=16, eval_batch_size=64, log_every=3,
+                              eval_every=3)
         c.data.shapes_split_sizes.validation = 128
         c.data.shapes_split_sizes.test = 128
-        c.train.num_steps = 6
-        c.optim.schedule.warmup_steps = 2
-        c.train.log_every = 3
-        c.train.eval_every = 3
-        c.checkpoint.every = 3
     else:
         raise ValueError(f"unknown vit variant {variant!r}; allowed: default, tiny")
     return c

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import cnn, transformer, vit
+from models import cnn, transformer, variants, vit
 
 IMAGE_TOWERS = ("vit", "resnet", "efficientnet")
 TEXT_POOLING = ("eot", "cls")
@@ -105,13 +105,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def make_config(variant: str, **overrides) -> ClipConfig:
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown clip variant {variant!r}; allowed: {', '.join(VARIANTS)}")
-    fields = {f.name for f in dataclasses.fields(ClipConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"unknown clip config keys {unknown}; allowed: {sorted(fields)}")
-    return ClipConfig(**{**VARIANTS[variant], **overrides})
+    return variants.from_variant(ClipConfig, VARIANTS, variant, overrides, "clip")
 
 
 class TextTower(nn.Module):

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from models import variants
 from models.layers import initializers
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -61,18 +62,6 @@ def _check_common(cfg, allowed: list[tuple[bool, str, tuple]]):
                          f"{cfg.num_classes}")
     if not 0.0 <= cfg.bn_momentum < 1.0:
         raise ValueError(f"model.bn_momentum must be in [0, 1), got {cfg.bn_momentum}")
-
-
-def _make_config(kind: str, cls, variants: dict, variant: str, overrides: dict):
-    if variant not in variants:
-        raise ValueError(f"unknown {kind} variant {variant!r}; allowed: "
-                         f"{', '.join(variants)}")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"unknown {kind} config keys {unknown}; allowed: "
-                         f"{', '.join(sorted(fields))}")
-    return cls(**{**variants[variant], **overrides})
 
 
 class _Layers:
@@ -178,7 +167,7 @@ RESNET_VARIANTS: dict[str, dict[str, Any]] = {
 def make_resnet_config(variant: str, **overrides) -> ResNetConfig:
     """The named variant's config with `overrides` applied (unknown names raise).
     For CIFAR-sized images use e.g. make_resnet_config("resnet18", stem="cifar")."""
-    return _make_config("resnet", ResNetConfig, RESNET_VARIANTS, variant, overrides)
+    return variants.from_variant(ResNetConfig, RESNET_VARIANTS, variant, overrides, "resnet")
 
 
 class ResidualBlock(nn.Module):
@@ -400,8 +389,8 @@ EFFICIENTNET_VARIANTS: dict[str, dict[str, Any]] = {
 
 def make_efficientnet_config(variant: str, **overrides) -> EfficientNetConfig:
     """The named variant's config with `overrides` applied (unknown names raise)."""
-    return _make_config("efficientnet", EfficientNetConfig, EFFICIENTNET_VARIANTS, variant,
-                        overrides)
+    return variants.from_variant(EfficientNetConfig, EFFICIENTNET_VARIANTS, variant, overrides,
+                                 "efficientnet")
 
 
 class EfficientNet(nn.Module):

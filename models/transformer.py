@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from models import variants
 from models.layers import initializers
 from models.layers.attention import IMPLEMENTATIONS, MultiHeadAttention, padding_mask
 from models.layers.embedding import POSITION_KINDS, Embed, PositionEmbedding
@@ -144,15 +145,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 def make_config(variant: str, **overrides) -> TransformerConfig:
     """The named variant's config with `overrides` applied (unknown names raise)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown transformer variant {variant!r}; allowed: "
-                         f"{', '.join(VARIANTS)}")
-    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"unknown transformer config keys {unknown}; allowed: "
-                         f"{', '.join(sorted(fields))}")
-    return TransformerConfig(**{**VARIANTS[variant], **overrides})
+    return variants.from_variant(TransformerConfig, VARIANTS, variant, overrides,
+                                 "transformer")
 
 
 # ----------------------------------------------------------------------------------------

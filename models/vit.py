@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from models import transformer
+from models import transformer, variants
 from models.layers import initializers
 from models.layers.attention import IMPLEMENTATIONS
 
@@ -181,11 +181,7 @@ def decode_variant(variant: str) -> dict[str, Any]:
 
 def make_config(variant: str, **overrides) -> ViTConfig:
     """The decoded variant's config with `overrides` applied (unknown names raise)."""
-    fields = {f.name for f in dataclasses.fields(ViTConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"unknown vit config keys {unknown}; allowed: "
-                         f"{', '.join(sorted(fields))}")
+    variants.check_fields(ViTConfig, overrides, "vit")
     return ViTConfig(**{**decode_variant(variant), **overrides})
 
 

@@ -99,6 +99,22 @@ def base_config(task: str, variant: str, family: str = "transformer",
     return c
 
 
+def shrink_for_smoke_test(c: ml_collections.ConfigDict, *, num_steps: int, batch_size: int,
+                          eval_batch_size: int, log_every: int, eval_every: int) -> None:
+    """Make `c` a seconds-long run (the configs' "tiny" variants, used by tests): few
+    steps, small batches, evaluations and checkpoints every `eval_every` steps."""
+    c.train.num_steps, c.train.log_every, c.train.eval_every = num_steps, log_every, eval_every
+    c.checkpoint.every = eval_every
+    c.data.batch_size, c.data.eval_batch_size = batch_size, eval_batch_size
+    c.optim.schedule.warmup_steps = min(c.optim.schedule.warmup_steps, num_steps // 2)
+
+
+def select_best_by(c: ml_collections.ConfigDict, metric: str, mode: str) -> None:
+    """Rank checkpoints and stop early by the same validation metric."""
+    c.checkpoint.best_metric, c.checkpoint.best_mode = metric, mode
+    c.train.early_stopping.metric, c.train.early_stopping.mode = metric, mode
+
+
 # ----------------------------------------------------------------------------------------
 # Validation.
 # ----------------------------------------------------------------------------------------
