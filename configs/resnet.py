@@ -5,8 +5,9 @@
 
 Variants:
   default  "resnet_tiny" (basic blocks, stages [1, 1, 1] of 16/32/64 channels, CIFAR stem,
-           batch norm) on all 16 classes; README "Results" has the measured test accuracy
-           (target >= 90%).
+           batch norm; 78K params) on all 16 classes, SGD + Nesterov, cosine. Measured on 2
+           CPU cores: 1500 steps in under 2 minutes (14 steps/s), test accuracy 98.0%
+           (1000 steps: 91.2%).
   tiny     a seconds-long smoke run (tests).
 Other sizes: --config.model.variant=resnet18 (..., resnet50, resnet101).
 """
@@ -27,7 +28,7 @@ def get_config(variant: str = "default"):
     c.optim.schedule.name = "cosine"
     select_best_by(c, "validation/accuracy", "max")
     if variant == "default":
-        c.train.num_steps = 1000
+        c.train.num_steps = 1500
         c.train.eval_every = 500
         c.checkpoint.every = 500
     elif variant == "tiny":

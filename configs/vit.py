@@ -4,8 +4,10 @@
     python -m train.main --config=configs/vit.py:tiny --workdir=/tmp/vit_tiny
 
 Variants:
-  default  ViT "tiny/4" (64 wide, 2 blocks, 4x4 patches on 32x32 images) trained on all 16
-           classes; README "Results" has the measured test accuracy (target >= 90%).
+  default  ViT "tiny/4" (64 wide, 2 blocks, 4x4 patches on 32x32 images, mean pooling;
+           108K params) on all 16 classes. Measured on 2 CPU cores: 3000 steps in ~2.5
+           minutes (21 steps/s), test accuracy 91.9% (1500 steps at lr 1e-3: 78.9% -- a
+           ViT without convolutions' inductive bias needs more steps than the ResNet).
   tiny     a seconds-long smoke run (tests).
 Any ViT size works as model.variant (e.g. --config.model.variant=S/16 with image_size 224).
 """
@@ -18,16 +20,16 @@ def get_config(variant: str = "default"):
     c.data.exclude_heldout_from_train = False  # classification sees every class
     c.data.batch_size = 64
     c.data.eval_batch_size = 128
-    c.optim.learning_rate = 1e-3
+    c.optim.learning_rate = 2e-3
     c.optim.weight_decay = 1e-4
     c.optim.grad_clip_norm = 1.0
     c.optim.schedule.name = "warmup_cosine"
     c.optim.schedule.warmup_steps = 100
     select_best_by(c, "validation/accuracy", "max")
     if variant == "default":
-        c.train.num_steps = 1500
-        c.train.eval_every = 500
-        c.checkpoint.every = 500
+        c.train.num_steps = 3000
+        c.train.eval_every = 1000
+        c.checkpoint.every = 1000
     elif variant == "tiny":
         shrink_for_smoke_test(c, num_steps=6, batch_size=16, eval_batch_size=64, log_every=3,
                               eval_every=3)
