@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from models import cnn, transformer, variants, vit
 
 IMAGE_TOWERS = ("vit", "resnet", "efficientnet")
-TEXT_POOLING = ("eot", "cls")
+TEXT_POOLING = ("eot", "cls", "mean")
 
 
 def _derived(*names):
@@ -54,7 +54,8 @@ class ClipConfig:
         default_factory=lambda: transformer.make_config("tiny", max_length=48),
         metadata=_derived("vocab_size"))
     text_causal: bool = True       # CLIP: causal mask; ALIGN/BERT: bidirectional
-    text_pooling: str = "eot"      # "eot": hidden state at the first eos_id; "cls": token 0
+    text_pooling: str = "eot"      # "eot": hidden state at the first eos_id; "cls": token 0;
+                                   # "mean": average over the real (non-pad) tokens
     eos_id: int = 2
     embed_dim: int = 64            # joint embedding width
     logit_scale_init: float = math.log(1 / 0.07)   # CLIP: temperature 0.07
@@ -126,6 +127,9 @@ class TextTower(nn.Module):
                                          name="encoder")(x, valid, deterministic=not train)
         if self.pooling == "cls":
             return x[:, 0]
+        if self.pooling == "mean":
+            w = valid[..., None].astype(x.dtype)
+            return jnp.sum(x * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
         # CLIP pools at the end-of-text token; rows without one use their last real token.
         is_eos = tokens == self.eos_id
         last_real = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)
