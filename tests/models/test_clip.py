@@ -109,3 +109,21 @@ def test_config_errors_name_the_field():
         clip.make_config("clip_tiny", temperature=0.1)
     with pytest.raises(ValueError, match="logit_scale_init"):
         clip.make_config("clip_tiny", logit_scale_init=math.log(1000.0))
+
+
+def test_mean_pooling_averages_real_tokens_only():
+    from models import transformer
+    cfg = transformer.make_config("tiny", vocab_size=64, max_length=8)
+    mean = clip.TextTower(cfg, causal=False, pooling="mean", eos_id=EOS)
+    cls = clip.TextTower(cfg, causal=False, pooling="cls", eos_id=EOS)
+    params = mean.init(jax.random.key(0), _texts())
+    texts = _texts()
+    pooled = mean.apply(params, texts)
+    # changing a padding id changes nothing (masked keys, excluded from the mean) ...
+    np.testing.assert_allclose(mean.apply(params, texts.at[1, 7].set(PAD)), pooled, atol=1e-6)
+    # ... and the mean is not the first token's state, which cls pooling returns
+    first = cls.apply(params, texts)
+    assert not np.allclose(pooled, first, atol=1e-3)
+    # a single real token: the mean of one state is that state
+    one = jnp.array([[5, PAD, PAD, PAD]], jnp.int32)
+    np.testing.assert_allclose(mean.apply(params, one), cls.apply(params, one), atol=1e-6)

@@ -241,3 +241,15 @@ def test_contrastive_loss_sees_the_global_batch_on_8_devices(tmp_path):
     np.testing.assert_allclose(runs[8]["validation/loss"], runs[1]["validation/loss"],
                                rtol=1e-5)
     np.testing.assert_allclose(runs[8]["test/loss"], runs[1]["test/loss"], rtol=1e-5)
+
+
+def test_mock_tfds_images_train_a_classifier_end_to_end(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from configs import resnet
+    c = resnet.get_config("tiny")
+    c.train.num_steps = 2
+    c.data.update(source="tfds_images", tfds_name="mnist", label_key="label", image_size=16)
+    c.data.tfds_splits.validation = "test"  # mnist has no validation split
+    with tfds.testing.mock_data(num_examples=64):
+        summary = trainer.train_and_evaluate(c, str(tmp_path))
+    assert summary["train/steps"] == 2 and 0.0 <= summary["test/accuracy"] <= 1.0
