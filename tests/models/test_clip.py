@@ -74,8 +74,8 @@ def test_align_cls_pooling_bidirectional_text_and_batch_norm_tower():
     images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
     model, variables = _init(cfg, images, _texts())
     assert "batch_stats" in variables
-    np.testing.assert_allclose(model.apply(variables, images, _texts())["logit_scale"], 1.0,
-                               rtol=1e-6)  # ALIGN learns the temperature from 1.0
+    np.testing.assert_allclose(model.apply(variables, images, _texts())["logit_scale"],
+                               1 / 0.07, rtol=1e-5)
     # bidirectional + CLS pooling: a token after position 0 changes the embedding, padding
     # (masked keys) does not
     texts = _texts()
