@@ -50,4 +50,5 @@ def get_config(variant: str = "default"):
         c.data.shapes_split_sizes.test = 64
         c.data.shapes_split_sizes.zero_shot = 64
         c.task.retrieval_examples = 64
+        c.task.linear_probe_examples = 128
     return c
