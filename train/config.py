@@ -27,7 +27,7 @@ from train import data as data_lib
 from train import families
 from train import optim, sharding
 
-TASKS = ("lm", "mlm", "seq2seq", "classify", "contrastive")
+TASKS = ("lm", "mlm", "seq2seq", "classify", "contrastive", "forecast")
 
 
 def task_config(name: str) -> ml_collections.ConfigDict:
@@ -50,6 +50,8 @@ def task_config(name: str) -> ml_collections.ConfigDict:
         t.length_penalty = 0.6       # GNMT alpha
     elif name == "classify":
         t.input_key = "image"      # batch key fed to the model ("image" | "tokens")
+    elif name == "forecast":
+        pass                       # MSE training; baselines are computed, not configured
     elif name == "contrastive":
         t.loss = "infonce"         # "infonce" (CLIP, ALIGN) | "siglip"
         t.retrieval_examples = 1000  # test examples for recall@k (0 = the whole split)

@@ -92,3 +92,13 @@ def test_tiny_configs_train_end_to_end(tmp_path, config_module):
         assert (tmp_path / "similarity_heatmap.png").stat().st_size > 10_000
     text = format_summary({**summary, "sample": "abc"})
     assert "validation/loss" in text and text.endswith("sample:\nabc")
+
+
+def test_forecast_baselines_equal_hand_computations():
+    from train.tasks.forecast import naive_forecast, seasonal_naive_forecast
+    x = jnp.arange(2 * 7 * 1, dtype=jnp.float32).reshape(2, 7, 1)  # series 0..6, 7..13
+    np.testing.assert_array_equal(naive_forecast(x, 3)[:, :, 0], [[6, 6, 6], [13, 13, 13]])
+    # season 3: the last 3 observed values (4, 5, 6) repeat: 4 5 6 4 5
+    np.testing.assert_array_equal(seasonal_naive_forecast(x, 5, 3)[0, :, 0], [4, 5, 6, 4, 5])
+    with pytest.raises(ValueError, match="lookback >= season"):
+        seasonal_naive_forecast(x, 2, 8)

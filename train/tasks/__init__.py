@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from train.tasks.classify import ClassificationTask
 from train.tasks.contrastive import ContrastiveTask
+from train.tasks.forecast import ForecastTask
 from train.tasks.lm import LanguageModelTask
 from train.tasks.mlm import MaskedLanguageModelTask
 from train.tasks.seq2seq import Seq2SeqTask
 
 TASKS = {"lm": LanguageModelTask, "mlm": MaskedLanguageModelTask, "seq2seq": Seq2SeqTask,
-         "classify": ClassificationTask, "contrastive": ContrastiveTask}
+         "classify": ClassificationTask, "contrastive": ContrastiveTask,
+         "forecast": ForecastTask}
 
 
 def make_task(config, model, datasets):
