@@ -1,0 +1,249 @@
+"""PatchTST (Nie et al. 2023, "A Time Series is Worth 64 Words"), supervised forecasting.
+
+  inputs [B, L, C] -> RevIN: per (example, channel) (x - mean) / std over time  (float32)
+        -> channel independence: [B*C, L], every channel a univariate series, one shared model
+        -> patches [B*C, N, P]: length-P windows every S steps           N = (L - P) // S + 1
+           (pad_end, the paper's default: the last value repeated S times first, N + 1)
+        -> x_p W_p + W_pos  [B*C, N, D]        linear patch embedding + learned positions
+        -> TransformerStack (bidirectional)   models.transformer, no mask (no padding tokens)
+        -> flatten [B*C, D*N] -> Linear -> [B*C, H] -> [B, H, C] -> RevIN inverse (float32)
+
+channel_independence=False is channel mixing, the paper's ablation baseline (a token embeds
+all channels, as in the usual multivariate Transformer input); here a token is the C patches
+of one time span, [C*P] -> D, and the head predicts all H*C values at once.
+
+Where this follows the paper rather than the study notes (004):
+  * The notes describe patches as the series "grouped by stride period"; the paper's
+    patches are length P taken every S steps, overlapping when S < P (P=16, S=8 in the
+    supervised setting), and the end padding gives one more patch.
+  * The notes credit the memory/compute saving to channel-independent attention. In the
+    paper it comes from the token count, L -> N ~ L/S, attention cost falling by ~S^2;
+    channel independence by itself multiplies the batch by C.
+  * "Variables influence each other through one shared model" (notes) holds only through
+    training: at inference no value crosses channels (tests/models/test_patchtst.py).
+  * The notes do not mention instance normalization; the paper uses RevIN (Kim et al. 2022).
+  * The notes (TST) credit batch norm for outliers and PatchTST's reference code uses
+    BatchNorm1d over D. The shared TransformerStack only has layernorm | rmsnorm
+    (models.layers.normalization.make_norm, which takes no train flag and has no
+    `batch_stats`), so the default is LayerNorm; "batchnorm" is rejected with that reason.
+  * The reference code adds residual attention scores across layers (RealFormer,
+    res_attention=True); the paper does not describe it and it is not done here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from models import transformer, variants
+from models.layers import initializers
+
+DTYPES = ("float32", "bfloat16", "float16")
+NORMS = ("layernorm", "rmsnorm")   # what TransformerStack supports (see module docstring)
+
+
+def num_patches(lookback: int, patch_len: int, stride: int, pad_end: bool) -> int:
+    """N = floor((L - P) / S) + 1, plus one when the end is padded with S copies."""
+    return (lookback - patch_len) // stride + 1 + int(pad_end)
+
+
+def patchify(x: jax.Array, patch_len: int, stride: int, pad_end: bool = False) -> jax.Array:
+    """x [..., L] -> patches [..., N, P], patch n = x[..., n*S : n*S + P].
+
+    pad_end repeats the last value S times first (ReplicationPad1d((0, S)) in the reference
+    code), so the final time steps, which a stride not dividing L - P would drop, get a patch.
+    """
+    if pad_end:
+        x = jnp.concatenate([x, jnp.repeat(x[..., -1:], stride, axis=-1)], axis=-1)
+    n = (x.shape[-1] - patch_len) // stride + 1
+    index = stride * jnp.arange(n)[:, None] + jnp.arange(patch_len)[None, :]   # [N, P]
+    return x[..., index]
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchTSTConfig:
+    """PatchTST hyper-parameters (defaults: the "tiny" test model)."""
+    lookback: int = 32                      # L, look-back window (data field)
+    horizon: int = 8                        # H, forecast steps (data field)
+    channels: int = 1                       # C, variables (data field)
+    patch_len: int = 8                      # P
+    stride: int = 4                         # S
+    pad_end: bool = True                    # repeat the last value S times: N + 1 patches
+    d_model: int = 32                       # D
+    num_heads: int = 2
+    num_layers: int = 2
+    mlp_dim: int = 64                       # F, feed-forward width
+    dropout: float = 0.0                    # embeddings, sublayer outputs, MLP hidden
+    attention_dropout: float = 0.0
+    head_dropout: float = 0.0               # on the flattened features before the head
+    activation: str = "gelu"
+    norm: str = "layernorm"                 # "layernorm" | "rmsnorm" (paper: batch norm)
+    norm_position: str = "post"             # the reference code's default (pre_norm=False)
+    norm_epsilon: float = 1e-5
+    revin: bool = True                      # instance normalization in, its inverse out
+    revin_affine: bool = False              # learnable per-channel scale/shift (ref.: off)
+    revin_eps: float = 1e-5
+    channel_independence: bool = True       # False: the channel-mixing ablation
+    kernel_init: str = "xavier_uniform"     # encoder, embedding and head kernels
+    init_stddev: float = 0.02               # for kernel_init "normal"/"truncated_normal"
+    attention_impl: str = "reference"       # "reference" | "fused"
+    dtype: str = "float32"                  # compute dtype (RevIN and output: float32)
+    param_dtype: str = "float32"
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    dot_general: Callable = lax.dot_general  # every matmul (embedding and head included)
+
+    def __post_init__(self):
+        for key in ("lookback", "horizon", "channels", "patch_len", "stride", "d_model",
+                    "num_heads", "num_layers", "mlp_dim"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"model.{key} must be positive, got {getattr(self, key)}")
+        if self.patch_len > self.lookback:
+            raise ValueError(f"model.patch_len ({self.patch_len}) must be <= model.lookback "
+                             f"({self.lookback}): no patch fits in the look-back window")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by "
+                             f"model.num_heads ({self.num_heads})")
+        for key in ("dropout", "attention_dropout", "head_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"model.{key} must be in [0, 1), got {getattr(self, key)}")
+        if self.norm == "batchnorm":
+            raise ValueError("model.norm='batchnorm' (the paper's) is not supported: the "
+                             "shared TransformerStack's norms are " + ", ".join(NORMS))
+        for key, allowed in (("norm", NORMS), ("dtype", DTYPES), ("param_dtype", DTYPES)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"model.{key}={getattr(self, key)!r} is not allowed; "
+                                 f"allowed: {', '.join(allowed)}")
+        if self.revin_eps <= 0:
+            raise ValueError(f"model.revin_eps must be positive, got {self.revin_eps}")
+        self.transformer_config  # noqa: B018 -- validates the remaining (shared) fields
+
+    def replace(self, **changes) -> "PatchTSTConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def num_patches(self) -> int:
+        return num_patches(self.lookback, self.patch_len, self.stride, self.pad_end)
+
+    @property
+    def transformer_config(self) -> transformer.TransformerConfig:
+        """The encoder's config: bidirectional blocks, no token/position tables (vocab_size
+        is unused; position="none" because PatchTST adds its own learned W_pos)."""
+        return transformer.TransformerConfig(
+            vocab_size=1, num_layers=self.num_layers, num_heads=self.num_heads,
+            d_model=self.d_model, mlp_dim=self.mlp_dim, max_length=self.num_patches,
+            dropout_rate=self.dropout, attention_dropout_rate=self.attention_dropout,
+            activation=self.activation, norm=self.norm, norm_position=self.norm_position,
+            norm_epsilon=self.norm_epsilon, position="none", use_bias=True,
+            kernel_init=self.kernel_init, init_stddev=self.init_stddev,
+            attention_impl=self.attention_impl, dtype=self.dtype,
+            param_dtype=self.param_dtype, scan_layers=self.scan_layers,
+            remat_policy=self.remat_policy, dot_general=self.dot_general)
+
+
+# "paper": the supervised PatchTST/42 (L=336, N=42) of Section 4.1 / Appendix A.1.4, used
+# for the large data sets; "paper_small" is its reduced size for ILI, ETTh1, ETTh2.
+# lookback, horizon and channels are data fields: a run takes them from the dataset.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "tiny": dict(lookback=32, horizon=8, patch_len=8, stride=4, d_model=32, num_heads=2,
+                 num_layers=2, mlp_dim=64),
+    "paper": dict(lookback=336, horizon=96, patch_len=16, stride=8, d_model=128,
+                  num_heads=16, num_layers=3, mlp_dim=256, dropout=0.2, head_dropout=0.0),
+    "paper_small": dict(lookback=336, horizon=96, patch_len=16, stride=8, d_model=16,
+                        num_heads=4, num_layers=3, mlp_dim=128, dropout=0.3,
+                        head_dropout=0.0),
+}
+
+
+def make_config(variant: str, **overrides) -> PatchTSTConfig:
+    """The named variant's config with `overrides` applied (unknown names raise)."""
+    return variants.from_variant(PatchTSTConfig, VARIANTS, variant, overrides, "patchtst")
+
+
+def _stats(x: jax.Array, eps: float):
+    """Per-(example, channel) mean and std over time of x [B, L, C] -> [B, 1, C] each.
+
+    Biased variance, eps inside the sqrt, and no gradient through the statistics: as the
+    reference RevIN (they describe the input, they are not something to learn through).
+    """
+    mean = jnp.mean(x, axis=1, keepdims=True)
+    std = jnp.sqrt(jnp.var(x, axis=1, keepdims=True) + eps)
+    return lax.stop_gradient(mean), lax.stop_gradient(std)
+
+
+def _uniform_init(limit: float) -> Callable:
+    """U(-limit, limit) (flax's nn.initializers.uniform is U(0, scale))."""
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -limit, limit)
+
+
+class PatchTST(nn.Module):
+    """inputs [B, lookback, channels] -> forecasts [B, horizon, channels] float32.
+
+    Params: revin_weight/revin_bias [C] (revin_affine), embedding/{kernel [P, D] (or
+    [C*P, D] mixing), bias [D]}, pos_embedding [N, D], encoder/... (TransformerStack),
+    head/{kernel [D*N, H] (or [D*N, H*C] mixing), bias}. Sown into `intermediates`:
+    "encoded" [B*C, N, D] (or [B, N, D] when mixing).
+    """
+    cfg: PatchTSTConfig
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array, *, train: bool = False) -> jax.Array:
+        cfg = self.cfg
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        want = (cfg.lookback, cfg.channels)
+        if inputs.ndim != 3 or tuple(inputs.shape[1:]) != want:
+            # The position table and the head are sized by N, i.e. by the lookback.
+            raise ValueError(f"inputs must be [batch, {want[0]}, {want[1]}] (model.lookback, "
+                             f"model.channels), got {inputs.shape}")
+        b, c, n = inputs.shape[0], cfg.channels, cfg.num_patches
+        x = inputs.astype(jnp.float32)       # statistics in float32 whatever the compute dtype
+        if cfg.revin:
+            mean, std = _stats(x, cfg.revin_eps)
+            x = (x - mean) / std
+            if cfg.revin_affine:
+                w = self.param("revin_weight", nn.initializers.ones, (c,), pdtype)
+                bias = self.param("revin_bias", nn.initializers.zeros, (c,), pdtype)
+                x = x * w.astype(jnp.float32) + bias.astype(jnp.float32)
+
+        patches = patchify(x.transpose(0, 2, 1), cfg.patch_len, cfg.stride,
+                           cfg.pad_end)                                  # [B, C, N, P]
+        if cfg.channel_independence:
+            tokens = patches.reshape(b * c, n, cfg.patch_len)            # a batch of series
+        else:
+            tokens = patches.transpose(0, 2, 1, 3).reshape(b, n, c * cfg.patch_len)
+        dense = lambda feat, name: nn.Dense(  # noqa: E731
+            feat, dtype=dtype, param_dtype=pdtype, dot_general=cfg.dot_general, name=name,
+            kernel_init=initializers.get(cfg.kernel_init, cfg.init_stddev))
+        h = dense(cfg.d_model, "embedding")(tokens.astype(dtype))       # x_p W_p, [., N, D]
+        # W_pos ~ U(-0.02, 0.02): the reference code's learned ("zeros", learn_pe) table.
+        pos = self.param("pos_embedding", _uniform_init(0.02), (n, cfg.d_model), pdtype)
+        h = h + pos.astype(dtype)
+        h = nn.Dropout(cfg.dropout)(h, deterministic=not train)
+        # No padding tokens, so no mask; bidirectional (causal=False).
+        h = transformer.TransformerStack(cfg.transformer_config, cfg.num_layers,
+                                         name="encoder")(h, deterministic=not train)
+        self.sow("intermediates", "encoded", h)
+
+        # Flatten head. Features are flattened D-major ([D, N] -> D*N) like the reference
+        # Flatten_Head (it flattens z [.., D, N]), so its head weights load without a shuffle.
+        h = h.transpose(0, 2, 1).reshape(h.shape[0], cfg.d_model * n)
+        h = nn.Dropout(cfg.head_dropout)(h, deterministic=not train)
+        if cfg.channel_independence:
+            y = dense(cfg.horizon, "head")(h).astype(jnp.float32)       # [B*C, H]
+            y = y.reshape(b, c, cfg.horizon).transpose(0, 2, 1)          # [B, H, C]
+        else:
+            y = dense(cfg.horizon * c, "head")(h).astype(jnp.float32)
+            y = y.reshape(b, cfg.horizon, c)
+
+        if cfg.revin:
+            if cfg.revin_affine:
+                # eps^2 keeps the division finite if a weight reaches 0 (reference RevIN).
+                y = (y - bias.astype(jnp.float32)) / (w.astype(jnp.float32)
+                                                      + cfg.revin_eps ** 2)
+            y = y * std + mean
+        return y
