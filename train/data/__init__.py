@@ -16,6 +16,12 @@ Sources (``data_cfg.source``):
                       -> {"image", "mask", "caption", "label", ...}; splits add "zero_shot"
   "tfds_images"       a TFDS image split (mnist, cifar10, coco_captions, ...)
                       -> {"image", ["label"], ["caption"]}
+  "synthetic_series"  generated multivariate series (trend + daily/weekly seasons + noise)
+                      -> forecasting windows {"inputs", "targets", "start"}
+  "real_series"       a real series shipped with matplotlib (Google daily OHLCV, logs)
+                      -> the same forecasting windows
+  "text_classification"  which standard-library module a window of source comes from
+                      -> {"tokens", "label"}
 """
 from __future__ import annotations
 
@@ -24,10 +30,12 @@ from numbers import Integral, Real
 
 import ml_collections
 
-from train.data import seq2seq, shapes, text
+from train.data import seq2seq, shapes, text, text_classification, timeseries
 from train.data.tokenizers import BOS, EOS, MASK, PAD, VOCAB_SIZE, ByteTokenizer
 
-SOURCES = ("stdlib_text", "numbers_to_words", "tfds", "shapes", "tfds_images")
+SOURCES = ("stdlib_text", "numbers_to_words", "tfds", "shapes", "tfds_images",
+           "synthetic_series", "real_series", "text_classification")
+SERIES_SOURCES = ("synthetic_series", "real_series")
 SPLITS = ("train", "validation", "test")   # what the trainer builds
 SHAPES_SPLITS = shapes.SPLITS              # SPLITS + "zero_shot" (held-out classes only)
 
@@ -76,6 +84,23 @@ def default_config() -> ml_collections.ConfigDict:
     # "" = none; "a/b" = nested, e.g. caption_key="captions/text" for coco_captions.
     c.image_key = "image"
     c.caption_key = ""
+    # Series (synthetic_series, real_series): windows of `lookback` input steps and
+    # `horizon` target steps; splits are chronological by target time.
+    c.lookback = 96
+    c.horizon = 24
+    c.series_split_fractions = ml_collections.ConfigDict(
+        dict(zip(SPLITS, timeseries.DEFAULT_FRACTIONS)))
+    c.series_eval_stride = 1       # eval every k-th window (1 = all; horizon = no overlap)
+    c.series_length = timeseries.DEFAULT_LENGTH      # synthetic_series: steps N
+    c.series_channels = timeseries.DEFAULT_CHANNELS  # synthetic_series: channels C
+    c.series_data_seed = 0         # synthetic_series: changes the series, not the run seed
+    c.real_series = "goog"         # real_series: one of timeseries.REAL_SERIES
+    # text_classification: one class per stdlib file (K = len), the first text_class_bytes
+    # bytes of each, split by position; windows are BOS + seq_len - 1 bytes.
+    c.text_classes = text_classification.DEFAULT_CLASSES
+    c.text_class_bytes = text_classification.DEFAULT_CLASS_BYTES
+    c.text_split_fractions = ml_collections.ConfigDict(
+        dict(zip(SPLITS, text_classification.DEFAULT_FRACTIONS)))
     return c
 
 
@@ -127,6 +152,10 @@ def validate(data_cfg: ml_collections.ConfigDict) -> None:
                   f"target for max_number={c.max_number} plus EOS)")
     elif c.source == "shapes":
         _validate_shapes(c)
+    elif c.source in SERIES_SOURCES:
+        _validate_series(c)
+    elif c.source == "text_classification":
+        _validate_text_classification(c)
     elif c.source == "tfds_images":
         _check_int(c, "image_size", 0)
         _check_tfds(c, ("tfds_name", "image_key"))
@@ -150,6 +179,67 @@ def _check_tfds(c, nonempty: tuple[str, ...]) -> None:
         if not isinstance(c.tfds_splits.get(split), str):
             _fail(f"tfds_splits.{split}", c.tfds_splits.get(split),
                   "expected a TFDS split string such as 'train' or 'train[:5%]'")
+
+
+def _split_fractions(c, key: str) -> tuple[float, float, float]:
+    """(train, validation, test) of the ConfigDict ``c[key]``, checked like the flat keys;
+    every split needs a positive share (each is a separate evaluation set)."""
+    values = []
+    for split in SPLITS:
+        v = c[key].get(split)
+        if not isinstance(v, Real) or isinstance(v, bool) or not 0.0 < v <= 1.0:
+            _fail(f"{key}.{split}", v, "expected a number in (0, 1]")
+        values.append(float(v))
+    if not math.isclose(sum(values), 1.0, abs_tol=1e-6):
+        _fail(key, c[key].to_dict(), f"the fractions must sum to 1, got {sum(values)}")
+    return tuple(values)
+
+
+def _validate_series(c) -> None:
+    for key in ("lookback", "horizon", "series_eval_stride"):
+        _check_int(c, key, 1)
+    fractions = _split_fractions(c, "series_split_fractions")
+    if c.source == "synthetic_series":
+        _check_int(c, "series_length", 2)
+        _check_int(c, "series_channels", 1)
+        _check_int(c, "series_data_seed", 0)
+        length = c.series_length
+    else:
+        if c.real_series not in timeseries.REAL_SERIES:
+            _fail("real_series", c.real_series, f"expected one of {timeseries.REAL_SERIES}")
+        length = timeseries.REAL_SERIES_LENGTHS[c.real_series]
+    for split, (start, end) in timeseries.split_bounds(length, fractions).items():
+        # Same rule as ForecastDataset: first target row t in [max(start, L), end - H].
+        if end - c.horizon < max(start, c.lookback):
+            key = "horizon" if end - start < c.horizon else "lookback"
+            _fail(key, c[key], f"the {split} split of the {length}-step series (rows "
+                  f"{start}..{end}) holds no window of lookback={c.lookback} + "
+                  f"horizon={c.horizon}")
+
+
+def _validate_text_classification(c) -> None:
+    _check_int(c, "seq_len", 2)
+    _check_int(c, "text_class_bytes", 1)
+    classes = c.text_classes
+    if isinstance(classes, str) or not all(isinstance(p, str) and p for p in classes):
+        _fail("text_classes", classes, "expected a tuple of stdlib-relative file paths "
+              "such as 'argparse.py'")
+    if len(classes) < 2 or len(set(classes)) != len(classes):
+        _fail("text_classes", classes, "expected at least 2 distinct files")
+    for path, size in text_classification.file_sizes(classes).items():
+        if size < 0:
+            _fail("text_classes", classes, f"{path!r} is not a file under "
+                  f"{text.stdlib_dir()}")
+        if size < c.text_class_bytes:
+            _fail("text_class_bytes", c.text_class_bytes,
+                  f"expected <= {size}: {path!r} has {size} bytes on this Python")
+    fractions = _split_fractions(c, "text_split_fractions")
+    for split, (start, end) in text_classification.split_segments(
+            c.text_class_bytes, fractions).items():
+        # A window with a random offset (< W = seq_len - 1) needs 2 W - 1 bytes.
+        if text_classification.windows_per_class(end - start, c.seq_len - 1, True) < 1:
+            _fail("seq_len", c.seq_len, f"expected <= {(end - start + 1) // 2 + 1}: the "
+                  f"{split} segment of each class has {end - start} bytes")
 
 
 def _validate_shapes(c) -> None:
@@ -184,8 +274,9 @@ def make_dataset(data_cfg: ml_collections.ConfigDict, split: str, seed: int):
     ``data_cfg.source``.
 
     Returns an ``LMDataset``, ``Seq2SeqDataset``, ``ClassificationDataset``,
-    ``ShapesDataset`` or ``ImageDataset``; ``batch_size`` comes from
-    ``data_cfg.batch_size`` (evaluation passes its own).
+    ``ShapesDataset``, ``ImageDataset``, ``ForecastDataset`` or
+    ``TextClassificationDataset``; ``batch_size`` comes from ``data_cfg.batch_size``
+    (evaluation passes its own).
     """
     validate(data_cfg)
     c = data_cfg
@@ -208,6 +299,18 @@ def make_dataset(data_cfg: ml_collections.ConfigDict, split: str, seed: int):
             label_key=c.label_key, caption_key=c.caption_key, image_size=c.image_size,
             max_caption_len=c.max_caption_len, data_dir=c.data_dir,
             max_eval_examples=c.max_eval_examples)
+    if c.source in SERIES_SOURCES:
+        return timeseries.series_dataset(
+            c.source, split, c.batch_size, seed, lookback=c.lookback, horizon=c.horizon,
+            fractions=tuple(c.series_split_fractions[s] for s in SPLITS),
+            eval_stride=c.series_eval_stride, length=c.series_length,
+            channels=c.series_channels, data_seed=c.series_data_seed,
+            real_name=c.real_series)
+    if c.source == "text_classification":
+        return text_classification.TextClassificationDataset(
+            split, c.seq_len, c.batch_size, seed, classes=tuple(c.text_classes),
+            class_bytes=c.text_class_bytes,
+            fractions=tuple(c.text_split_fractions[s] for s in SPLITS))
     if c.source == "stdlib_text":
         tokens = text.corpus_splits(c.max_bytes, c.train_fraction, c.validation_fraction,
                                     c.test_fraction)[split]
@@ -229,5 +332,5 @@ def make_dataset(data_cfg: ml_collections.ConfigDict, split: str, seed: int):
                                        max_bytes=c.max_bytes)
 
 
-__all__ = ["BOS", "EOS", "MASK", "PAD", "SHAPES_SPLITS", "SOURCES", "SPLITS", "VOCAB_SIZE",
-           "ByteTokenizer", "default_config", "make_dataset", "validate"]
+__all__ = ["BOS", "EOS", "MASK", "PAD", "SERIES_SOURCES", "SHAPES_SPLITS", "SOURCES", "SPLITS",
+           "VOCAB_SIZE", "ByteTokenizer", "default_config", "make_dataset", "validate"]

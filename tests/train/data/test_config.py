@@ -25,7 +25,16 @@ def test_default_config_keys_and_values():
         "exclude_heldout_from_train": True,
         "shapes_split_sizes": {"train": 50_000, "validation": 2_000, "test": 2_000,
                                "zero_shot": 2_000},
-        "image_key": "image", "caption_key": ""}
+        "image_key": "image", "caption_key": "",
+        "lookback": 96, "horizon": 24,
+        "series_split_fractions": {"train": 0.7, "validation": 0.1, "test": 0.2},
+        "series_eval_stride": 1, "series_length": 20_000, "series_channels": 5,
+        "series_data_seed": 0, "real_series": "goog",
+        "text_classes": ("argparse.py", "asyncio/base_events.py", "difflib.py", "doctest.py",
+                         "inspect.py", "ipaddress.py", "logging/__init__.py", "mailbox.py",
+                         "optparse.py", "pydoc.py", "subprocess.py", "tarfile.py"),
+        "text_class_bytes": 56_000,
+        "text_split_fractions": {"train": 0.7, "validation": 0.1, "test": 0.2}}
     for source in data.SOURCES:
         c.source = source
         data.validate(c)
