@@ -7,10 +7,12 @@
 Variants:
   default  the generated series (5 channels: trend + daily and weekly seasons + AR noise),
            look-back 96, horizon 24, patches of 8 with stride 4, channel independence,
-           RevIN. Must beat the naive and seasonal-naive baselines on test MSE (README
-           "Results" has the measured numbers).
+           RevIN. Measured on 2 CPU cores (1000 steps, under a minute): test MSE 0.129
+           vs naive 1.651 and seasonal-naive 0.255 (normalized units).
   goog     Google's daily prices shipped with matplotlib (log open/high/low/close/volume),
-           look-back 60, horizon 5; season 5 (a trading week).
+           look-back 60, horizon 5; season 5 (a trading week). Measured: test MSE 0.122
+           vs naive 0.135 and seasonal-naive 0.178 (MAE 0.226 is worse than naive's 0.185:
+           the test period is the 2008 crash, where "no change" is hard to beat).
   tiny     a seconds-long smoke run (tests).
 """
 from train.config import base_config, shrink_for_smoke_test
