@@ -16,7 +16,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import ml_collections
 
-from models import clip, cnn, patchtst, transformer, vit
+from models import clip, cnn, patchtst, rnn, transformer, vit
 
 # Fields that are code, not configuration (hooks injected by the compression transforms).
 CODE_FIELDS = ("dot_general", "conv_general_dilated")
@@ -52,6 +52,12 @@ FAMILIES: dict[str, Family] = {
         config_cls=cnn.EfficientNetConfig, make_config=cnn.make_efficientnet_config,
         variants=tuple(cnn.EFFICIENTNET_VARIANTS), builders={"classify": cnn.EfficientNet},
         data_fields=("num_classes",)),
+    "rnn": Family(
+        config_cls=rnn.RNNConfig, make_config=rnn.make_config,
+        variants=tuple(rnn.VARIANTS),
+        builders={"classify": rnn.SequenceClassifier, "seq2seq": rnn.Seq2SeqRNN,
+                  "forecast": rnn.LSTMForecaster},
+        data_fields=("vocab_size", "num_classes", "channels", "horizon")),
     "patchtst": Family(
         config_cls=patchtst.PatchTSTConfig, make_config=patchtst.make_config,
         variants=tuple(patchtst.VARIANTS), builders={"forecast": patchtst.PatchTST},

@@ -283,8 +283,10 @@ def _merge(outs, cfg: RecurrentConfig):
 
 
 def _between_layers(y, layer_input, i, cfg, mask, dropout_rng):
-    """Residual (GNMT, layers i >= 1: their input has the output's width), padding back to
-    zero, and dropout on what feeds the next layer (Zaremba et al. 2014: not recurrent)."""
+    """Residual x_{i+1} = RNN_i(x_i) + x_i (Wu et al. 2016, GNMT) on every layer i >= 1,
+    whose input has the output's width (GNMT starts at the third layer of its 8), padding
+    back to zero, and dropout on what feeds the next layer (Zaremba et al. 2014: not on the
+    recurrent connections)."""
     if cfg.residual and i >= 1:
         y = y + layer_input
     if mask is not None:

@@ -17,7 +17,7 @@ from models import rnn
 
 _OPTS = {"xla_backend_optimization_level": 0}   # CPU compile time dominates these tests
 _jit = functools.partial(jax.jit, compiler_options=_OPTS)
-V, BOS, EOS_NONE = 13, 1, -1
+V, BOS = 13, 1
 INPUTS = jnp.asarray([[5, 6, 7, 8, 2, 0], [9, 3, 2, 0, 0, 0], [4, 4, 10, 11, 12, 2]])
 
 

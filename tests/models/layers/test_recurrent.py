@@ -306,9 +306,9 @@ def test_cudnn_falls_back_to_scan_without_a_gpu():
     assert "only the LSTM" in R.cudnn_unsupported_reason(auto.replace(cell="gru"))
     assert "float32" in R.cudnn_unsupported_reason(auto.replace(dtype="bfloat16"))
     m = R.Recurrent(auto.replace(implementation="cudnn"))
-    v = m.init(jax.random.key(0), jnp.asarray(X))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        v = m.init(jax.random.key(0), jnp.asarray(X))
         y, _ = m.apply(v, jnp.asarray(X), lengths=jnp.asarray(LENGTHS))
     assert any("falls back to the scan" in str(w.message) for w in caught)
     y_scan, _ = R.Recurrent(auto.replace(implementation="scan")).apply(

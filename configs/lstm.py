@@ -1,0 +1,105 @@
+"""LSTM / GRU models: seq2seq with attention, sequence classification, forecasting.
+
+    python -m train.main --config=configs/lstm.py --workdir=runs/lstm_seq2seq
+    python -m train.main --config=configs/lstm.py:luong --workdir=runs/lstm_luong
+    python -m train.main --config=configs/lstm.py:classify --workdir=runs/lstm_classify
+    python -m train.main --config=configs/lstm.py:forecast --workdir=runs/lstm_forecast
+    python -m train.main --config=configs/lstm.py:imdb --workdir=runs/lstm_imdb   # needs TFDS
+
+Variants:
+  default   bidirectional LSTM encoder + LSTM decoder with Bahdanau (additive) attention on
+            numbers -> words, the same task and metrics (BLEU, exact match, greedy and beam)
+            as configs/transformer.py. README "Results" has the measured numbers.
+  luong     the same with Luong "general" attention.
+  classify  embedding -> bi-LSTM -> attention pooling -> classifier on the embedded text
+            task: which of 12 standard-library modules a 256-byte window comes from.
+  imdb      the same classifier on TFDS imdb_reviews (prepared as ArrayRecord by TFDS).
+  forecast  LSTM forecaster with instance normalization on the generated series (the
+            same data and baselines as configs/patchtst.py).
+  tiny, tiny_classify, tiny_forecast   seconds-long smoke runs (tests).
+"""
+from train.config import base_config, shrink_for_smoke_test
+
+VARIANTS = ("default", "luong", "classify", "imdb", "forecast", "tiny", "tiny_classify",
+            "tiny_forecast")
+
+
+def _seq2seq(attention: str):
+    c = base_config("seq2seq", "tiny", family="rnn", embed_dim=64, hidden=128,
+                    bidirectional=True, attention=attention)
+    c.data.source = "numbers_to_words"
+    c.data.batch_size = 64
+    c.data.max_eval_examples = 1000
+    c.task.decode_max_examples = 500
+    c.optim.learning_rate = 2e-3
+    c.optim.grad_clip_norm = 1.0
+    c.optim.schedule.name = "warmup_cosine"
+    c.optim.schedule.warmup_steps = 100
+    c.train.num_steps = 2000
+    c.train.eval_every = 500
+    c.checkpoint.every = 500
+    return c
+
+
+def _classify(source: str):
+    c = base_config("classify", "tiny", family="rnn", embed_dim=64, hidden=128,
+                    bidirectional=True, pooling="attention", dropout=0.3)
+    c.task.input_key = "tokens"
+    c.data.source = source
+    c.data.batch_size = 32
+    c.optim.learning_rate = 2e-3
+    c.optim.weight_decay = 0.01
+    c.optim.grad_clip_norm = 1.0
+    c.optim.schedule.name = "warmup_cosine"
+    c.optim.schedule.warmup_steps = 100
+    c.train.num_steps = 1500
+    c.train.eval_every = 250
+    c.checkpoint.every = 250
+    c.checkpoint.best_metric, c.checkpoint.best_mode = "validation/accuracy", "max"
+    c.train.early_stopping.update(metric="validation/accuracy", mode="max", patience=3)
+    if source == "tfds":
+        c.data.tfds_name = "imdb_reviews"
+        c.data.label_key = "label"
+        c.data.tfds_splits.validation = "test[:50%]"
+        c.data.tfds_splits.test = "test[50%:]"
+        c.data.max_eval_examples = 2000
+    return c
+
+
+def _forecast():
+    c = base_config("forecast", "tiny", family="rnn", hidden=64, num_layers=1)
+    c.data.source = "synthetic_series"
+    c.data.batch_size = 64
+    c.data.eval_batch_size = 256
+    c.optim.learning_rate = 2e-3
+    c.optim.grad_clip_norm = 1.0
+    c.optim.schedule.name = "warmup_cosine"
+    c.optim.schedule.warmup_steps = 50
+    c.train.num_steps = 1000
+    c.train.eval_every = 250
+    c.checkpoint.every = 250
+    return c
+
+
+def get_config(variant: str = "default"):
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown lstm variant {variant!r}; allowed: {', '.join(VARIANTS)}")
+    if variant in ("default", "luong", "tiny"):
+        c = _seq2seq("luong_general" if variant == "luong" else "bahdanau")
+    elif variant in ("classify", "imdb", "tiny_classify"):
+        c = _classify("tfds" if variant == "imdb" else "text_classification")
+    else:
+        c = _forecast()
+    if variant.startswith("tiny"):
+        shrink_for_smoke_test(c, num_steps=4, batch_size=8, eval_batch_size=16, log_every=2,
+                              eval_every=2)
+        c.data.max_eval_examples = 32
+        if variant == "tiny":
+            c.task.decode_max_examples = 16
+            c.task.beam_size = 2
+        if variant == "tiny_forecast":
+            c.data.series_length = 2000
+            c.data.lookback, c.data.horizon = 48, 12
+        if variant == "tiny_classify":
+            c.data.seq_len = 64
+    return c
