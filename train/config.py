@@ -27,7 +27,14 @@ from train import data as data_lib
 from train import families
 from train import optim, sharding
 
-TASKS = ("lm", "mlm", "seq2seq", "classify", "contrastive", "forecast")
+TASKS = (
+    "lm",
+    "mlm",
+    "seq2seq",
+    "classify",
+    "contrastive",
+    "forecast",
+)
 
 
 def task_config(name: str) -> ml_collections.ConfigDict:

@@ -96,9 +96,12 @@ def make_train_step(task, tx, train_key, optim_cfg):
         step = state["step"]
         rng = jax.random.fold_in(train_key, step)
 
+        # Tasks whose objective depends on the step (e.g. a KL warm-up) ask for it.
+        step_kwargs = {"step": step} if getattr(task, "needs_step", False) else {}
+
         def loss_of(params):
             loss, (metrics, model_state) = task.loss_fn(params, state["model_state"], batch,
-                                                        rng, True)
+                                                        rng, True, **step_kwargs)
             if o.l1 or o.l2:
                 loss = loss + optim.regularization_penalty(params, o.l1, o.l2,
                                                            o.weight_decay_exclude)
@@ -144,7 +147,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
     # ---- Model and task -----------------------------------------------------------------
     model, model_cfg = families.build(config.model, config.task.name, **train_ds.data_info())
     task = make_task(config, model, datasets)
-    tx = optim.make_optimizer(config.optim, num_steps)
+    # A task with several parameter groups updated in phases (a GAN) brings its own
+    # optimizer and train step; every other task uses the generic ones below.
+    make_tx = getattr(task, "make_optimizer", optim.make_optimizer)
+    tx = make_tx(config.optim, num_steps)
 
     # ---- State --------------------------------------------------------------------------
     init_key, train_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
@@ -163,7 +169,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
 
     # ---- Steps --------------------------------------------------------------------------
     o = config.optim
-    train_step = make_train_step(task, tx, train_key, o)
+    train_step = (task.make_train_step(tx, train_key, o) if hasattr(task, "make_train_step")
+                  else make_train_step(task, tx, train_key, o))
 
     def eval_step(params, model_state, batch, rng):
         _, (metrics, _) = task.loss_fn(params, model_state, batch, rng, False)

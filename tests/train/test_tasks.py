@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import bert, clip, resnet, vit
+from configs import bert, clip, lstm, patchtst, resnet, vit
 from configs import transformer as transformer_configs
 from train import trainer
 from train.data.tokenizers import BOS, MASK, NUM_SPECIAL, PAD
@@ -70,18 +70,24 @@ def test_shift_right_and_bleu():
     assert 0 < partial["bleu"] < 100 and partial["exact_match"] == pytest.approx(1 / 3)
 
 
-@pytest.mark.parametrize("config_module", [bert, transformer_configs, vit, resnet, clip])
-def test_tiny_configs_train_end_to_end(tmp_path, config_module):
-    c = config_module.get_config("tiny")
+@pytest.mark.parametrize("config_module,variant", [
+    (bert, "tiny"), (transformer_configs, "tiny"), (vit, "tiny"), (resnet, "tiny"),
+    (clip, "tiny"), (lstm, "tiny"), (lstm, "tiny_classify"), (lstm, "tiny_forecast"),
+    (patchtst, "tiny")])
+def test_tiny_configs_train_end_to_end(tmp_path, config_module, variant):
+    c = config_module.get_config(variant)
     c.train.num_steps = 4
     summary = trainer.train_and_evaluate(c, str(tmp_path))
     assert summary["train/steps"] == 4
     assert np.isfinite(summary["validation/loss"]) and np.isfinite(summary["test/loss"])
-    if config_module is transformer_configs:
+    if c.task.name == "forecast":
+        for key in ("test/mse", "test/naive_mse", "test/seasonal_naive_mse", "test/mae"):
+            assert summary[key] > 0, key
+    if c.task.name == "seq2seq":
         for key in ("test/bleu", "test/exact_match", "test/bleu_beam2", "validation/bleu"):
             assert 0.0 <= summary[key] <= 100.0
         assert (tmp_path / "decodes.txt").read_text().count("[test_beam2]") == 5
-    if config_module in (vit, resnet):
+    if c.task.name == "classify":
         assert 0.0 <= summary["test/accuracy"] <= summary["test/top5_accuracy"] <= 1.0
     if config_module is clip:
         assert summary["zero_shot/num_classes"] == 16 and summary["zero_shot/chance"] == 1 / 16

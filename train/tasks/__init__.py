@@ -7,6 +7,15 @@ A task object has:
   derived_metrics(means) -> dict          extra metrics from averaged ones (host side)
   report(params, model_state, workdir) -> dict
                                           after training: baselines, samples, BLEU, ...
+Optional:
+  needs_step = True                       loss_fn(..., train=True, step=step) gets the
+                                          optimizer step (schedules inside the objective,
+                                          e.g. a KL warm-up); evaluation passes no step
+  make_optimizer(optim_cfg, num_steps)    -> the object whose init(params) is the
+                                          opt_state (default: train.optim.make_optimizer)
+  make_train_step(tx, train_key, optim_cfg) -> (state, batch) -> (state, scalars), for
+                                          objectives updated in phases (GAN); the default
+                                          is train.trainer.make_train_step
 """
 from __future__ import annotations
 
@@ -17,9 +26,14 @@ from train.tasks.lm import LanguageModelTask
 from train.tasks.mlm import MaskedLanguageModelTask
 from train.tasks.seq2seq import Seq2SeqTask
 
-TASKS = {"lm": LanguageModelTask, "mlm": MaskedLanguageModelTask, "seq2seq": Seq2SeqTask,
-         "classify": ClassificationTask, "contrastive": ContrastiveTask,
-         "forecast": ForecastTask}
+TASKS = {
+    "lm": LanguageModelTask,
+    "mlm": MaskedLanguageModelTask,
+    "seq2seq": Seq2SeqTask,
+    "classify": ClassificationTask,
+    "contrastive": ContrastiveTask,
+    "forecast": ForecastTask,
+}
 
 
 def make_task(config, model, datasets):

@@ -1,0 +1,93 @@
+"""What the compression transforms agree on: which leaves are matmul kernels, and their axes.
+
+Every transform in `models/compress` (quantize, prune, LoRA) walks a parameter pytree (the
+inner `variables["params"]` dict) and touches only matmul kernels; biases, norm scales and
+(unless asked) embeddings stay in float. A leaf's path is its dict keys joined by "/", e.g.
+"decoder/layers_0/self_attention/query/kernel" -- the same convention as train/optim.py.
+
+Kernel layouts in this codebase (flax Dense / DenseGeneral / Conv, `x @ W` with W [in, out]):
+
+  Dense                 [in, out]                  in (0,),      out (1,)
+  attention q / k / v   [in, heads, head_dim]      in (0,),      out (1, 2)
+  attention out         [heads, head_dim, out]     in (0, 1),    out (2,)   (module "out")
+  Conv (HWIO)           [kh, kw, in, out]          in (0, 1, 2), out (3,)
+  scanned stacks        a leading layer axis when a path component is exactly "layers"
+                        (nn.scan over blocks, models/transformer.py): it is a stack axis,
+                        each layer is compressed on its own.
+
+"Per output channel" means one scale per index of the *last* axis (and per stacked
+layer); N:M groups run along the first input axis (axis 0 of [in, out], `in` of HWIO).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+
+STACK_COMPONENT = "layers"   # nn.scan's module name for stacked blocks
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """A tree_util key path as "a/b/c" (dict keys, attribute names or sequence indices)."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelLayout:
+    """Axis roles of a kernel leaf: stacked-layer axes, contracted (input), output."""
+    stack_axes: tuple[int, ...]
+    in_axes: tuple[int, ...]
+    out_axes: tuple[int, ...]
+
+
+def kernel_layout(path: str, shape: Sequence[int]) -> KernelLayout:
+    """The axes of the kernel at `path` with `shape` (see the module docstring).
+
+    Raises ValueError for a kernel rank this codebase never creates, naming the path.
+    """
+    components = path.split("/")
+    stack = 1 if STACK_COMPONENT in components[:-1] else 0
+    rank = len(shape) - stack
+    s = tuple(range(stack))
+    if rank == 2:
+        return KernelLayout(s, (stack,), (stack + 1,))
+    if rank == 3:
+        module = components[-2] if len(components) >= 2 else ""
+        if module == "out":
+            return KernelLayout(s, (stack, stack + 1), (stack + 2,))
+        return KernelLayout(s, (stack,), (stack + 1, stack + 2))
+    if rank == 4:
+        return KernelLayout(s, (stack, stack + 1, stack + 2), (stack + 3,))
+    if rank == 1:  # a depthwise/1-D weight named "kernel" would be odd: refuse loudly
+        raise ValueError(f"{path}: a kernel of shape {tuple(shape)} has no input/output axes")
+    raise ValueError(f"{path}: kernel rank {len(shape)} (shape {tuple(shape)}) is not a "
+                     "layout this codebase creates (2-D dense, 3-D attention, 4-D conv)")
+
+
+def is_kernel(path: str, leaf: Any, include_embeddings: bool = False) -> bool:
+    """Whether a leaf is a matmul weight the transforms compress.
+
+    Kernels are leaves named "kernel" with at least 2 dims; embedding tables ("embedding",
+    [vocab, dim]) only when `include_embeddings` (they are gathered, not multiplied, except
+    when tied to the output projection).
+    """
+    name = path.rsplit("/", 1)[-1]
+    ndim = getattr(leaf, "ndim", 0)
+    if name == "kernel":
+        return ndim >= 2
+    return include_embeddings and name == "embedding" and ndim == 2
+
+
+def kernel_paths(params, include_embeddings: bool = False) -> list[str]:
+    """Paths of the compressible kernels of a params tree, in tree order."""
+    return [path_str(p) for p, leaf in jax.tree_util.tree_leaves_with_path(params)
+            if is_kernel(path_str(p), leaf, include_embeddings)]
