@@ -251,6 +251,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
                     eval_metrics = evaluate("validation", t_cfg.eval_max_batches)
                     log.write(step, "validation", _strip(eval_metrics, "validation/"))
                     _update_early_stopping(meta, eval_metrics, es)
+                    if hasattr(task, "after_evaluation"):  # e.g. a GAN's sample grid
+                        task.after_evaluation(step, state["params"], state["model_state"],
+                                              workdir)
                 interrupted = guard.requested or (
                     stop_after_steps is not None and step - start >= stop_after_steps)
                 force = interrupted or bool(meta["stopped_early"])

@@ -16,6 +16,9 @@ Optional:
   make_train_step(tx, train_key, optim_cfg) -> (state, batch) -> (state, scalars), for
                                           objectives updated in phases (GAN); the default
                                           is train.trainer.make_train_step
+  after_evaluation(step, params, model_state, workdir)
+                                          called after each periodic validation pass
+                                          (sample grids, diagnostics written to workdir)
 """
 from __future__ import annotations
 
