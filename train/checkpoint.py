@@ -318,6 +318,26 @@ class Checkpointer:
             raise self._corrupt(step, steps, e) from e
         return restored["state"], dict(restored["meta"] or {})
 
+    def restore_raw(self, step: int | None = None) -> PyTree:
+        """The state at `step` (default latest) as saved, without a template: nested
+        dicts/lists of arrays on the default device (optimizer namedtuples come back as
+        containers). For reading another run's params (train/compression.py)."""
+        steps = self.all_steps()
+        step = self.latest_step() if step is None else step
+        if step is None or step not in steps:
+            raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory}; "
+                                    f"available steps: {steps}")
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        template = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+            self._saved_state_metadata(step, steps),
+            is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(template))
+        try:
+            return self._manager.restore(step, args=args)["state"]
+        except Exception as e:  # tensorstore/IO errors come in many types
+            raise self._corrupt(step, steps, e) from e
+
     def _saved_state_metadata(self, step: int, steps: list[int]) -> PyTree:
         """The saved state's tree of ArrayMetadata (shape, dtype); never loads arrays."""
         try:

@@ -12,6 +12,8 @@ A run config (an `ml_collections.ConfigDict`) has these sections; every config f
   train       steps, logging, evaluation, early stopping
   checkpoint  cadence, retention, best metric
   sharding    train.sharding.default_config()
+  compress    train.compression.default_config(): quantization, pruning, LoRA, and
+              `init_from` (start from / evaluate a trained run)
 
 `validate(config)` raises ValueError naming the key and what is allowed: unknown keys
 (typos a config file could add), wrong types, impossible values, a task/model mismatch.
@@ -25,7 +27,7 @@ import ml_collections
 
 from train import data as data_lib
 from train import families
-from train import optim, sharding
+from train import compression, optim, sharding
 
 TASKS = (
     "lm",
@@ -34,6 +36,9 @@ TASKS = (
     "classify",
     "contrastive",
     "forecast",
+    "vae",
+    "segment",
+    "gan",
 )
 
 
@@ -59,6 +64,33 @@ def task_config(name: str) -> ml_collections.ConfigDict:
         t.input_key = "image"      # batch key fed to the model ("image" | "tokens")
     elif name == "forecast":
         pass                       # MSE training; baselines are computed, not configured
+    elif name == "segment":        # per-pixel CE + dice_weight * soft Dice (tasks/segment.py)
+        t.dice_weight = 1.0        # 0 = cross-entropy only
+        t.dice_squared = True      # V-Net's sum p^2 + sum g^2 denominator; False: sum p + g
+        t.dice_eps = 1.0           # smoothing in numerator and denominator
+        t.report_examples = 6      # test examples in segmentation.png (0 = no plot)
+    elif name == "vae":            # negative ELBO (train/tasks/vae.py); eval: beta=1
+        t.beta = 1.0               # KL weight (beta-VAE, Higgins et al. 2017); 1 = the ELBO
+        t.kl_warmup_steps = 0      # beta ramps linearly 0 -> beta over these steps; 0 = off
+        t.temperature_start = 1.0  # Gumbel-softmax tau at step 0 (categorical latents)
+        t.temperature_min = 0.5    # ... floor of the annealing, and the eval temperature
+        t.temperature_decay = 1e-3  # tau_t = max(min, start * exp(-decay * t))
+        t.iwae_samples = 64        # importance samples of the test NLL bound (0 = none)
+        t.iwae_examples = 0        # test examples for that bound (0 = the whole split)
+        t.report_images = 12       # columns of the reconstruction/sample/interpolation PNGs
+    elif name == "gan":            # DCGAN training, train/tasks/gan.py; label_smoothing above
+                                   # is one-sided here: real targets 1 - eps, fakes 0
+        t.loss = "non_saturating"  # generator: "non_saturating" -log D(G(z)) | "minimax"
+        t.d_steps = 1              # k discriminator updates per generator update, each on
+                                   # data.batch_size / k real images (Goodfellow et al. k=1)
+        t.g_learning_rate = 2e-4   # per-group Adam LR and b1 (DCGAN: 2e-4, 0.5); they
+        t.d_learning_rate = 2e-4   # replace optim.learning_rate / optim.b1, the rest of
+        t.g_b1 = 0.5               # `optim` (name, b2, schedule, clipping ...) applies to
+        t.d_b1 = 0.5               # both groups
+        t.sample_grid = 8          # samples_<step>.png: sample_grid^2 fixed-noise samples
+        t.scorer_steps = 500       # Adam steps of the sample-quality classifier trained on
+                                   # the train split at start (0 = no score)
+        t.scorer_learning_rate = 1e-2  # its peak Adam LR (cosine decay)
     elif name == "contrastive":
         t.loss = "infonce"         # "infonce" (CLIP, ALIGN) | "siglip"
         t.retrieval_examples = 1000  # test examples for recall@k (0 = the whole split)
@@ -105,6 +137,7 @@ def base_config(task: str, variant: str, family: str = "transformer",
     c.train = train_config()
     c.checkpoint = checkpoint_config()
     c.sharding = sharding.default_config()
+    c.compress = compression.default_config()
     return c
 
 
@@ -176,9 +209,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     families.resolve(config.model)  # the model config's own checks (dataset fields default)
 
     t = config.train
-    for key in ("num_steps", "log_every", "eval_every"):
+    for key in ("log_every", "eval_every"):
         if t[key] < 1:
             raise ValueError(f"train.{key}={t[key]} must be >= 1")
+    if t.num_steps < 0 or (t.num_steps == 0 and not config.compress.init_from):
+        raise ValueError(f"train.num_steps={t.num_steps} must be >= 1 (0 = evaluate "
+                         "compress.init_from's trained params without training)")
     if t.eval_max_batches < 0:
         raise ValueError(f"train.eval_max_batches={t.eval_max_batches} must be >= 0 "
                          "(0 = whole split)")
@@ -202,7 +238,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"task.label_smoothing={config.task.label_smoothing} must be in "
                          "[0, 1)")
     data_lib.validate(config.data)
-    optim.validate(config.optim, t.num_steps)
+    optim.validate(config.optim, max(t.num_steps, 1))
+    compression.validate(config.compress, t.num_steps)
     sharding.validate(config.sharding, config.data.batch_size)
     num_devices = len(sharding.devices_for(config.sharding))
     if config.data.eval_batch_size % num_devices:

@@ -17,6 +17,9 @@ import flax.linen as nn
 import ml_collections
 
 from models import clip, cnn, patchtst, rnn, transformer, vit
+from models import vae as vae_models
+from models import unet as unet_models
+from models import gan as gan_models
 
 # Fields that are code, not configuration (hooks injected by the compression transforms).
 CODE_FIELDS = ("dot_general", "conv_general_dilated")
@@ -29,6 +32,9 @@ class Family:
     variants: tuple[str, ...]                         # the named sizes (documentation, errors)
     builders: dict[str, Callable[[Any], nn.Module]]   # task name -> module from a config
     data_fields: tuple[str, ...] = ()                 # filled from the dataset
+    # data_info key -> the data field it fills, over a same-named key (a U-Net's
+    # num_classes are the dataset's num_mask_classes, not its image labels)
+    data_aliases: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 FAMILIES: dict[str, Family] = {
@@ -66,6 +72,18 @@ FAMILIES: dict[str, Family] = {
         config_cls=clip.ClipConfig, make_config=clip.make_config,
         variants=tuple(clip.VARIANTS), builders={"contrastive": clip.ClipModel},
         data_fields=("vocab_size", "image_size", "channels")),
+    "vae": Family(
+        config_cls=vae_models.VAEConfig, make_config=vae_models.make_config,
+        variants=tuple(vae_models.VARIANTS), builders={"vae": vae_models.VAE},
+        data_fields=("image_size", "channels")),
+    "unet": Family(
+        config_cls=unet_models.UNetConfig, make_config=unet_models.make_config,
+        variants=tuple(unet_models.VARIANTS), builders={"segment": unet_models.UNet},
+        data_fields=("num_classes",), data_aliases={"num_mask_classes": "num_classes"}),
+    "gan": Family(
+        config_cls=gan_models.GANConfig, make_config=gan_models.make_config,
+        variants=tuple(gan_models.VARIANTS), builders={"gan": gan_models.GAN},
+        data_fields=("image_size", "channels")),
 }
 
 
@@ -138,8 +156,16 @@ def resolve(section: ml_collections.ConfigDict, **data_info) -> Any:
     family = get_family(section.family)
     body = ml_collections.ConfigDict(
         {k: v for k, v in section.items() if k not in ("family", "variant")})
+    data_info = {**data_info, **{field: data_info[key] for key, field
+                                 in family.data_aliases.items() if key in data_info}}
+    fields = {f.name for f in dataclasses.fields(family.config_cls)}
+    for name in CODE_FIELDS:  # compression hooks (dot_general, ...) the caller injects
+        if name in data_info and name not in fields:
+            raise ValueError(f"model.family={section.family!r} has no {name!r} hook, so "
+                             "compress.quantize.activations cannot reach its matmuls")
     return _from_section(family.config_cls, body,
-                         **{k: v for k, v in data_info.items() if k in family.data_fields})
+                         **{k: v for k, v in data_info.items()
+                            if k in family.data_fields or k in CODE_FIELDS})
 
 
 def build(section: ml_collections.ConfigDict, task: str, **data_info) -> tuple[nn.Module, Any]:

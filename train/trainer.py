@@ -21,6 +21,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from train import checkpoint as ckpt_lib
+from train import compression as compression_lib
 from train import config as config_lib
 from train import data as data_lib
 from train import optim, sharding
@@ -145,12 +146,21 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
     train_ds = datasets["train"]
 
     # ---- Model and task -----------------------------------------------------------------
-    model, model_cfg = families.build(config.model, config.task.name, **train_ds.data_info())
-    task = make_task(config, model, datasets)
+    compression = compression_lib.Compression(config.compress, num_steps)
+    model, model_cfg = families.build(config.model, config.task.name, **train_ds.data_info(),
+                                      **compression.model_code(for_export=False))
+    task = compression.wrap_task(make_task(config, model, datasets))
     # A task with several parameter groups updated in phases (a GAN) brings its own
     # optimizer and train step; every other task uses the generic ones below.
     make_tx = getattr(task, "make_optimizer", optim.make_optimizer)
-    tx = make_tx(config.optim, num_steps)
+    base_tx = make_tx(config.optim, max(num_steps, 1))  # 0 steps: evaluate only
+    tx = compression.wrap_optimizer(base_tx)
+
+    # ---- Checkpoint ---------------------------------------------------------------------
+    ck = config.checkpoint
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=ck.every,
+                                 keep=ck.keep, best_metric=ck.best_metric or None,
+                                 best_mode=ck.best_mode)
 
     # ---- State --------------------------------------------------------------------------
     init_key, train_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
@@ -158,11 +168,18 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
     init_args, init_kwargs = task.init_args(example)
 
     init_state = make_init_state(model, tx, init_key, init_args, init_kwargs)
+    init_inputs = ()
+    if compression.changes_initial_params:
+        # Start from a trained run and/or pruned / adapted params (host side, eagerly).
+        plain_init = make_init_state(model, base_tx, init_key, init_args, init_kwargs)
+        init_state, init_inputs = _compressed_init_state(
+            compression, plain_init, base_tx, tx, init_key,
+            resuming=ckpt.latest_step() is not None)
 
-    abstract_state = jax.eval_shape(init_state)
+    abstract_state = jax.eval_shape(init_state, *init_inputs)
     state_sh = sharding.param_sharding(abstract_state, mesh, config.sharding.strategy,
                                        config.sharding.min_size_to_shard)
-    state = jax.jit(init_state, out_shardings=state_sh)()
+    state = jax.jit(init_state, out_shardings=state_sh)(*init_inputs)
     n_params, n_bytes = _param_count_and_bytes(state["params"])
     logging.info("model %s/%s for %s: %d parameters, %.2f MB", config.model.family,
                  config.model.variant, config.task.name, n_params, n_bytes / 1e6)
@@ -180,14 +197,16 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
                            out_shardings=(state_sh, replicated), donate_argnums=0)
     p_eval_step = jax.jit(eval_step, out_shardings=replicated)  # inputs arrive sharded
 
-    def evaluate(split: str, max_batches: int = 0) -> dict:
+    def evaluate(split: str, max_batches: int = 0, step_fn=None, params=None) -> dict:
+        """Metrics of `params` (default: the state's) on `split` through `step_fn`."""
+        step_fn = step_fn or p_eval_step
+        params = state["params"] if params is None else params
         totals = None
         for i, batch in enumerate(datasets[split].eval_batches(config.data.eval_batch_size)):
             if max_batches and i >= max_batches:
                 break
-            sums = p_eval_step(state["params"], state["model_state"],
-                               sharding.shard_batch(batch, mesh),
-                               jax.random.fold_in(eval_key, i))
+            sums = step_fn(params, state["model_state"], sharding.shard_batch(batch, mesh),
+                           jax.random.fold_in(eval_key, i))
             totals = common.add_metrics(totals, sums)
         means = common.finalize(jax.device_get(totals))
         means.update(task.derived_metrics(means))
@@ -203,11 +222,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
                 f"checkpoint is step {latest} in {ckpt.directory}. Lower optim.learning_rate,"
                 " set optim.grad_clip_norm, or use model.dtype=float32.")
 
-    # ---- Checkpoint ---------------------------------------------------------------------
-    ck = config.checkpoint
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=ck.every,
-                                 keep=ck.keep, best_metric=ck.best_metric or None,
-                                 best_mode=ck.best_mode)
+    # ---- Resume ---------------------------------------------------------------------------
     es = t_cfg.early_stopping
     meta = {"best_value": None, "bad_evals": 0, "stopped_early": False}
     if ckpt.latest_step() is not None:
@@ -276,6 +291,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
         save(step, final, force=True)
         for split in ("validation", "test"):
             log.write(step, split, _strip(final, f"{split}/"))
+        if compression.enabled:  # the compressed form, evaluated through itself
+            final.update(_evaluate_compressed(config, compression, state, datasets,
+                                              train_ds, task, evaluate))
     finally:
         # Whatever happens (NaN, Ctrl-C, a bug), pending checkpoint writes complete.
         ckpt.wait_until_finished()
@@ -342,3 +360,74 @@ def _update_early_stopping(meta: dict, metrics: dict, es) -> None:
             meta["stopped_early"] = True
             logging.info("early stopping: %s did not improve on %.5f for %d evaluations",
                          es.metric, best, es.patience)
+
+
+# ----------------------------------------------------------------------------------------
+# Compression (config.compress): initial params and the evaluation of the compressed form.
+# ----------------------------------------------------------------------------------------
+def _compressed_init_state(compression, plain_init, base_tx, tx, init_key, resuming: bool):
+    """(init_state(params, model_state, masks), its inputs) for a compressed start.
+
+    The plain init gives the architecture; `compress.init_from` replaces its values with
+    a trained run's (unless this run resumes from its own checkpoint); pruning and LoRA
+    are applied on the host, then the state (optimizer included) is built around them.
+    """
+    plain = jax.jit(plain_init)()
+    params, model_state = plain["params"], plain["model_state"]
+    pretrained = None
+    if compression.c.init_from and not resuming:
+        loaded, loaded_state, step = compression_lib.load_trained_variables(
+            compression.c.init_from)
+        compression_lib.check_same_structure(loaded, params, f"params of "
+                                             f"{compression.c.init_from} (step {step})")
+        compression_lib.check_same_structure(loaded_state, model_state, "model state of "
+                                             f"{compression.c.init_from}")
+        pretrained = (jax.tree.map(lambda t, x: jnp.asarray(x, t.dtype), params, loaded),
+                      jax.tree.map(lambda t, x: jnp.asarray(x, t.dtype), model_state,
+                                   loaded_state))
+        logging.info("params from %s (step %d)", compression.c.init_from, step)
+    params, model_state, masks = compression.prepare(
+        params, model_state, pretrained, jax.random.fold_in(init_key, 1))
+
+    def compressed_init(params, model_state, masks):
+        return {**plain, "params": params, "model_state": model_state,
+                "opt_state": compression.init_opt_state(base_tx, tx, params, masks)}
+    # Host copies: the jitted init places them with the state's shardings (any mesh).
+    return compressed_init, jax.device_get((params, model_state, masks))
+
+
+def _evaluate_compressed(config, compression, state, datasets, train_ds, task,
+                         evaluate) -> dict:
+    """summary entries of the exported (quantized / pruned / merged) model."""
+    stored, decode, stats = compression.export(jax.device_get(state["params"]))
+    inner = getattr(task, "_task", task)   # the task without the training-time transform
+    data_info = train_ds.data_info()
+    code = compression.model_code(for_export=True)
+    if config.compress.quantize.activations == "static":
+        # Static activation ranges: a recording forward pass over a few training batches.
+        params = decode(stored)
+
+        def apply_fn(dot_general, batch):
+            model, _ = families.build(config.model, config.task.name, **data_info,
+                                      dot_general=dot_general)
+            return make_task(config, model, datasets).loss_fn(
+                params, state["model_state"], batch, jax.random.key(0), False)[0]
+        calibration = compression_lib.quantize.calibrate(
+            apply_fn, compression_lib.calibration_batches(
+                train_ds, config.compress.quantize.calibration_batches),
+            config.compress.quantize.calibration)
+        code = compression.model_code(for_export=True, calibration=calibration)
+    if code:
+        model, _ = families.build(config.model, config.task.name, **data_info, **code)
+        inner = make_task(config, model, datasets)
+
+    def compressed_eval_step(stored, model_state, batch, rng):
+        _, (metrics, _) = inner.loss_fn(decode(stored), model_state, batch, rng, False)
+        return metrics
+    step_fn = jax.jit(compressed_eval_step)
+    metrics = {**evaluate("validation", step_fn=step_fn, params=stored),
+               **evaluate("test", step_fn=step_fn, params=stored)}
+    logging.info("compressed model: %d bytes (%.1f%% of float32): %s", stats["bytes"],
+                 100 * stats["fraction_of_float"],
+                 ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if "loss" in k))
+    return compression_lib.summary_entries(stats, metrics)

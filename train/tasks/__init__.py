@@ -25,9 +25,12 @@ from __future__ import annotations
 from train.tasks.classify import ClassificationTask
 from train.tasks.contrastive import ContrastiveTask
 from train.tasks.forecast import ForecastTask
+from train.tasks.gan import GANTask
 from train.tasks.lm import LanguageModelTask
 from train.tasks.mlm import MaskedLanguageModelTask
+from train.tasks.segment import SegmentationTask
 from train.tasks.seq2seq import Seq2SeqTask
+from train.tasks.vae import VAETask
 
 TASKS = {
     "lm": LanguageModelTask,
@@ -36,6 +39,9 @@ TASKS = {
     "classify": ClassificationTask,
     "contrastive": ContrastiveTask,
     "forecast": ForecastTask,
+    "vae": VAETask,
+    "segment": SegmentationTask,
+    "gan": GANTask,
 }
 
 

@@ -1,0 +1,359 @@
+"""Compression as configuration: `config.compress` on any model family and task.
+
+The transforms themselves are pure functions in `models/compress` (quantize, prune, LoRA);
+this module maps the config onto them at the three places a run touches parameters:
+
+  start     `compress.init_from` loads a trained run's params (its best checkpoint, else
+            its latest); one-shot pruning prunes them; LoRA adds adapters.
+  training  the loss sees `forward_params(params)`: fake-quantized kernels for QAT
+            (straight-through gradients), LoRA-adapted kernels (base frozen, and for
+            QLoRA quantized); the optimizer keeps pruned weights at zero and prunes
+            gradually on the Zhu & Gupta schedule; QAT of activations goes through the
+            models' `dot_general` hook (`model_code`).
+  export    after the final evaluation, the compressed form is built (integer kernels +
+            scales, k-means codebooks, sparse storage, merged or QLoRA adapters), the run
+            is evaluated again *through that form* (integers dequantized inside the jitted
+            step; integer activation matmuls when `quantize.activations` is set), and
+            summary.json gets `compressed/<split>/<metric>`, `compressed/bytes` (true
+            storage, scales and indices included) and `compressed/fraction_of_float`.
+
+Post-training quantization of a finished run, from the command line (no training steps):
+
+    python -m train.main --config=configs/gpt.py --workdir=runs/gpt_int8 \
+        --config.compress.init_from=runs/gpt --config.train.num_steps=0 \
+        --config.compress.quantize.mode=ptq --config.compress.quantize.bits=8
+
+Storage accounting: quantized or clustered trees count their packed integers, scales,
+zero points and codebooks (`quantize.tree_nbytes`); pruned trees their sparse form
+(`prune.sparse_nbytes`: values + relative indices, or N:M values + metadata); a run that
+is both pruned and quantized reports the smaller of the two forms it actually builds
+(the combined sparse-integer format is not implemented). Float leaves count at their size.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from models.compress import cluster, common, lora, prune, quant_matmul, quantize
+
+QUANTIZE_MODES = ("none", "ptq", "qat", "cluster")
+ACTIVATION_MODES = ("none", "dynamic", "static")
+PRUNE_METHODS = ("none", "magnitude", "n_m", "neurons", "heads")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `compress` section; everything off by default."""
+    c = ml_collections.ConfigDict()
+    c.init_from = ""               # workdir of a finished run whose params start this one
+    c.include_embeddings = False   # also compress embedding tables (quantize, prune)
+    q = c.quantize = ml_collections.ConfigDict()
+    q.mode = "none"                # none | ptq (quantize at export) | qat (fake-quant in
+    #                                training, integers at export) | cluster (k-means)
+    q.bits = 8                     # weight bits, 2..8 (cluster: log2 of the codebook size)
+    q.symmetric = True             # False: asymmetric with a zero point
+    q.per_channel = True           # one scale per output channel (last axis), else per tensor
+    q.activations = "none"         # none | dynamic (per-batch ranges) | static (calibrated):
+    #                                integer activation x weight matmuls at export (QAT:
+    #                                fake-quantized activations in training too)
+    q.activation_bits = 8
+    q.calibration = "minmax"       # static: minmax | moving_average | percentile
+    q.calibration_batches = 4      # training batches observed for static ranges
+    p = c.prune = ml_collections.ConfigDict()
+    p.method = "none"              # none | magnitude | n_m | neurons | heads
+    p.sparsity = 0.5               # magnitude: final fraction of zeros; neurons / heads:
+    #                                fraction removed
+    p.scope = "layer"              # magnitude: layer | global
+    p.paths = ".*"                 # neurons / heads: regex of the kernels whose units go
+    #                                (transformers: "mlp/fc1" prunes hidden MLP units only)
+    p.n = 2                        # n_m: keep n of every m consecutive input weights
+    p.m = 4
+    p.gradual = False              # magnitude: Zhu & Gupta polynomial schedule (else one
+    p.begin_step = 0               #   shot at the start, then masked fine-tuning)
+    p.end_step = 0                 # gradual: last pruning step (0 = 3/4 of train.num_steps)
+    p.frequency = 50               # gradual: steps between mask updates
+    p.initial_sparsity = 0.0
+    lo = c.lora = ml_collections.ConfigDict()
+    lo.rank = 0                    # 0 = off; else adapters of this rank, base frozen
+    lo.alpha = 16.0                # the update is scaled by alpha / rank
+    lo.targets = [".*"]            # regexes (re.search) over kernel paths to adapt
+    return c
+
+
+def enabled(c: ml_collections.ConfigDict) -> bool:
+    return (c.quantize.mode != "none" or c.quantize.activations != "none"
+            or c.prune.method != "none" or c.lora.rank > 0)
+
+
+def validate(c: ml_collections.ConfigDict, num_steps: int) -> None:
+    """ValueError naming the `compress.*` key and what is allowed."""
+    q, p, lo = c.quantize, c.prune, c.lora
+
+    def need(ok, key, allowed, value):
+        if not ok:
+            raise ValueError(f"compress.{key}={value!r}; allowed: {allowed}")
+
+    need(q.mode in QUANTIZE_MODES, "quantize.mode", ", ".join(QUANTIZE_MODES), q.mode)
+    need(q.activations in ACTIVATION_MODES, "quantize.activations",
+         ", ".join(ACTIVATION_MODES), q.activations)
+    need(2 <= q.bits <= 8, "quantize.bits", "2..8", q.bits)
+    need(2 <= q.activation_bits <= 8, "quantize.activation_bits", "2..8", q.activation_bits)
+    need(q.calibration in quantize.OBSERVERS, "quantize.calibration",
+         ", ".join(quantize.OBSERVERS), q.calibration)
+    need(q.calibration_batches >= 1, "quantize.calibration_batches", ">= 1",
+         q.calibration_batches)
+    need(p.method in PRUNE_METHODS, "prune.method", ", ".join(PRUNE_METHODS), p.method)
+    need(0.0 <= p.sparsity < 1.0, "prune.sparsity", "[0, 1)", p.sparsity)
+    need(p.scope in prune.SCOPES, "prune.scope", ", ".join(prune.SCOPES), p.scope)
+    need(1 <= p.n < p.m, "prune.n", f"1 <= n < m (m={p.m})", p.n)
+    need(p.frequency >= 1, "prune.frequency", ">= 1", p.frequency)
+    need(lo.rank >= 0, "lora.rank", ">= 0 (0 = off)", lo.rank)
+    need(lo.alpha > 0, "lora.alpha", "> 0", lo.alpha)
+    need(len(lo.targets) > 0, "lora.targets", "at least one regex", list(lo.targets))
+    if p.gradual:
+        need(p.method == "magnitude", "prune.gradual",
+             "True only with prune.method='magnitude'", p.gradual)
+        prune.GradualSchedule(**_gradual_kwargs(c, num_steps))  # raises on bad steps
+    if lo.rank and q.mode in ("qat", "cluster"):
+        raise ValueError(f"compress.lora.rank={lo.rank} with compress.quantize.mode="
+                         f"{q.mode!r}: LoRA combines with mode 'ptq' (QLoRA: a quantized "
+                         "frozen base) or 'none'")
+    if lo.rank and p.method != "none":
+        raise ValueError("compress.lora and compress.prune together are not supported "
+                         "(the merged adapters would fill the pruned weights)")
+    if num_steps == 0 and not c.init_from:
+        raise ValueError("train.num_steps=0 (evaluate only) needs compress.init_from: the "
+                         "workdir of a trained run to evaluate")
+    if c.init_from and not os.path.isdir(os.path.join(c.init_from, "checkpoints")):
+        raise ValueError(f"compress.init_from={c.init_from!r} has no checkpoints/ "
+                         "directory: give the workdir of a trained run")
+
+
+def _gradual_kwargs(c, num_steps: int) -> dict:
+    p = c.prune
+    end = p.end_step or max(p.begin_step + p.frequency,
+                            (3 * num_steps // 4) // p.frequency * p.frequency)
+    return dict(initial_sparsity=p.initial_sparsity, final_sparsity=p.sparsity,
+                begin_step=p.begin_step, end_step=end, frequency=p.frequency,
+                scope=p.scope, include_embeddings=c.include_embeddings)
+
+
+# ----------------------------------------------------------------------------------------
+# Loading a trained run's parameters.
+# ----------------------------------------------------------------------------------------
+def load_trained_variables(workdir: str) -> tuple[Any, Any, int]:
+    """(params, model_state, step) of a finished run's best checkpoint (else its latest).
+
+    The run's own config.json says which metric ranks its checkpoints. A run that was
+    itself trained with LoRA gives its merged params.
+    """
+    from train import checkpoint as ckpt_lib  # noqa: PLC0415 -- orbax only when needed
+
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    ck = saved.get("checkpoint", {})
+    with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1,
+                               best_metric=ck.get("best_metric") or None,
+                               best_mode=ck.get("best_mode", "min")) as ckpt:
+        step = ckpt.best_step()
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"compress.init_from={workdir!r} holds no checkpoint")
+        state = ckpt.restore_raw(step)
+    params, model_state = state["params"], state.get("model_state") or {}
+    src = saved.get("compress", {}).get("lora", {})
+    if isinstance(params, dict) and set(params) == {"base", "lora"}:
+        params = lora.merge(params["base"], params["lora"], float(src.get("alpha", 16.0)))
+    return params, model_state, int(step)
+
+
+def check_same_structure(loaded, template, what: str) -> None:
+    """ValueError listing the paths whose presence or shape differ."""
+    a = {common.path_str(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(loaded)}
+    b = {common.path_str(p): tuple(x.shape)
+         for p, x in jax.tree_util.tree_leaves_with_path(template)}
+    diffs = [f"{k}: saved {a.get(k, 'missing')}, model {b.get(k, 'missing')}"
+             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if diffs:
+        raise ValueError(f"{what} does not fit this run's model ({len(diffs)} differences):"
+                         "\n  " + "\n  ".join(diffs[:20]) + "\nUse the config that trained it"
+                         " (model section and dataset) with compress.init_from.")
+
+
+# ----------------------------------------------------------------------------------------
+# The run's view of compression.
+# ----------------------------------------------------------------------------------------
+class Compression:
+    """`config.compress` bound to one run; the trainer calls the hooks below."""
+
+    def __init__(self, c: ml_collections.ConfigDict, num_steps: int):
+        self.c, self.num_steps = c, num_steps
+        self.q, self.p, self.lo = c.quantize, c.prune, c.lora
+        self.emb = bool(c.include_embeddings)
+        self.enabled = enabled(c)
+
+    # -- model ---------------------------------------------------------------------------
+    def model_code(self, for_export: bool, calibration=None) -> dict:
+        """Code fields for families.build: the dot_general of training or of export."""
+        q = self.q
+        if q.activations == "none":
+            return {}
+        if not for_export:
+            if q.mode != "qat":
+                return {}
+            return {"dot_general": quantize.make_dot_general(
+                "fake", q.activation_bits, q.symmetric)}
+        if q.activations == "static":
+            if calibration is None:
+                return {"dot_general": quant_matmul.RecordingDotGeneral(q.calibration)}
+            return {"dot_general": quantize.make_dot_general(
+                "static", q.activation_bits, q.symmetric, calibration=calibration)}
+        return {"dot_general": quantize.make_dot_general("dynamic", q.activation_bits,
+                                                         q.symmetric)}
+
+    # -- parameters at the start -----------------------------------------------------------
+    @property
+    def changes_initial_params(self) -> bool:
+        return bool(self.c.init_from or self.lo.rank or
+                    (self.p.method != "none" and not self.p.gradual))
+
+    def prepare(self, params, model_state, pretrained, key):
+        """(params, model_state, masks) a run starts from (jittable; pretrained may be None)."""
+        if pretrained is not None:
+            params, model_state = pretrained
+        masks = None
+        p = self.p
+        if p.method == "magnitude" and not p.gradual:
+            params, masks = prune.magnitude(params, p.sparsity, p.scope,
+                                            include_embeddings=self.emb)
+        elif p.method == "n_m":
+            params, masks = prune.n_m(params, p.n, p.m, include_embeddings=self.emb)
+        elif p.method == "neurons":
+            params, masks = prune.neurons(params, fraction=p.sparsity, paths=p.paths)
+        elif p.method == "heads":
+            params, masks = prune.heads(params, fraction=p.sparsity, paths=p.paths)
+        if self.lo.rank:
+            adapters = lora.init_lora(params, key, self.lo.rank, targets=tuple(self.lo.targets),
+                                      include_embeddings=self.emb)
+            params = lora.train_params(params, adapters)
+        return params, model_state, masks
+
+    # -- optimizer ---------------------------------------------------------------------------
+    def wrap_optimizer(self, tx):
+        """The optimizer that keeps pruned weights at zero / trains only the adapters."""
+        if self.lo.rank:
+            return lora.lora_optimizer(tx)
+        if self.p.method == "none":
+            return tx
+        schedule = prune.GradualSchedule(**_gradual_kwargs(self.c, self.num_steps)) \
+            if self.p.gradual else None
+        return prune.keep_pruned(tx, None, schedule)
+
+    def init_opt_state(self, tx_inner, tx, params, masks):
+        """tx.init(params), with one-shot pruning masks placed in the wrapper's state."""
+        if masks is not None and not self.lo.rank:
+            return prune.keep_pruned(tx_inner, masks).init(params)
+        return tx.init(params)
+
+    # -- the forward pass in training ----------------------------------------------------------
+    def forward_params(self, params):
+        """What the model sees in training: adapted / fake-quantized kernels."""
+        q = self.q
+        if self.lo.rank:
+            base = params["base"]
+            if q.mode == "ptq":  # QLoRA: the frozen base is used in its quantized form
+                base = jax.lax.stop_gradient(quantize.fake_quant_tree(
+                    base, q.bits, q.symmetric, q.per_channel, self.emb))
+            return lora.apply_lora(base, params["lora"], self.lo.alpha)
+        if q.mode == "qat":
+            return quantize.fake_quant_tree(params, q.bits, q.symmetric, q.per_channel,
+                                            self.emb)
+        return params
+
+    def wrap_task(self, task):
+        return task if not self.enabled else _CompressedTask(task, self.forward_params)
+
+    # -- export ----------------------------------------------------------------------------
+    def export(self, params) -> tuple[Any, Any, dict]:
+        """(stored tree, decode fn (jittable) stored -> float params, stats).
+
+        stats: float_bytes (the float32 model), bytes (the stored form), sparsity, ...
+        """
+        q, p = self.q, self.p
+        if self.lo.rank:
+            float_params = lora.merge(params["base"], params["lora"], self.lo.alpha)
+        else:
+            float_params = params
+        stats = {"float_bytes": quantize.tree_nbytes(float_params)}
+        if self.lo.rank:
+            stats["lora_params"] = lora.lora_param_count(params["lora"])
+            if q.mode == "ptq":   # QLoRA: integer base + float adapters
+                stored = {"base": quantize.quantize_tree(params["base"], q.bits, q.symmetric,
+                                                         q.per_channel, self.emb),
+                          "lora": params["lora"]}
+                alpha = self.lo.alpha
+
+                def decode(s):
+                    return lora.apply_lora(quantize.dequantize_tree(s["base"]), s["lora"],
+                                           alpha)
+                stats["bytes"] = quantize.tree_nbytes(stored)
+                stats["fraction_of_float"] = stats["bytes"] / stats["float_bytes"]
+                return stored, decode, stats
+            stats["bytes"], stats["fraction_of_float"] = stats["float_bytes"], 1.0
+            return float_params, lambda s: s, stats
+        stored, decode = float_params, (lambda s: s)
+        stats["bytes"] = stats["float_bytes"]
+        if q.mode in ("ptq", "qat"):
+            stored = quantize.quantize_tree(float_params, q.bits, q.symmetric, q.per_channel,
+                                            self.emb)
+            decode = quantize.dequantize_tree
+            stats["bytes"] = quantize.tree_nbytes(stored)
+        elif q.mode == "cluster":
+            stored = cluster.cluster_tree(float_params, q.bits, include_embeddings=self.emb)
+            decode = quantize.dequantize_tree
+            stats["bytes"] = quantize.tree_nbytes(stored)
+            stats["huffman_bytes"] = cluster.tree_huffman_nbytes(stored)
+        if p.method != "none":
+            report = prune.sparsity_report(float_params, include_embeddings=self.emb)
+            stats["sparsity"] = report.sparsity
+            n_m = (p.n, p.m) if p.method == "n_m" else None
+            sparse = prune.sparse_nbytes(prune.to_sparse(jax.device_get(float_params),
+                                                         n_m=n_m))
+            stats["sparse_bytes"] = sparse
+            stats["bytes"] = min(stats["bytes"], sparse)
+        stats["fraction_of_float"] = stats["bytes"] / stats["float_bytes"]
+        return stored, decode, stats
+
+
+class _CompressedTask:
+    """A task whose loss sees `forward(params)`; every other attribute is the task's."""
+
+    def __init__(self, task, forward):
+        self._task, self._forward = task, forward
+
+    def __getattr__(self, name):
+        return getattr(self._task, name)
+
+    def loss_fn(self, params, model_state, batch, rng, train, **kwargs):
+        return self._task.loss_fn(self._forward(params), model_state, batch, rng, train,
+                                  **kwargs)
+
+    def report(self, params, model_state, workdir):
+        return self._task.report(self._forward(params), model_state, workdir)
+
+
+def calibration_batches(dataset, count: int):
+    """The first `count` training batches (static activation ranges)."""
+    return [dataset.batch(i) for i in range(count)]
+
+
+def summary_entries(stats: dict, metrics: dict) -> dict:
+    """summary.json keys of the export: compressed/<split>/<metric>, bytes, fractions."""
+    out = {f"compressed/{k}": v for k, v in metrics.items()}
+    out.update({f"compressed/{k}": v for k, v in stats.items()})
+    return out
+

@@ -1,0 +1,463 @@
+"""GAN training (Goodfellow et al. 2014; DCGAN, Radford et al. 2016) and its diagnostics.
+
+One trainer step (Goodfellow et al., Algorithm 1) on a batch of k * m real images:
+  k discriminator updates, update i on real images [i m, (i + 1) m) and m fakes G(z_i),
+      ascending log D(x) + log(1 - D(G(z))), i.e. descending the binary cross-entropy
+      BCE(D(x), 1 - eps) + BCE(D(G(z)), 0)   (eps: one-sided label smoothing)
+  then one generator update on m fresh z:
+      "non_saturating": -log D(G(z))        (the paper's practical choice, section 3)
+      "minimax":        log(1 - D(G(z)))    (the game's value; its gradient vanishes while
+                                             D rejects the fakes confidently)
+The noise of step s comes from fold_in(fold_in(train_key, s), phase), so a resumed run
+recomputes the same updates. Each parameter group has its own optimizer (DCGAN: Adam
+2e-4, b1 0.5) and its own optimizer state; a phase leaves the other group's params and
+optimizer state untouched (batch-norm running statistics are updated by every train-mode
+pass, as in DCGAN's reference code).
+
+Where this follows the papers rather than the study notes (002): the notes say the
+discriminator is "typically" updated ~5 times per generator update; that is WGAN's critic
+schedule (Arjovsky et al. 2017). Goodfellow et al. used k = 1 in their experiments and
+DCGAN k = 1, so task.d_steps defaults to 1. The notes also describe training as running
+"until Nash equilibrium": in practice it runs a fixed number of steps; at the equilibrium
+D(x) = 1/2 everywhere and the discriminator's loss is 2 log 2 = 1.386.
+
+Metrics (training and evaluation): d_loss (unsmoothed BCE; loss = d_loss in training,
+the progress line's number), g_loss, d_real_accuracy (D(x) > 1/2), d_fake_accuracy
+(D(G(z)) < 1/2), fake_diversity / real_diversity (mean pairwise RMS pixel distance within
+a batch: a collapsed generator's falls toward 0) and diversity_ratio.
+
+Sample quality (evaluation only): a classifier trained on the same data -- a resnet_tiny
+(models/cnn.py) with the 7x7/2 + max-pool stem, trained on the train split for
+task.scorer_steps Adam steps when the task is built (deterministic, ~30 s on 2 CPU cores
+for 500 steps, nothing cached; retrained identically on resume) -- scores real and
+generated images with the Inception-Score-like
+    score = exp(H(p(y)) - E_x H(p(y|x))) = exp(E_x KL(p(y|x) || p(y))),
+computed exactly over a split from (sum, weight) metrics: per-class probability sums
+(<split>_marginal_XX, the class coverage, which shows mode collapse class by class) and
+per-sample entropy sums. Also <split>_classes = exp(H(p(y))) (the effective number of
+classes the scorer sees), <split>_confidence (mean max p(y|x)). The score lies in [1, K]:
+1 when every sample gets the same prediction, K when each is a confident prediction and
+the K classes are equally covered. real_* on the real evaluation images is the reference.
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from models import cnn
+from train import optim
+from train.tasks import common
+
+LOSSES = ("non_saturating", "minimax")
+_SAMPLE_KEY = 0x6A4  # fold_in constant of the fixed sample-grid noise
+_SCORER_KEY = 0x5C0  # fold_in constant of the scorer's init
+
+
+# ----------------------------------------------------------------------------------------
+# Losses (pure functions of discriminator logits; D(x) = sigmoid(logit)).
+# ----------------------------------------------------------------------------------------
+def _mean(x, weights):
+    if weights is None:
+        return jnp.mean(x)
+    return jnp.sum(x * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def discriminator_loss(real_logits, fake_logits, real_label: float = 1.0, weights=None):
+    """BCE(D(x), real_label) + BCE(D(G(z)), 0), each averaged over its batch: scalar.
+
+    real_logits, fake_logits [B]; real_label = 1 - eps is one-sided label smoothing
+    (Salimans et al. 2016: only the real targets are smoothed, so the optimal D does not
+    reward fakes); weights [B] or None.
+    """
+    real = optax.sigmoid_binary_cross_entropy(real_logits, jnp.full_like(real_logits,
+                                                                         real_label))
+    fake = optax.sigmoid_binary_cross_entropy(fake_logits, jnp.zeros_like(fake_logits))
+    return _mean(real, weights) + _mean(fake, weights)
+
+
+def generator_loss(fake_logits, kind: str = "non_saturating", weights=None):
+    """-log D(G(z)) ("non_saturating") or log(1 - D(G(z))) ("minimax"), mean: scalar."""
+    if kind == "non_saturating":
+        per = optax.sigmoid_binary_cross_entropy(fake_logits, jnp.ones_like(fake_logits))
+    elif kind == "minimax":
+        per = -optax.sigmoid_binary_cross_entropy(fake_logits, jnp.zeros_like(fake_logits))
+    else:
+        raise ValueError(f"task.loss={kind!r}; allowed: {', '.join(LOSSES)}")
+    return _mean(per, weights)
+
+
+def pairwise_distance_sums(images, weights):
+    """(sum over pairs i < j of w_i w_j d_ij, sum of w_i w_j): d_ij = RMS pixel difference.
+
+    images [B, ...]; weights [B]. From the Gram matrix (no [B, B, D] difference tensor).
+    """
+    x = images.reshape(images.shape[0], -1).astype(jnp.float32)
+    sq = jnp.sum(x * x, axis=1)
+    d2 = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0) / x.shape[1]
+    pair_w = jnp.triu(weights[:, None] * weights[None, :], k=1)
+    dist = jnp.sqrt(jnp.where(pair_w > 0, d2, 1.0))  # where: no sqrt(0) on unused pairs
+    return jnp.sum(pair_w * dist), jnp.sum(pair_w)
+
+
+def gan_metrics(real_logits, fake_logits, g_logits, kind, weights, real, fakes):
+    """(sum, weight) metrics of one batch: unsmoothed losses, D accuracies, diversity."""
+    w = weights
+    n = jnp.sum(w)
+    bce = optax.sigmoid_binary_cross_entropy
+    d_per = bce(real_logits, jnp.ones_like(real_logits)) + bce(fake_logits,
+                                                               jnp.zeros_like(fake_logits))
+    g = generator_loss(g_logits, kind, w) * n
+    return {"d_loss": (jnp.sum(d_per * w), n), "g_loss": (g, n),
+            "d_real_accuracy": (jnp.sum((real_logits > 0) * w), n),
+            "d_fake_accuracy": (jnp.sum((fake_logits < 0) * w), n),
+            "fake_diversity": pairwise_distance_sums(fakes, w),
+            "real_diversity": pairwise_distance_sums(real, w)}
+
+
+# ----------------------------------------------------------------------------------------
+# The classifier-based sample-quality score.
+# ----------------------------------------------------------------------------------------
+def class_probability_sums(probs, weights, prefix: str) -> common.Metrics:
+    """probs [B, K] (rows sum to 1), weights [B] -> (sum, weight) metrics:
+    {prefix}_marginal_{k:02d} (p(y = k)), {prefix}_entropy (H(p(y|x)), nats),
+    {prefix}_confidence (max_k p(y = k | x))."""
+    p = probs.astype(jnp.float32)
+    n = jnp.sum(weights)
+    entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), -1)
+    out = {f"{prefix}_marginal_{k:02d}": (jnp.sum(p[:, k] * weights), n)
+           for k in range(p.shape[1])}
+    out[f"{prefix}_entropy"] = (jnp.sum(entropy * weights), n)
+    out[f"{prefix}_confidence"] = (jnp.sum(jnp.max(p, -1) * weights), n)
+    return out
+
+
+def inception_like_score(marginal, mean_entropy: float) -> tuple[float, float]:
+    """(exp(H(marginal) - mean_entropy), exp(H(marginal))) in float64 (host side).
+
+    marginal [K]: mean p(y|x) over the split; mean_entropy: mean H(p(y|x)) in nats.
+    """
+    m = np.asarray(marginal, np.float64)
+    m = m / m.sum()
+    h = -np.sum(np.where(m > 0, m * np.log(np.where(m > 0, m, 1.0)), 0.0))
+    return float(np.exp(h - mean_entropy)), float(np.exp(h))
+
+
+def train_scorer(train_ds, num_classes: int, steps: int, learning_rate: float, seed: int):
+    """(resnet_tiny with the 7x7/2 + max-pool stem, its variables) after `steps` Adam steps
+    (cosine LR) of cross-entropy on train_ds.batch(0..steps-1)["image" / "label"]."""
+    model = cnn.ResNet(cnn.make_resnet_config("resnet_tiny", num_classes=num_classes,
+                                              stem="imagenet"))
+    first = train_ds.batch(0)
+    variables = model.init(jax.random.fold_in(jax.random.key(seed), _SCORER_KEY),
+                           first["image"][:1])
+    cfg = optim.default_config()
+    cfg.name, cfg.learning_rate, cfg.schedule.name = "adam", learning_rate, "cosine"
+    tx = optim.make_optimizer(cfg, steps)
+
+    @jax.jit
+    def step(params, batch_stats, opt_state, images, labels):
+        def loss_of(p):
+            logits, upd = model.apply({"params": p, "batch_stats": batch_stats}, images,
+                                      train=True, mutable=["batch_stats"])
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+            return jnp.mean(loss), upd["batch_stats"]
+        (_, batch_stats), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), batch_stats, opt_state
+
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    opt_state = tx.init(params)
+    for s in range(steps):
+        batch = first if s == 0 else train_ds.batch(s)
+        params, batch_stats, opt_state = step(params, batch_stats, opt_state,
+                                              batch["image"], batch["label"])
+    return model, {"params": params, "batch_stats": batch_stats}
+
+
+# ----------------------------------------------------------------------------------------
+# Sample grids.
+# ----------------------------------------------------------------------------------------
+def image_grid(images, rows: int) -> np.ndarray:
+    """images [N, H, W, C] in [0, 1] -> one [rows (H + 1) + 1, cols (W + 1) + 1, C] image
+    with 1-pixel white borders; cols = ceil(N / rows), empty cells white."""
+    images = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
+    n, h, w, c = images.shape
+    cols = -(-n // rows)
+    grid = np.ones((rows * (h + 1) + 1, cols * (w + 1) + 1, c), np.float32)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        grid[1 + r * (h + 1):(r + 1) * (h + 1), 1 + q * (w + 1):(q + 1) * (w + 1)] = images[i]
+    return grid
+
+
+def save_grid(images, rows: int, path: str) -> None:
+    import matplotlib  # lazy, like metrics_log
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    plt.imsave(path, image_grid(images, rows))
+
+
+# ----------------------------------------------------------------------------------------
+# The task.
+# ----------------------------------------------------------------------------------------
+class GANOptimizer(NamedTuple):
+    """One optax optimizer per parameter group; init(params) -> the trainer's opt_state."""
+    generator: optax.GradientTransformation
+    discriminator: optax.GradientTransformation
+
+    def init(self, params):
+        return {"generator": self.generator.init(params["generator"]),
+                "discriminator": self.discriminator.init(params["discriminator"])}
+
+
+class GANTask:
+    """Needs a model with methods generate(z, train) -> images [B, H, W, C] in [0, 1] and
+    discriminate(images, train) -> logits [B], params {"generator", "discriminator"}
+    (models/gan.py), and batches {"image": [B, H, W, C] in [0, 1], "label"} (the labels
+    only train the scorer)."""
+
+    def __init__(self, config, model, datasets):
+        self.config, self.model, self.datasets = config, model, datasets
+        t = config.task
+        self.kind, self.k = t.loss, t.d_steps
+        self.real_label = 1.0 - t.label_smoothing
+        self.latent_dim = model.cfg.latent_dim
+        _check_options(t, config.data.batch_size)
+        self.num_classes = datasets["train"].data_info().get("num_classes", 0)
+        self.scorer = None
+        if t.scorer_steps:
+            if not self.num_classes:
+                raise ValueError("task.scorer_steps > 0 needs a labelled image dataset "
+                                 "(num_classes); set task.scorer_steps=0 for no score")
+            self.scorer = train_scorer(datasets["train"], self.num_classes, t.scorer_steps,
+                                       t.scorer_learning_rate, config.seed)
+        sample_key = jax.random.fold_in(jax.random.key(config.seed), _SAMPLE_KEY)
+        self.sample_z = jax.random.normal(sample_key, (t.sample_grid ** 2, self.latent_dim))
+        self._generate = jax.jit(lambda p, s, z: self._apply(p, s, z, "generate", False)[0])
+
+    # ---- model application ---------------------------------------------------------------
+    def _apply(self, params, model_state, x, method: str, train: bool):
+        """model.apply(method) -> (output, model_state); batch stats update in training."""
+        variables = {"params": params, **model_state}
+        if train and model_state:
+            out, upd = self.model.apply(variables, x, train=True, method=method,
+                                        mutable=list(model_state))
+            return out, {**model_state, **upd}
+        return self.model.apply(variables, x, train=train, method=method), model_state
+
+    def _noise(self, rng, n: int):
+        return jax.random.normal(rng, (n, self.latent_dim))
+
+    def init_args(self, batch):
+        return (self._noise(jax.random.key(0), 1), batch["image"]), {}
+
+    # ---- evaluation --------------------------------------------------------------------------
+    def loss_fn(self, params, model_state, batch, rng, train: bool):
+        """Losses, accuracies, diversity and (evaluation) scorer metrics on the real batch
+        vs as many generated images; loss = the (smoothed) discriminator objective."""
+        real = batch["image"]
+        w = common.example_weights(batch, real.shape[0])
+        fakes, model_state = self._apply(params, model_state, self._noise(rng, real.shape[0]),
+                                         "generate", train)
+        real_logits, model_state = self._apply(params, model_state, real, "discriminate",
+                                               train)
+        fake_logits, model_state = self._apply(params, model_state, fakes, "discriminate",
+                                               train)
+        metrics = gan_metrics(real_logits, fake_logits, fake_logits, self.kind, w, real,
+                              fakes)
+        if self.scorer is not None and not train:
+            scorer, variables = self.scorer
+            for prefix, images in (("real", real), ("fake", fakes)):
+                probs = jax.nn.softmax(scorer.apply(variables, images), axis=-1)
+                metrics.update(class_probability_sums(probs, w, prefix))
+        loss = discriminator_loss(real_logits, fake_logits, self.real_label, w)
+        return loss, (metrics, model_state)
+
+    def derived_metrics(self, means: dict) -> dict:
+        out = {}
+        if means.get("real_diversity", 0) > 0:
+            out["diversity_ratio"] = means["fake_diversity"] / means["real_diversity"]
+        for prefix in ("real", "fake"):
+            if f"{prefix}_entropy" in means:
+                marginal = [means[f"{prefix}_marginal_{k:02d}"]
+                            for k in range(self.num_classes)]
+                score, classes = inception_like_score(marginal, means[f"{prefix}_entropy"])
+                out[f"{prefix}_score"], out[f"{prefix}_classes"] = score, classes
+        return out
+
+    # ---- training: two optimizers, k discriminator updates, one generator update -------
+    def make_optimizer(self, optim_cfg, num_steps: int) -> GANOptimizer:
+        """Each group: train.optim.make_optimizer(optim) with the group's learning rate and
+        b1 (task.g_* / task.d_*); paths in optim.freeze etc. are relative to the group."""
+        t = self.config.task
+
+        def group(lr, b1):
+            cfg = optim_cfg.copy_and_resolve_references()
+            cfg.learning_rate, cfg.b1 = lr, b1
+            return optim.make_optimizer(cfg, num_steps)
+        return GANOptimizer(generator=group(t.g_learning_rate, t.g_b1),
+                            discriminator=group(t.d_learning_rate, t.d_b1))
+
+    def _penalty(self, params, o):
+        if not (o.l1 or o.l2):
+            return 0.0
+        return optim.regularization_penalty(params, o.l1, o.l2, o.weight_decay_exclude)
+
+    def discriminator_update(self, tx, o, params, d_opt_state, model_state, real, rng):
+        """One discriminator update on `real` [m, ...] and m fakes from `rng`.
+
+        Returns (d_params, d_opt_state, model_state, (loss, grad_norm, metrics)).
+        """
+        fakes, model_state = self._apply(params, model_state,
+                                         self._noise(rng, real.shape[0]), "generate", True)
+        fakes = jax.lax.stop_gradient(fakes)
+
+        def loss_of(d_params):
+            p = {**params, "discriminator": d_params}
+            real_logits, ms = self._apply(p, model_state, real, "discriminate", True)
+            fake_logits, ms = self._apply(p, ms, fakes, "discriminate", True)
+            loss = discriminator_loss(real_logits, fake_logits, self.real_label)
+            return loss + self._penalty(d_params, o), (real_logits, fake_logits, ms)
+
+        (loss, (real_logits, fake_logits, model_state)), grads = jax.value_and_grad(
+            loss_of, has_aux=True)(params["discriminator"])
+        updates, d_opt = tx.discriminator.update(grads, d_opt_state, params["discriminator"])
+        bce = optax.sigmoid_binary_cross_entropy
+        metrics = {"d_loss": jnp.mean(bce(real_logits, jnp.ones_like(real_logits))
+                                      + bce(fake_logits, jnp.zeros_like(fake_logits))),
+                   "d_real_accuracy": jnp.mean(real_logits > 0),
+                   "d_fake_accuracy": jnp.mean(fake_logits < 0)}
+        return (optax.apply_updates(params["discriminator"], updates), d_opt, model_state,
+                (loss, optax.tree.norm(grads), metrics))
+
+    def generator_update(self, tx, o, params, g_opt_state, model_state, m: int, rng):
+        """One generator update on m fakes from `rng`.
+
+        Returns (g_params, g_opt_state, model_state, (loss, grad_norm, fakes)).
+        """
+        z = self._noise(rng, m)
+
+        def loss_of(g_params):
+            p = {**params, "generator": g_params}
+            fakes, ms = self._apply(p, model_state, z, "generate", True)
+            logits, ms = self._apply(p, ms, fakes, "discriminate", True)
+            loss = generator_loss(logits, self.kind)
+            return loss + self._penalty(g_params, o), (fakes, ms)
+
+        (loss, (fakes, model_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+            params["generator"])
+        updates, g_opt = tx.generator.update(grads, g_opt_state, params["generator"])
+        return (optax.apply_updates(params["generator"], updates), g_opt, model_state,
+                (loss, optax.tree.norm(grads), fakes))
+
+    def make_train_step(self, tx: GANOptimizer, train_key, optim_cfg):
+        """(state, batch) -> (state, scalars): k discriminator updates, one generator
+        update; state as train.trainer.make_init_state, nonfinite_step kept like
+        train.trainer.make_train_step (first step whose losses or gradients are not
+        finite). Scalars: d_* are means over the k updates."""
+        k, o = self.k, optim_cfg
+
+        def train_step(state, batch):
+            step = state["step"]
+            rng = jax.random.fold_in(train_key, step)
+            real = batch["image"]
+            m = real.shape[0] // k
+            reals = real.reshape((k, m) + real.shape[1:])
+            params, opt_state = state["params"], state["opt_state"]
+
+            def d_phase(carry, inputs):
+                d_params, d_opt, model_state = carry
+                i, real_i = inputs
+                p = {**params, "discriminator": d_params}
+                d_params, d_opt, model_state, out = self.discriminator_update(
+                    tx, o, p, d_opt, model_state, real_i,
+                    jax.random.fold_in(rng, i))
+                return (d_params, d_opt, model_state), out
+
+            (d_params, d_opt, model_state), (d_obj, d_norm, d_metrics) = jax.lax.scan(
+                d_phase, (params["discriminator"], opt_state["discriminator"],
+                          state["model_state"]), (jnp.arange(k), reals))
+            params = {**params, "discriminator": d_params}
+            g_params, g_opt, model_state, (g_obj, g_norm, fakes) = self.generator_update(
+                tx, o, params, opt_state["generator"], model_state, m,
+                jax.random.fold_in(rng, k))
+
+            finite = (jnp.all(jnp.isfinite(d_obj)) & jnp.all(jnp.isfinite(d_norm))
+                      & jnp.isfinite(g_obj) & jnp.isfinite(g_norm))
+            first_bad = jnp.where((state["nonfinite_step"] < 0) & ~finite, step,
+                                  state["nonfinite_step"])
+            new_state = {"step": step + 1,
+                         "params": {"generator": g_params, "discriminator": d_params},
+                         "opt_state": {"generator": g_opt, "discriminator": d_opt},
+                         "model_state": model_state, "nonfinite_step": first_bad}
+            ones = jnp.ones((m,), jnp.float32)
+            fake_div = pairwise_distance_sums(fakes, ones)
+            real_div = pairwise_distance_sums(reals[-1], ones)
+            scalars = {name: jnp.mean(v) for name, v in d_metrics.items()}
+            scalars.update(
+                loss=scalars["d_loss"], g_loss=g_obj, d_objective=jnp.mean(d_obj),
+                d_grad_norm=jnp.mean(d_norm), g_grad_norm=g_norm,
+                fake_diversity=fake_div[0] / fake_div[1],
+                real_diversity=real_div[0] / real_div[1])
+            scalars["diversity_ratio"] = scalars["fake_diversity"] / scalars["real_diversity"]
+            return new_state, scalars
+        return train_step
+
+    # ---- after evaluations and after training ----------------------------------------------
+    def after_evaluation(self, step: int, params, model_state, workdir: str) -> None:
+        """samples_<step>.png: the fixed-noise sample grid (the same z every time)."""
+        images = self._generate(params, model_state, self.sample_z)
+        save_grid(images, self.config.task.sample_grid,
+                  os.path.join(workdir, f"samples_{step}.png"))
+
+    def report(self, params, model_state, workdir: str) -> dict:
+        """samples_final.png; the scorer's test accuracy and its score of the test images
+        vs as many generated images (fresh noise, the same for every run of a seed)."""
+        self.after_evaluation("final", params, model_state, workdir)
+        if self.scorer is None:
+            return {}
+        scorer, variables = self.scorer
+        classify = jax.jit(lambda x: jax.nn.softmax(scorer.apply(variables, x), -1))
+        key = jax.random.fold_in(jax.random.key(self.config.seed), _SAMPLE_KEY + 1)
+        correct, n, probs = 0.0, 0.0, {"real": [], "fake": []}
+        for i, batch in enumerate(self.datasets["test"].eval_batches(
+                self.config.data.eval_batch_size)):
+            keep = batch["weights"] > 0
+            p_real = np.asarray(classify(batch["image"]))[keep]
+            correct += float(np.sum(np.argmax(p_real, -1) == batch["label"][keep]))
+            n += float(keep.sum())
+            z = self._noise(jax.random.fold_in(key, i), batch["image"].shape[0])
+            probs["real"].append(p_real)
+            probs["fake"].append(np.asarray(classify(self._generate(params, model_state,
+                                                                    z)))[keep])
+        out = {"scorer/test_accuracy": correct / max(n, 1.0)}
+        for name, p in probs.items():
+            p = np.concatenate(p).astype(np.float64)
+            entropy = float(np.mean(-np.sum(p * np.log(np.maximum(p, 1e-30)), -1)))
+            out[f"scorer/{name}_test_score"] = inception_like_score(p.mean(0), entropy)[0]
+        return out
+
+
+def _check_options(t, batch_size: int) -> None:
+    """ValueError naming the task option and what is allowed."""
+    if t.loss not in LOSSES:
+        raise ValueError(f"task.loss={t.loss!r}; allowed: {', '.join(LOSSES)}")
+    if not isinstance(t.d_steps, int) or t.d_steps < 1 or batch_size % t.d_steps:
+        raise ValueError(f"task.d_steps={t.d_steps!r} must be an integer >= 1 dividing "
+                         f"data.batch_size={batch_size} (each discriminator update takes "
+                         "its own batch_size / d_steps real images)")
+    for key in ("g_learning_rate", "d_learning_rate"):
+        if not t[key] > 0:
+            raise ValueError(f"task.{key}={t[key]} must be > 0")
+    for key in ("g_b1", "d_b1"):
+        if not 0 <= t[key] < 1:
+            raise ValueError(f"task.{key}={t[key]} must be in [0, 1)")
+    if t.sample_grid < 1 or t.scorer_steps < 0 or not t.scorer_learning_rate > 0:
+        raise ValueError(f"task.sample_grid={t.sample_grid} must be >= 1, task.scorer_steps="
+                         f"{t.scorer_steps} >= 0 (0 = no score) and task.scorer_learning_rate"
+                         f"={t.scorer_learning_rate} > 0")

@@ -1,0 +1,202 @@
+"""Semantic segmentation: per-pixel cross-entropy + soft Dice; pixel accuracy, IoU, Dice.
+
+    batch {"image": float[B, H, W, C_in], "mask": int[B, H, W] in 0..K-1}
+    model(image) -> logits [B, H, W, K]
+
+Objective = mean per-pixel cross-entropy + task.dice_weight * soft Dice loss, where the
+soft Dice loss is Milletari et al. 2016 (V-Net, eq. 1) made multi-class by averaging the
+per-class coefficient over all K classes (background included):
+
+    D_k = (2 sum_i w_i p_ik g_ik + eps) / (sum_i w_i p_ik^2 + sum_i w_i g_ik^2 + eps)
+    dice_loss = 1 - mean_k D_k
+
+p = softmax(logits), g = one-hot mask, w = pixel weights (0 for padded examples), sums
+over every pixel of the batch. task.dice_squared=True is V-Net's squared denominator;
+False is the plain sum (sum p + sum g: Sudre et al. 2017's soft Dice, without their class
+weights). eps (task.dice_eps, default 1) keeps D_k defined for a class absent from both
+target and prediction, where it gives D_k = 1 (nothing to penalize). The study notes do
+not define a Dice loss; this is the paper's.
+
+Metrics are (sum, weight) pairs (tasks/common.py), so the split-level numbers are exact:
+pixel accuracy; and per class k the intersection |pred = k and mask = k| and the union
+|pred = k or mask = k| as integer pixel counts over the whole split (each divided by the
+split's pixel count, which cancels in the ratios). derived_metrics then gives
+    iou_k  = I_k / U_k,   dice_k = 2 I_k / (I_k + U_k)   (= 2 I / (|pred| + |mask|))
+for every class with U_k > 0 (present in the target or the prediction: a predicted but
+absent class scores 0), and their means over those classes: miou / mean_dice over all K
+classes, miou_foreground over classes 1..K-1 (background 0 excluded).
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from train.tasks import common
+from train.tasks.classify import apply_model
+
+
+def soft_dice_loss(logits, labels, weights, *, squared: bool = True, eps: float = 1.0):
+    """Multi-class soft Dice loss (see the module docstring) -> (loss scalar, D [K]).
+
+    logits [..., K], labels int [...], weights [...] per-pixel (0 = ignored).
+    """
+    dtype = jnp.promote_types(logits.dtype, jnp.float32)  # bf16 logits: f32 sums
+    probs = jax.nn.softmax(logits.astype(dtype), axis=-1)
+    target = jax.nn.one_hot(labels, logits.shape[-1], dtype=dtype)
+    w = weights.astype(dtype)[..., None]
+    axes = tuple(range(logits.ndim - 1))
+    intersection = jnp.sum(w * probs * target, axis=axes)
+    power = 2 if squared else 1
+    denominator = jnp.sum(w * probs ** power, axis=axes) + jnp.sum(w * target, axis=axes)
+    dice = (2.0 * intersection + eps) / (denominator + eps)  # one-hot: g^2 = g
+    return 1.0 - jnp.mean(dice), dice
+
+
+def confusion_counts(logits, labels, weights) -> tuple[jax.Array, jax.Array]:
+    """Per-class (intersection, union) int32 pixel counts [K] of argmax(logits) vs labels
+    over the pixels with weight > 0 (eval padding has weight 0; weights act as a mask)."""
+    num_classes = logits.shape[-1]
+    valid = (weights > 0)[..., None]
+    pred = jax.nn.one_hot(jnp.argmax(logits, axis=-1), num_classes, dtype=jnp.bool_)
+    true = jax.nn.one_hot(labels, num_classes, dtype=jnp.bool_)
+    axes = tuple(range(logits.ndim - 1))
+    intersection = jnp.sum(pred & true & valid, axis=axes, dtype=jnp.int32)
+    union = jnp.sum((pred | true) & valid, axis=axes, dtype=jnp.int32)
+    return intersection, union
+
+
+def iou_and_dice(intersection, union) -> dict[str, float]:
+    """Per-class iou_k, dice_k for classes with union > 0, and miou, miou_foreground,
+    mean_dice over them (class 0 = background). Inputs: counts or fractions [K]."""
+    out, ious, dices = {}, {}, {}
+    for k, (i, u) in enumerate(zip(np.asarray(intersection, np.float64),
+                                   np.asarray(union, np.float64))):
+        if u > 0:
+            ious[k], dices[k] = i / u, 2.0 * i / (i + u)
+            out[f"iou_{k}"], out[f"dice_{k}"] = ious[k], dices[k]
+    foreground = [v for k, v in ious.items() if k > 0]
+    for key, values in (("miou", list(ious.values())), ("miou_foreground", foreground),
+                        ("mean_dice", list(dices.values()))):
+        if values:
+            out[key] = float(np.mean(values))
+    return out
+
+
+class SegmentationTask:
+    """Per-pixel classification of batch["image"] into batch["mask"]'s K classes."""
+
+    def __init__(self, config, model, datasets):
+        self.config, self.model, self.datasets = config, model, datasets
+        t = config.task
+        train = datasets["train"]
+        self.num_classes = getattr(train, "num_mask_classes", None)
+        if self.num_classes is None:
+            raise ValueError(f"task.name='segment' needs a dataset with per-pixel masks "
+                             f"(batch['mask'] and num_mask_classes), e.g. "
+                             f"data.source='shapes'; data.source={config.data.source!r} "
+                             "has none")
+        model_classes = getattr(getattr(model, "cfg", None), "num_classes", self.num_classes)
+        if model_classes != self.num_classes:
+            raise ValueError(f"model.num_classes={model_classes} but the dataset's masks "
+                             f"have {self.num_classes} classes")
+        if t.dice_weight < 0:
+            raise ValueError(f"task.dice_weight={t.dice_weight} must be >= 0 (0 = "
+                             "cross-entropy only)")
+        if t.dice_eps <= 0:
+            raise ValueError(f"task.dice_eps={t.dice_eps} must be > 0 (Dice smoothing)")
+        if t.report_examples < 0:
+            raise ValueError(f"task.report_examples={t.report_examples} must be >= 0")
+
+    def init_args(self, batch):
+        return (batch["image"],), {}
+
+    def loss_fn(self, params, model_state, batch, rng, train: bool):
+        t = self.config.task
+        logits, model_state = apply_model(self.model, params, model_state, batch["image"],
+                                          rng, train)
+        labels = batch["mask"]
+        w = common.example_weights(batch, labels.shape[0])
+        pixel_w = jnp.broadcast_to(w[:, None, None], labels.shape)
+        n_pixels = jnp.sum(pixel_w)
+        loss, nll = common.cross_entropy(logits, labels, t.label_smoothing)
+        ce = jnp.sum(loss * pixel_w) / jnp.maximum(n_pixels, 1.0)
+        dice_loss, _ = soft_dice_loss(logits, labels, pixel_w, squared=t.dice_squared,
+                                      eps=t.dice_eps)
+        objective = ce + t.dice_weight * dice_loss
+        n_examples = jnp.sum(w)
+        valid = pixel_w > 0
+        count = jnp.sum(valid, dtype=jnp.int32)
+        correct = (jnp.argmax(logits, axis=-1) == labels) & valid
+        intersection, union = confusion_counts(logits, labels, pixel_w)
+        metrics = {
+            # The objective and Dice loss are per batch (Dice is not a sum over pixels):
+            # their split values are example-weighted means of batch values. Everything
+            # below them is exact at split level.
+            "loss": (objective * n_examples, n_examples),
+            "dice_loss": (dice_loss * n_examples, n_examples),
+            "cross_entropy": (jnp.sum(nll * pixel_w), n_pixels),
+            "pixel_accuracy": (jnp.sum(correct, dtype=jnp.int32), count),
+        }
+        for k in range(logits.shape[-1]):
+            metrics[f"intersection_{k}"] = (intersection[k], count)
+            metrics[f"union_{k}"] = (union[k], count)
+        return objective, (metrics, model_state)
+
+    def derived_metrics(self, metrics: dict) -> dict:
+        """Per-class IoU / Dice and their means from the split's intersection / union
+        fractions (both over the same pixel count, so the ratios are exact)."""
+        k = range(self.num_classes)
+        return iou_and_dice([metrics[f"intersection_{c}"] for c in k],
+                            [metrics[f"union_{c}"] for c in k])
+
+    def predict(self, params, model_state, images) -> np.ndarray:
+        """int [B, H, W] argmax classes (evaluation mode)."""
+        logits, _ = apply_model(self.model, params, model_state, jnp.asarray(images),
+                                jax.random.key(0), False)
+        return np.asarray(jnp.argmax(logits, axis=-1))
+
+    def report(self, params, model_state, workdir: str) -> dict:
+        n = self.config.task.report_examples
+        if n:
+            ds = self.datasets["test"]
+            batch = next(iter(ds.eval_batches(n)))
+            pred = self.predict(params, model_state, batch["image"])
+            names = getattr(ds, "mask_class_names", None) or (
+                ["background"] + [f"class {c}" for c in range(1, self.num_classes)])
+            plot_segmentations(batch["image"], batch["mask"], pred, names,
+                               os.path.join(workdir, "segmentation.png"))
+        return {}
+
+
+def plot_segmentations(images, masks, preds, class_names, path: str) -> None:
+    """One row per example: image | ground truth | prediction (+ its pixel accuracy)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    num = len(class_names)
+    colors = plt.get_cmap("tab10")(np.arange(num) % 10)
+    colors[0] = (0.1, 0.1, 0.1, 1.0)   # background: near black
+    cmap = ListedColormap(colors)
+    fig, axes = plt.subplots(len(images), 3, figsize=(6.6, 2.2 * len(images)),
+                             squeeze=False)
+    for row, (image, mask, pred) in enumerate(zip(images, masks, preds)):
+        accuracy = float(np.mean(mask == pred))
+        panels = ((np.clip(image, 0, 1), "image", {}),
+                  (mask, "ground truth", dict(cmap=cmap, vmin=0, vmax=num - 1)),
+                  (pred, f"prediction ({accuracy:.1%} px)",
+                   dict(cmap=cmap, vmin=0, vmax=num - 1)))
+        for ax, (panel, title, kwargs) in zip(axes[row], panels):
+            ax.imshow(panel, interpolation="nearest", **kwargs)
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    fig.legend(handles=[Patch(color=colors[k], label=class_names[k]) for k in range(num)],
+               loc="lower center", ncol=min(num, 5), fontsize=7)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
