@@ -8,6 +8,11 @@ Variants:
               Measured on 2 CPU cores: 600 steps in ~3 minutes (3.3-3.7 steps/s), validation
               perplexity 5.14 (2.36 bits/byte) against the unigram baseline's 21.90.
   tiny        a seconds-long smoke run (tests).
+  compress    the base of the compression sweep: the default model started from the
+              trained run in `compress.init_from` (default runs/gpt, the README's main
+              job), 200 fine-tuning steps at a low learning rate; each sweep run switches on
+              one compression (get_sweep("compress")). With --config.train.num_steps=0 it
+              only evaluates: post-training compression.
   gpt2_small  GPT-2 small (12 layers, 768 wide, 1024 context) in bf16 with fused attention:
               the GPU benchmark shape.
 """
@@ -29,6 +34,14 @@ def get_config(variant: str = "default"):
         c.optim.schedule.warmup_steps = 50
         c.optim.schedule.end_lr_fraction = 0.1
         c.checkpoint.every = 200
+    elif variant == "compress":
+        c = get_config("default")
+        c.compress.init_from = "runs/gpt"
+        c.train.num_steps = 200
+        c.train.eval_every = 200
+        c.checkpoint.every = 200
+        c.optim.learning_rate = 3e-4
+        c.optim.schedule.name = "cosine"
     elif variant == "tiny":
         c = base_config("lm", "tiny", max_length=32)
         shrink_for_smoke_test(c, num_steps=20, batch_size=8, eval_batch_size=16, log_every=5,
@@ -50,7 +63,8 @@ def get_config(variant: str = "default"):
         c.optim.schedule.name = "warmup_cosine"
         c.optim.schedule.warmup_steps = 100
     else:
-        raise ValueError(f"unknown gpt variant {variant!r}; allowed: default, tiny, gpt2_small")
+        raise ValueError(f"unknown gpt variant {variant!r}; allowed: default, compress, tiny, "
+                         "gpt2_small")
     return c
 
 
@@ -72,4 +86,36 @@ def get_sweep(variant: str = "default"):
         return [("optimizer", adamw + sgd), ("model.num_layers", [2, 4])]
     if variant == "tiny":
         return [("model.num_layers", [1, 2])]
-    raise ValueError(f"no sweep for gpt variant {variant!r}; allowed: default, tiny")
+    if variant == "compress":
+        return compression_sweep()
+    raise ValueError(f"no sweep for gpt variant {variant!r}; allowed: default, compress, tiny")
+
+
+def compression_sweep():
+    """The compression table of the README: `python -m train.sweep
+    --config=configs/gpt.py:compress --workdir=runs/gpt_compress
+    --sort=validation/perplexity` after the main job trained runs/gpt.
+
+    Post-training runs (0 steps) evaluate runs/gpt's best checkpoint in compressed form;
+    the others fine-tune it for 200 steps (the dense fine-tune is their control).
+    """
+    emb = {"compress.include_embeddings": True}
+    ptq = {"train.num_steps": 0, "compress.quantize.mode": "ptq"}
+    return [
+        {"train.num_steps": 0},                                        # float reference
+        {**ptq, **emb, "compress.quantize.bits": 8},
+        {**ptq, "compress.quantize.bits": 8},                          # float embeddings
+        {**ptq, **emb, "compress.quantize.bits": 8, "compress.quantize.activations":
+         "dynamic"},
+        {**ptq, **emb, "compress.quantize.bits": 4},
+        {**emb, "compress.quantize.mode": "qat", "compress.quantize.bits": 4},
+        {**emb, "train.num_steps": 0, "compress.quantize.mode": "cluster",
+         "compress.quantize.bits": 4},
+        {"train.num_steps": 200},                                      # dense fine-tune
+        {"compress.prune.method": "magnitude", "compress.prune.sparsity": 0.5},
+        {"compress.prune.method": "n_m"},
+        {"compress.prune.method": "magnitude", "compress.prune.sparsity": 0.5,
+         "compress.prune.gradual": True, "compress.prune.end_step": 150,
+         "compress.prune.frequency": 25},
+        {"compress.lora.rank": 8, "compress.quantize.mode": "ptq"},    # QLoRA, int8 base
+    ]

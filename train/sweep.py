@@ -48,14 +48,16 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from train import config as config_lib
-from train.metrics_log import format_duration, quiet_library_logs, read_metrics, write_json
+from train.metrics_log import format_duration, quiet_library_logs, write_json
+from train.sweep_plots import plot_pareto, plot_results
 
 # Metrics whose larger values are better (matched against the metric's name); any other
 # metric (loss, perplexity, bits_per_token, ...) is sorted smallest first.
 HIGHER_IS_BETTER = ("accuracy", "bleu", "exact_match", "f1", "per_second")
 # results.md shows these metrics (results.csv has every numeric key of summary.json).
-KEY_METRIC_PREFIXES = ("validation/", "test/")
-KEY_METRICS = ("train/steps_per_second", "params/count")
+KEY_METRIC_PREFIXES = ("validation/", "test/", "compressed/validation/")
+KEY_METRICS = ("train/steps_per_second", "params/count", "params/bytes", "compressed/bytes",
+               "compressed/fraction_of_float", "compressed/sparsity")
 
 _TYPE_NAMES = {bool: "a bool (true/false)", int: "an integer", float: "a number",
                str: "a string", list: "a list", tuple: "a tuple", dict: "a dict"}
@@ -382,62 +384,9 @@ def write_results(records: list[dict], workdir: str, sort_metric: str = "validat
     with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
         f.write(markdown)
     plot_results(ranked, workdir, sort_metric)
+    if any("compressed/bytes" in r["metrics"] for r in records):
+        plot_pareto(records, workdir, sort_metric, direction)
     return markdown
-
-
-def plot_results(ranked: list[dict], workdir: str, sort_metric: str,
-                 filename: str = "results.png") -> str:
-    """(a) `sort_metric` per run as bars, best on top; (b) every run's loss curves."""
-    import matplotlib  # noqa: PLC0415 -- lazy, like metrics_log
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-    from matplotlib.lines import Line2D  # noqa: PLC0415
-
-    colors = plt.get_cmap("tab10" if len(ranked) <= 10 else "tab20").colors
-    color = {r["name"]: colors[i % len(colors)] for i, r in enumerate(ranked)}
-    # Run names are long: widen the figure for them rather than squeeze the axes.
-    width = 6 + 0.065 * max((len(r["name"]) for r in ranked), default=0)
-    fig = plt.figure(figsize=(width, 7 + 0.5 * len(ranked)), layout="constrained")
-    # Subfigures lay out independently: the bar labels' margin is not forced on the curves.
-    top, bottom = fig.subfigures(2, 1, height_ratios=[1 + 0.3 * len(ranked),
-                                                      4 + 0.2 * len(ranked)])
-    bars, curves = top.subplots(), bottom.subplots()
-
-    shown = [r for r in ranked if math.isfinite(r["metrics"].get(sort_metric, math.nan))]
-    drawn = bars.barh(range(len(shown)), [r["metrics"][sort_metric] for r in shown],
-                      color=[color[r["name"]] for r in shown])
-    bars.bar_label(drawn, fmt="%.4g", fontsize=7, padding=2)
-    bars.set_yticks(range(len(shown)), [r["name"] for r in shown], fontsize=8)
-    bars.invert_yaxis()  # best on top
-    bars.set_xlabel(sort_metric)
-    missing = len(ranked) - len(shown)
-    bars.set_title(f"{sort_metric} per run"
-                   + (f" (not reported by {missing} of the runs)" if missing else ""))
-    bars.grid(axis="x", alpha=0.3)
-
-    for r in ranked:
-        records = read_metrics(os.path.join(workdir, r["name"]))
-        for split, style in (("train", "-"), ("validation", "o--")):
-            # By step, last record wins: a resumed run may have logged a step twice.
-            points = sorted({m["step"]: m["loss"] for m in records
-                             if m["split"] == split and "loss" in m}.items())
-            if points:
-                curves.plot(*zip(*points), style, color=color[r["name"]], markersize=3,
-                            label=r["name"] if split == "train" else None)
-    handles, _ = curves.get_legend_handles_labels()
-    handles += [Line2D([], [], color="gray", linestyle="-", label="train"),
-                Line2D([], [], color="gray", linestyle="--", marker="o", markersize=3,
-                       label="validation")]
-    curves.legend(handles=handles, fontsize=7, loc="upper center",
-                  bbox_to_anchor=(0.5, -0.12), ncol=2 if len(handles) > 8 else 1)
-    curves.set_xlabel("step")
-    curves.set_ylabel("loss")
-    curves.set_title("loss curves")
-    curves.grid(alpha=0.3)
-    path = os.path.join(workdir, filename)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
 
 
 # ----------------------------------------------------------------------------------------

@@ -264,3 +264,18 @@ def test_command_line_prints_the_table_and_fails_when_a_run_fails(tmp_path):
     assert "1 of 1 runs did not finish: seed=1" in result.stderr
     with open(tmp_path / "sweep.json") as f:
         assert json.load(f)["base_config"]["train"]["num_steps"] == 5
+
+
+def test_pareto_front_keeps_only_undominated_runs():
+    from train.sweep_plots import pareto_front, pareto_points
+    records = [{"name": n, "metrics": m} for n, m in [
+        ("float", {"params/bytes": 100, "validation/ppl": 5.0}),
+        ("int8", {"params/bytes": 100, "compressed/bytes": 26, "validation/ppl": 5.0,
+                  "compressed/validation/ppl": 5.05}),
+        ("int4", {"params/bytes": 100, "compressed/bytes": 14, "compressed/validation/ppl": 6.0}),
+        ("bad", {"params/bytes": 100, "compressed/bytes": 30, "compressed/validation/ppl": 7.0}),
+    ]]
+    points = pareto_points(records, "validation/ppl")
+    assert ("int8", 26.0, 5.05) in points and ("float", 100.0, 5.0) in points
+    assert [p[0] for p in pareto_front(points, "min")] == ["int4", "int8", "float"]
+    assert [p[0] for p in pareto_front(points, "max")] == ["int4", "bad"]
