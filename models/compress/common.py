@@ -15,8 +15,10 @@ Kernel layouts in this codebase (flax Dense / DenseGeneral / Conv, `x @ W` with 
                         (nn.scan over blocks, models/transformer.py): it is a stack axis,
                         each layer is compressed on its own.
 
-"Per output channel" means one scale per index of the *last* axis (and per stacked
-layer); N:M groups run along the first input axis (axis 0 of [in, out], `in` of HWIO).
+"Per output channel" means one scale per output feature: per index of the output axes
+(the last axis of [in, out] and HWIO kernels; (head, head_dim) of q/k/v kernels), and per
+stacked layer. N:M groups run along the last input axis: axis 0 of [in, out] and of q/k/v,
+`in` of HWIO, head_dim of the attention output kernel.
 """
 from __future__ import annotations
 

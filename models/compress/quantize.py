@@ -231,9 +231,10 @@ def fake_quant(x: Array, bits: int = 8, symmetric: bool = True,
     """Quantize-dequantize in float, with a straight-through gradient (for QAT).
 
     Forward: exactly `dequantize(quantize(x))` (the integer path's values). Backward: the
-    straight-through estimator of Bengio et al. 2013 as used for QAT by Jacob et al.
-    (sec. 3): d out / d x = 1 where x lies in the clipping range [lo, hi] and 0 outside
-    (there the output is constant). The range is not learned (no gradient to it).
+    straight-through estimator of Bengio et al. 2013 in its clipped form (Courbariaux /
+    Hubara et al. 2016; Jacob et al. sec. 3): d out / d x = 1 where x lies in the clipping
+    range [lo, hi] and 0 outside (there the output is constant). The range itself is not
+    learned (no gradient reaches it). Note 004 says "no quant gradient": the same thing.
 
     Args:
       bounds: a fixed (lo, hi) range, e.g. from calibration (broadcastable to the reduced
