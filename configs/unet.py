@@ -7,10 +7,19 @@
 
 Variants:
   default   U-Net "small" (depth 3, 16 -> 128 channels, batch norm, 2x2 transposed-conv
-            upsampling; 0.48M params) on 32x32 images, per-pixel cross-entropy + soft
-            Dice, AdamW with warmup + cosine. Measured: (filled in below)
-  bilinear  the same with bilinear upsampling + 3x3 conv (the upsampling ablation).
-  tiny      a seconds-long smoke run (tests).
+            upsampling; 482,805 params) on 32x32 images, per-pixel cross-entropy + soft
+            Dice (weight 1), AdamW 3e-3 with 50 warmup steps + cosine, 400 steps of 32.
+            Measured on 2 CPU cores shared with other jobs (load 4-10): test mIoU 0.984
+            (foreground 0.980, per class 1.000 / 0.964 / 0.991 / 0.997 / 0.966), pixel
+            accuracy 0.9990; 1m56s wall in all at 5.0 steps/s (load ~4), 3m34s at 3.0
+            steps/s (load ~10). Validation mIoU 0.950 already at step 200.
+            Ablation, --config.task.dice_weight=0 (cross-entropy only): test mIoU 0.972
+            (foreground 0.965).
+  bilinear  the same with bilinear upsampling + 3x3 conv (the upsampling ablation;
+            536,565 params): test mIoU 0.986 (foreground 0.982), pixel accuracy 0.9992,
+            2m26s wall at 4.8 steps/s -- on par with the transposed conv here.
+  tiny      a seconds-long smoke run (tests): model "tiny" at depth 1 (its compile time is
+            mostly the random initializers', one per kernel).
 Metrics (validation/..., test/...): pixel_accuracy, miou (mean IoU over the classes
 present, background included), miou_foreground (classes 1..4), iou_k, dice_k, mean_dice.
 The best checkpoint is chosen by validation/miou.
@@ -40,6 +49,7 @@ def get_config(variant: str = "default"):
     if variant == "bilinear":
         c.model.upsampling = "bilinear"
     elif variant == "tiny":
+        c.model.depth = 1
         shrink_for_smoke_test(c, num_steps=6, batch_size=8, eval_batch_size=16, log_every=3,
                               eval_every=3)
         c.data.shapes_split_sizes.validation = 24   # the last eval batch is padded

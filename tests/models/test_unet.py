@@ -37,6 +37,15 @@ def _random_variables(model, x, seed=0):
     return jax.tree_util.tree_map_with_path(leaf, dict(shapes))
 
 
+@functools.cache
+def _fwd(model, train=False):
+    def f(v, x):
+        if train:
+            return model.apply(v, x, train=True, mutable=["batch_stats"])
+        return model.apply(v, x), None
+    return _jit(f)
+
+
 def _f64(tree):
     return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
 
@@ -138,11 +147,11 @@ def test_transposed_conv_equals_flax_conv_transpose():
         def __call__(self, x):
             return unet.upsample(cfg, x, 4, name="up")
 
-    v = Up().init(jax.random.key(0), x)
+    v = _random_variables(Up(), x)
     ref = nn.ConvTranspose(4, (2, 2), strides=(2, 2), padding="VALID")
-    got = Up().apply(v, x)
+    got = _jit(Up().apply)(v, x)
     assert got.shape == (2, 6, 10, 4)
-    np.testing.assert_allclose(got, ref.apply({"params": v["params"]["up"]}, x),
+    np.testing.assert_allclose(got, _jit(ref.apply)({"params": v["params"]["up"]}, x),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -176,15 +185,16 @@ def test_skip_connections_feed_the_decoder():
     model = unet.UNet(cfg)
     x = np.random.default_rng(3).uniform(size=(2, 8, 8, 3)).astype(np.float32)
     v = _random_variables(model, x)
-    base = model.apply(v, x)
+    apply = _jit(model.apply)
+    base = apply(v, x)
+    grad = _jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x) ** 2)))(v["params"])
     for level in range(cfg.depth):
         kernel = v["params"][f"dec{level}"]["conv0"]["kernel"]
         c = cfg.channels(level)
         assert kernel.shape == (3, 3, 2 * c, c)    # skip (c) + upsampled (c) channels
         no_skip = jax.tree.map(lambda a: a, v)
         no_skip["params"][f"dec{level}"]["conv0"]["kernel"] = kernel.at[:, :, :c].set(0)
-        assert float(jnp.max(jnp.abs(model.apply(no_skip, x) - base))) > 1e-2, level
-        grad = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x) ** 2))(v["params"])
+        assert float(jnp.max(jnp.abs(apply(no_skip, x) - base))) > 1e-2, level
         assert float(jnp.abs(grad[f"dec{level}"]["conv0"]["kernel"][:, :, :c]).max()) > 0
 
 
@@ -211,15 +221,15 @@ def test_parameter_count_closed_form(variant, upsampling):
 
 
 def test_batch_norm_updates_running_stats_only_in_training():
-    model = unet.UNet(unet.make_config("tiny"))
+    model = unet.UNet(unet.make_config("tiny", depth=1))
     x = np.random.default_rng(4).uniform(size=(4, 8, 8, 3)).astype(np.float32)
-    v = model.init(jax.random.key(0), x)
-    out, updates = model.apply(v, x, train=True, mutable=["batch_stats"])
+    v = _jit(model.init)(jax.random.key(0), x)
+    _, updates = _fwd(model, True)(v, x)
     mean = updates["batch_stats"]["down0"]["norm0"]["mean"]
     assert float(jnp.abs(mean).max()) > 0              # moved from its zero init
     # Evaluation (no mutable collections: an update would raise) normalizes with the
     # running averages, so each example is independent of the rest of the batch.
-    np.testing.assert_allclose(model.apply(v, x)[:1], model.apply(v, x[:1]), atol=1e-5)
+    np.testing.assert_allclose(_fwd(model)(v, x)[0][:1], _fwd(model)(v, x[:1])[0], atol=1e-5)
 
 
 def test_group_and_no_norm_have_no_batch_stats_and_no_norm_has_biases():

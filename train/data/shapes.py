@@ -294,6 +294,7 @@ class ShapesDataset:
         self.prompt_templates = PROMPT_TEMPLATES
         self.image_shape = (image_size, image_size, 3)
         self.num_mask_classes = len(SHAPES) + 1
+        self.mask_class_names = ("background",) + tuple(SHAPES)
         self._captions = _caption_tokens(max_caption_len)  # validates max_caption_len
         self._sampler = EpochSampler(self.num_examples, batch_size, seed)
 

@@ -154,9 +154,12 @@ class SegmentationTask:
 
     def predict(self, params, model_state, images) -> np.ndarray:
         """int [B, H, W] argmax classes (evaluation mode)."""
-        logits, _ = apply_model(self.model, params, model_state, jnp.asarray(images),
-                                jax.random.key(0), False)
-        return np.asarray(jnp.argmax(logits, axis=-1))
+        @jax.jit  # one compile instead of one per primitive
+        def classes(params, model_state, images):
+            logits, _ = apply_model(self.model, params, model_state, images,
+                                    jax.random.key(0), False)
+            return jnp.argmax(logits, axis=-1)
+        return np.asarray(classes(params, model_state, jnp.asarray(images)))
 
     def report(self, params, model_state, workdir: str) -> dict:
         n = self.config.task.report_examples
