@@ -17,6 +17,15 @@ Variants:
   forecast  LSTM forecaster with instance normalization on the generated series (the
             same data and baselines as configs/patchtst.py).
   tiny, tiny_classify, tiny_forecast   seconds-long smoke runs (tests).
+
+Measured on 2 CPU cores shared with other jobs (wall times are upper bounds):
+  default   test BLEU 100.0 and exact match 100% (greedy and beam 4) after 2000 steps,
+            8.2 steps/s, 4.4 minutes wall for the whole run (the target: BLEU >= 90 within
+            10 minutes).
+  luong     test BLEU 99.96, exact match 99.8% (greedy and beam 4), 2000 steps, 3 minutes.
+  classify  test accuracy 56.4% over 12 modules (chance 8.3%; top-5 82.4%), 1500 steps.
+  forecast  test MSE 0.091 vs naive 1.651 and seasonal-naive 0.255 (MAE 0.239 vs 1.031 /
+            0.407), 1000 steps -- PatchTST on the same split: 0.129.
 """
 from train.config import base_config, shrink_for_smoke_test
 

@@ -40,16 +40,18 @@ def plot_pareto(records: list[dict], workdir: str, metric: str, direction: str) 
 
     points = pareto_points(records, metric)
     front = pareto_front(points, direction)
-    fig, ax = plt.subplots(figsize=(8, 5.5), layout="constrained")
+    # Run names are long: number the points and list the names under the axes.
+    fig, ax = plt.subplots(figsize=(8, 5 + 0.18 * len(points)), layout="constrained")
     ax.scatter([p[1] / 1e6 for p in points], [p[2] for p in points], color="tab:blue")
-    for name, size, value in points:
-        ax.annotate(name, (size / 1e6, value), fontsize=6, xytext=(3, 3),
+    for i, (_, size, value) in enumerate(points, 1):
+        ax.annotate(str(i), (size / 1e6, value), fontsize=8, xytext=(3, 3),
                     textcoords="offset points")
+    ax.set_title("accuracy vs size\n" + "\n".join(
+        f"{i}: {name}" for i, (name, _, _) in enumerate(points, 1)), fontsize=7, loc="left")
     ax.plot([p[1] / 1e6 for p in front], [p[2] for p in front], "-o", color="tab:red",
             label="Pareto front")
     ax.set_xlabel("stored bytes (MB; compressed form where compressed)")
     ax.set_ylabel(metric + " (compressed model where compressed)")
-    ax.set_title("accuracy vs size")
     ax.grid(alpha=0.3)
     ax.legend()
     path = os.path.join(workdir, "pareto.png")
