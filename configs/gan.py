@@ -48,6 +48,7 @@ def get_config(variant: str = "default"):
     elif variant == "tiny":
         shrink_for_smoke_test(c, num_steps=4, batch_size=16, eval_batch_size=32, log_every=2,
                               eval_every=2)
+        c.data.image_size = 16                  # 2 up/down-samplings: faster compiles
         c.data.shapes_split_sizes.validation = 32
         c.data.shapes_split_sizes.test = 32
         c.task.scorer_steps = 3

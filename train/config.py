@@ -75,7 +75,7 @@ def task_config(name: str) -> ml_collections.ConfigDict:
         t.temperature_start = 1.0  # Gumbel-softmax tau at step 0 (categorical latents)
         t.temperature_min = 0.5    # ... floor of the annealing, and the eval temperature
         t.temperature_decay = 1e-3  # tau_t = max(min, start * exp(-decay * t))
-        t.iwae_samples = 64        # importance samples of the test NLL bound (0 = none)
+        t.iwae_samples = 16        # importance samples of the test NLL bound (0 = none)
         t.iwae_examples = 0        # test examples for that bound (0 = the whole split)
         t.report_images = 12       # columns of the reconstruction/sample/interpolation PNGs
     elif name == "gan":            # DCGAN training, train/tasks/gan.py; label_smoothing above

@@ -21,23 +21,26 @@ DCGAN k = 1, so task.d_steps defaults to 1. The notes also describe training as 
 "until Nash equilibrium": in practice it runs a fixed number of steps; at the equilibrium
 D(x) = 1/2 everywhere and the discriminator's loss is 2 log 2 = 1.386.
 
-Metrics (training and evaluation): d_loss (unsmoothed BCE; loss = d_loss in training,
-the progress line's number), g_loss, d_real_accuracy (D(x) > 1/2), d_fake_accuracy
-(D(G(z)) < 1/2), fake_diversity / real_diversity (mean pairwise RMS pixel distance within
-a batch: a collapsed generator's falls toward 0) and diversity_ratio.
+Metrics: d_loss (unsmoothed BCE; "loss" = d_loss in training, the progress line's number),
+g_loss, d_real_accuracy (D(x) > 1/2), d_fake_accuracy (D(G(z)) < 1/2), fake_diversity and
+real_diversity (mean pairwise RMS pixel distance within a batch; a collapsing generator's
+falls toward 0) and their diversity_ratio. With batch norm in D, evaluation normalizes with
+running averages gathered over all-real and all-fake batches, so evaluation accuracies can
+differ from the training ones (which use batch statistics, as the updates do).
 
-Sample quality (evaluation only): a classifier trained on the same data -- a resnet_tiny
-(models/cnn.py) with the 7x7/2 + max-pool stem, trained on the train split for
-task.scorer_steps Adam steps when the task is built (deterministic, ~30 s on 2 CPU cores
-for 500 steps, nothing cached; retrained identically on resume) -- scores real and
-generated images with the Inception-Score-like
-    score = exp(H(p(y)) - E_x H(p(y|x))) = exp(E_x KL(p(y|x) || p(y))),
-computed exactly over a split from (sum, weight) metrics: per-class probability sums
-(<split>_marginal_XX, the class coverage, which shows mode collapse class by class) and
-per-sample entropy sums. Also <split>_classes = exp(H(p(y))) (the effective number of
-classes the scorer sees), <split>_confidence (mean max p(y|x)). The score lies in [1, K]:
-1 when every sample gets the same prediction, K when each is a confident prediction and
-the K classes are equally covered. real_* on the real evaluation images is the reference.
+Sample quality (evaluation): a classifier of the same data -- resnet_tiny (models/cnn.py)
+with the 7x7/2 + max-pool stem, trained for task.scorer_steps Adam steps on the train split
+when the task is built (deterministic, ~30 s on 2 CPU cores for 500 steps, ~90% test
+accuracy; kept in memory for the process, never written: a resume in a new process trains
+the identical classifier; chosen over restoring a configs/resnet.py run so that one
+command is the whole experiment) -- scores real and generated images with
+    score = exp(H(p(y)) - E_x H(p(y|x))) = exp(E_x KL(p(y|x) || p(y)))   (Inception Score
+form), exact over a split from (sum, weight) metrics: per-class probability sums
+({real,fake}_marginal_XX: the class coverage, which shows mode collapse class by class) and
+per-sample entropy sums. Also {real,fake}_classes = exp(H(p(y))), the effective number of
+classes the scorer sees, and {real,fake}_confidence, the mean max p(y|x). The score lies in
+[1, K]: 1 when every sample gets the same prediction, K when each prediction is confident
+and the K classes are covered equally; real_score on the real images is the reference.
 """
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ from train.tasks import common
 LOSSES = ("non_saturating", "minimax")
 _SAMPLE_KEY = 0x6A4  # fold_in constant of the fixed sample-grid noise
 _SCORER_KEY = 0x5C0  # fold_in constant of the scorer's init
+_SCORERS: dict = {}  # (data config, classes, steps, lr, seed) -> (scorer, variables)
 
 
 # ----------------------------------------------------------------------------------------
@@ -104,17 +108,18 @@ def pairwise_distance_sums(images, weights):
     return jnp.sum(pair_w * dist), jnp.sum(pair_w)
 
 
-def gan_metrics(real_logits, fake_logits, g_logits, kind, weights, real, fakes):
-    """(sum, weight) metrics of one batch: unsmoothed losses, D accuracies, diversity."""
-    w = weights
+def discriminator_metrics(real_logits, fake_logits, w) -> common.Metrics:
+    """(sum, weight): d_loss (unsmoothed BCE), d_real_accuracy, d_fake_accuracy."""
     n = jnp.sum(w)
-    bce = optax.sigmoid_binary_cross_entropy
-    d_per = bce(real_logits, jnp.ones_like(real_logits)) + bce(fake_logits,
-                                                               jnp.zeros_like(fake_logits))
-    g = generator_loss(g_logits, kind, w) * n
-    return {"d_loss": (jnp.sum(d_per * w), n), "g_loss": (g, n),
-            "d_real_accuracy": (jnp.sum((real_logits > 0) * w), n),
-            "d_fake_accuracy": (jnp.sum((fake_logits < 0) * w), n),
+    d_loss = discriminator_loss(real_logits, fake_logits, 1.0, w) * n
+    return {"d_loss": (d_loss, n), "d_real_accuracy": (jnp.sum((real_logits > 0) * w), n),
+            "d_fake_accuracy": (jnp.sum((fake_logits < 0) * w), n)}
+
+
+def gan_metrics(real_logits, fake_logits, kind, w, real, fakes) -> common.Metrics:
+    """(sum, weight) metrics of one batch: discriminator_metrics, g_loss, diversity."""
+    return {**discriminator_metrics(real_logits, fake_logits, w),
+            "g_loss": (generator_loss(fake_logits, kind, w) * jnp.sum(w), jnp.sum(w)),
             "fake_diversity": pairwise_distance_sums(fakes, w),
             "real_diversity": pairwise_distance_sums(real, w)}
 
@@ -128,7 +133,7 @@ def class_probability_sums(probs, weights, prefix: str) -> common.Metrics:
     {prefix}_confidence (max_k p(y = k | x))."""
     p = probs.astype(jnp.float32)
     n = jnp.sum(weights)
-    entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), -1)
+    entropy = jnp.sum(jax.scipy.special.entr(p), -1)   # -p log p, 0 at p = 0
     out = {f"{prefix}_marginal_{k:02d}": (jnp.sum(p[:, k] * weights), n)
            for k in range(p.shape[1])}
     out[f"{prefix}_entropy"] = (jnp.sum(entropy * weights), n)
@@ -153,8 +158,8 @@ def train_scorer(train_ds, num_classes: int, steps: int, learning_rate: float, s
     model = cnn.ResNet(cnn.make_resnet_config("resnet_tiny", num_classes=num_classes,
                                               stem="imagenet"))
     first = train_ds.batch(0)
-    variables = model.init(jax.random.fold_in(jax.random.key(seed), _SCORER_KEY),
-                           first["image"][:1])
+    variables = jax.jit(model.init)(jax.random.fold_in(jax.random.key(seed), _SCORER_KEY),
+                                    first["image"][:1])  # jit: one compile, not one per op
     cfg = optim.default_config()
     cfg.name, cfg.learning_rate, cfg.schedule.name = "adam", learning_rate, "cosine"
     tx = optim.make_optimizer(cfg, steps)
@@ -234,8 +239,15 @@ class GANTask:
             if not self.num_classes:
                 raise ValueError("task.scorer_steps > 0 needs a labelled image dataset "
                                  "(num_classes); set task.scorer_steps=0 for no score")
-            self.scorer = train_scorer(datasets["train"], self.num_classes, t.scorer_steps,
-                                       t.scorer_learning_rate, config.seed)
+            # Deterministic, so a run resumed (or swept) in the same process reuses it.
+            key = (config.data.to_json_best_effort(sort_keys=True), self.num_classes,
+                   t.scorer_steps, t.scorer_learning_rate, config.seed)
+            if key not in _SCORERS:
+                _SCORERS.clear()  # keep one: it is small, but there is no need for more
+                _SCORERS[key] = train_scorer(datasets["train"], self.num_classes,
+                                             t.scorer_steps, t.scorer_learning_rate,
+                                             config.seed)
+            self.scorer = _SCORERS[key]
         sample_key = jax.random.fold_in(jax.random.key(config.seed), _SAMPLE_KEY)
         self.sample_z = jax.random.normal(sample_key, (t.sample_grid ** 2, self.latent_dim))
         self._generate = jax.jit(lambda p, s, z: self._apply(p, s, z, "generate", False)[0])
@@ -268,13 +280,15 @@ class GANTask:
                                                train)
         fake_logits, model_state = self._apply(params, model_state, fakes, "discriminate",
                                                train)
-        metrics = gan_metrics(real_logits, fake_logits, fake_logits, self.kind, w, real,
-                              fakes)
+        metrics = gan_metrics(real_logits, fake_logits, self.kind, w, real, fakes)
         if self.scorer is not None and not train:
             scorer, variables = self.scorer
             for prefix, images in (("real", real), ("fake", fakes)):
                 probs = jax.nn.softmax(scorer.apply(variables, images), axis=-1)
                 metrics.update(class_probability_sums(probs, w, prefix))
+                if prefix == "real" and "label" in batch:  # the scorer's own accuracy
+                    hits = jnp.argmax(probs, -1) == batch["label"]
+                    metrics["scorer_accuracy"] = (jnp.sum(hits * w), jnp.sum(w))
         loss = discriminator_loss(real_logits, fake_logits, self.real_label, w)
         return loss, (metrics, model_state)
 
@@ -309,10 +323,8 @@ class GANTask:
         return optim.regularization_penalty(params, o.l1, o.l2, o.weight_decay_exclude)
 
     def discriminator_update(self, tx, o, params, d_opt_state, model_state, real, rng):
-        """One discriminator update on `real` [m, ...] and m fakes from `rng`.
-
-        Returns (d_params, d_opt_state, model_state, (loss, grad_norm, metrics)).
-        """
+        """One update on `real` [m, ...] and m fakes from `rng` -> (d_params, d_opt_state,
+        model_state, (objective, grad_norm, metrics)); o: the optim config (l1, l2)."""
         fakes, model_state = self._apply(params, model_state,
                                          self._noise(rng, real.shape[0]), "generate", True)
         fakes = jax.lax.stop_gradient(fakes)
@@ -327,19 +339,14 @@ class GANTask:
         (loss, (real_logits, fake_logits, model_state)), grads = jax.value_and_grad(
             loss_of, has_aux=True)(params["discriminator"])
         updates, d_opt = tx.discriminator.update(grads, d_opt_state, params["discriminator"])
-        bce = optax.sigmoid_binary_cross_entropy
-        metrics = {"d_loss": jnp.mean(bce(real_logits, jnp.ones_like(real_logits))
-                                      + bce(fake_logits, jnp.zeros_like(fake_logits))),
-                   "d_real_accuracy": jnp.mean(real_logits > 0),
-                   "d_fake_accuracy": jnp.mean(fake_logits < 0)}
+        metrics = {k: total / n for k, (total, n) in discriminator_metrics(
+            real_logits, fake_logits, jnp.ones(real.shape[:1], jnp.float32)).items()}
         return (optax.apply_updates(params["discriminator"], updates), d_opt, model_state,
                 (loss, optax.tree.norm(grads), metrics))
 
     def generator_update(self, tx, o, params, g_opt_state, model_state, m: int, rng):
-        """One generator update on m fakes from `rng`.
-
-        Returns (g_params, g_opt_state, model_state, (loss, grad_norm, fakes)).
-        """
+        """One update on m fakes from `rng` -> (g_params, g_opt_state, model_state,
+        (objective, grad_norm, fakes))."""
         z = self._noise(rng, m)
 
         def loss_of(g_params):
@@ -370,18 +377,16 @@ class GANTask:
             reals = real.reshape((k, m) + real.shape[1:])
             params, opt_state = state["params"], state["opt_state"]
 
-            def d_phase(carry, inputs):
-                d_params, d_opt, model_state = carry
-                i, real_i = inputs
-                p = {**params, "discriminator": d_params}
+            # k discriminator updates, unrolled: k is small, and XLA:CPU runs convolutions
+            # inside a lax.scan body ~20x slower than the same ops outside one.
+            d_params, d_opt = params["discriminator"], opt_state["discriminator"]
+            model_state, outs = state["model_state"], []
+            for i in range(k):
                 d_params, d_opt, model_state, out = self.discriminator_update(
-                    tx, o, p, d_opt, model_state, real_i,
-                    jax.random.fold_in(rng, i))
-                return (d_params, d_opt, model_state), out
-
-            (d_params, d_opt, model_state), (d_obj, d_norm, d_metrics) = jax.lax.scan(
-                d_phase, (params["discriminator"], opt_state["discriminator"],
-                          state["model_state"]), (jnp.arange(k), reals))
+                    tx, o, {**params, "discriminator": d_params}, d_opt, model_state,
+                    reals[i], jax.random.fold_in(rng, i))
+                outs.append(out)
+            d_obj, d_norm, d_metrics = jax.tree.map(lambda *x: jnp.stack(x), *outs)
             params = {**params, "discriminator": d_params}
             g_params, g_opt, model_state, (g_obj, g_norm, fakes) = self.generator_update(
                 tx, o, params, opt_state["generator"], model_state, m,
@@ -395,15 +400,12 @@ class GANTask:
                          "params": {"generator": g_params, "discriminator": d_params},
                          "opt_state": {"generator": g_opt, "discriminator": d_opt},
                          "model_state": model_state, "nonfinite_step": first_bad}
-            ones = jnp.ones((m,), jnp.float32)
-            fake_div = pairwise_distance_sums(fakes, ones)
-            real_div = pairwise_distance_sums(reals[-1], ones)
             scalars = {name: jnp.mean(v) for name, v in d_metrics.items()}
-            scalars.update(
-                loss=scalars["d_loss"], g_loss=g_obj, d_objective=jnp.mean(d_obj),
-                d_grad_norm=jnp.mean(d_norm), g_grad_norm=g_norm,
-                fake_diversity=fake_div[0] / fake_div[1],
-                real_diversity=real_div[0] / real_div[1])
+            scalars.update(loss=scalars["d_loss"], g_loss=g_obj, d_objective=jnp.mean(d_obj),
+                           d_grad_norm=jnp.mean(d_norm), g_grad_norm=g_norm)
+            for name, images in (("fake", fakes), ("real", reals[-1])):
+                scalars[f"{name}_diversity"] = jnp.divide(*pairwise_distance_sums(
+                    images, jnp.ones((m,), jnp.float32)))
             scalars["diversity_ratio"] = scalars["fake_diversity"] / scalars["real_diversity"]
             return new_state, scalars
         return train_step
@@ -421,26 +423,19 @@ class GANTask:
         self.after_evaluation("final", params, model_state, workdir)
         if self.scorer is None:
             return {}
-        scorer, variables = self.scorer
-        classify = jax.jit(lambda x: jax.nn.softmax(scorer.apply(variables, x), -1))
+        # The final test evaluation again, with other noise: the same metrics (loss_fn).
         key = jax.random.fold_in(jax.random.key(self.config.seed), _SAMPLE_KEY + 1)
-        correct, n, probs = 0.0, 0.0, {"real": [], "fake": []}
+        eval_step = jax.jit(lambda p, s, b, r: self.loss_fn(p, s, b, r, False)[1][0])
+        totals = None
         for i, batch in enumerate(self.datasets["test"].eval_batches(
                 self.config.data.eval_batch_size)):
-            keep = batch["weights"] > 0
-            p_real = np.asarray(classify(batch["image"]))[keep]
-            correct += float(np.sum(np.argmax(p_real, -1) == batch["label"][keep]))
-            n += float(keep.sum())
-            z = self._noise(jax.random.fold_in(key, i), batch["image"].shape[0])
-            probs["real"].append(p_real)
-            probs["fake"].append(np.asarray(classify(self._generate(params, model_state,
-                                                                    z)))[keep])
-        out = {"scorer/test_accuracy": correct / max(n, 1.0)}
-        for name, p in probs.items():
-            p = np.concatenate(p).astype(np.float64)
-            entropy = float(np.mean(-np.sum(p * np.log(np.maximum(p, 1e-30)), -1)))
-            out[f"scorer/{name}_test_score"] = inception_like_score(p.mean(0), entropy)[0]
-        return out
+            totals = common.add_metrics(totals, eval_step(params, model_state, batch,
+                                                          jax.random.fold_in(key, i)))
+        means = common.finalize(jax.device_get(totals))
+        means.update(self.derived_metrics(means))
+        return {"scorer/test_accuracy": means["scorer_accuracy"],
+                "scorer/real_test_score": means["real_score"],
+                "scorer/fake_test_score": means["fake_score"]}
 
 
 def _check_options(t, batch_size: int) -> None:

@@ -92,11 +92,12 @@ class VAETask:
     # ---- Objective ----------------------------------------------------------------------
     def loss_fn(self, params, model_state, batch, rng, train: bool, step=None):
         t = self.config.task
-        if train and step is not None:
-            beta = beta_schedule(t.beta, t.kl_warmup_steps, step)
-            temperature = temperature_schedule(t.temperature_start, t.temperature_min,
-                                               t.temperature_decay, step)
-            hard = None                      # the model's own setting
+        if train:                            # hard=None: the model's own setting
+            beta, temperature, hard = t.beta, t.temperature_min, None
+            if step is not None:             # the trainer passes it (needs_step)
+                beta = beta_schedule(t.beta, t.kl_warmup_steps, step)
+                temperature = temperature_schedule(t.temperature_start, t.temperature_min,
+                                                   t.temperature_decay, step)
         else:                                # evaluation: the bound of the discrete model
             beta, temperature, hard = 1.0, t.temperature_min, True
         images = batch["image"]
