@@ -77,7 +77,7 @@ class VAEConfig:
     decoder_scale: str = "learned"         # gaussian: "fixed" | "learned" (per channel)
     decoder_std: float = 0.1               # gaussian: the fixed sigma / the learned one's init
     hidden_dims: tuple[int, ...] = (512, 256)      # mlp: encoder widths; decoder reversed
-    conv_features: tuple[int, ...] = (32, 64, 128)  # conv: stride-2 stages; decoder reversed
+    conv_features: tuple[int, ...] = (16, 32, 64)  # conv: stride-2 stages; decoder reversed
     activation: str = "relu"
     kernel_init: str = "lecun_normal"
     dtype: str = "float32"                 # compute dtype; outputs are float32

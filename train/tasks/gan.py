@@ -29,11 +29,11 @@ running averages gathered over all-real and all-fake batches, so evaluation accu
 differ from the training ones (which use batch statistics, as the updates do).
 
 Sample quality (evaluation): a classifier of the same data -- resnet_tiny (models/cnn.py)
-with the 7x7/2 + max-pool stem, trained for task.scorer_steps Adam steps on the train split
-when the task is built (deterministic, ~30 s on 2 CPU cores for 500 steps, ~90% test
-accuracy; kept in memory for the process, never written: a resume in a new process trains
-the identical classifier; chosen over restoring a configs/resnet.py run so that one
-command is the whole experiment) -- scores real and generated images with
+with the 7x7/2 + max-pool stem, trained for task.scorer_steps Adam steps on batches of 64
+train-split images when the task is built (deterministic, ~30 s on 2 CPU cores for 500
+steps, ~90% test accuracy; kept in memory for the process, never written: a resume in a
+new process trains the identical classifier; chosen over restoring a configs/resnet.py
+run so that one command is the whole experiment) -- scores real and generated images with
     score = exp(H(p(y)) - E_x H(p(y|x))) = exp(E_x KL(p(y|x) || p(y)))   (Inception Score
 form), exact over a split from (sum, weight) metrics: per-class probability sums
 ({real,fake}_marginal_XX: the class coverage, which shows mode collapse class by class) and
@@ -53,10 +53,12 @@ import numpy as np
 import optax
 
 from models import cnn
+from train import data as data_lib  # the scorer's own training batches
 from train import optim
 from train.tasks import common
 
 LOSSES = ("non_saturating", "minimax")
+SCORER_BATCH_SIZE = 64  # the scorer's training batch, whatever data.batch_size is
 _SAMPLE_KEY = 0x6A4  # fold_in constant of the fixed sample-grid noise
 _SCORER_KEY = 0x5C0  # fold_in constant of the scorer's init
 _SCORERS: dict = {}  # (data config, classes, steps, lr, seed) -> (scorer, variables)
@@ -239,14 +241,18 @@ class GANTask:
             if not self.num_classes:
                 raise ValueError("task.scorer_steps > 0 needs a labelled image dataset "
                                  "(num_classes); set task.scorer_steps=0 for no score")
+            # Batches of its own size, so every data.batch_size (and d_steps) gets the same
+            # scorer and scores compare across configs of the same data and seed.
+            data_cfg = config.data.copy_and_resolve_references()
+            data_cfg.batch_size = SCORER_BATCH_SIZE
             # Deterministic, so a run resumed (or swept) in the same process reuses it.
-            key = (config.data.to_json_best_effort(sort_keys=True), self.num_classes,
+            key = (data_cfg.to_json_best_effort(sort_keys=True), self.num_classes,
                    t.scorer_steps, t.scorer_learning_rate, config.seed)
             if key not in _SCORERS:
                 _SCORERS.clear()  # keep one: it is small, but there is no need for more
-                _SCORERS[key] = train_scorer(datasets["train"], self.num_classes,
-                                             t.scorer_steps, t.scorer_learning_rate,
-                                             config.seed)
+                _SCORERS[key] = train_scorer(
+                    data_lib.make_dataset(data_cfg, "train", config.seed), self.num_classes,
+                    t.scorer_steps, t.scorer_learning_rate, config.seed)
             self.scorer = _SCORERS[key]
         sample_key = jax.random.fold_in(jax.random.key(config.seed), _SAMPLE_KEY)
         self.sample_z = jax.random.normal(sample_key, (t.sample_grid ** 2, self.latent_dim))

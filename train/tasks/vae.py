@@ -199,6 +199,7 @@ class VAETask:
         batch = next(iter(self.datasets["test"].eval_batches(max(256, 2 * cols))))
         n = int(batch["weights"].sum())
         images, labels = batch["image"][:n], batch["label"][:n]
+        cols = max(2, min(cols, n // 2))   # a tiny test split: narrower grids
         # Up to 3 pairs of test images of different classes: A = example k, B = the next
         # example of another class.
         pairs = [(a, next((j for j in range(a + 1, n) if labels[j] != labels[a]),
@@ -212,7 +213,7 @@ class VAETask:
                   os.path.join(workdir, "reconstructions.png"))
         save_grid([samples[r * cols:(r + 1) * cols] for r in range(rows_of_samples)],
                   os.path.join(workdir, "samples.png"))
-        save_grid([np.concatenate([ends[2 * r:2 * r + 1], between[r], ends[2 * r + 1:2 * r + 2]])
+        save_grid([np.concatenate([ends[2 * r][None], between[r], ends[2 * r + 1][None]])
                    for r in range(len(pairs))], os.path.join(workdir, "interpolation.png"))
 
     @functools.partial(jax.jit, static_argnums=(0, 5, 6))
