@@ -4,24 +4,24 @@
     python -m train.main --config=configs/gan.py:minimax --workdir=runs/gan_minimax
     python -m train.main --config=configs/gan.py:k2 --workdir=runs/gan_k2
 
-Variants (measured on 2 CPU cores shared with other jobs, so wall times are upper-ish
-bounds; validation/fake_score at steps 250, 500, ..., 1500, the real validation images
-scoring 9.89, the scorer 90.2% accurate on test):
+Variants (measured on 2 CPU cores shared with other jobs, so wall times vary 1.5x from
+run to run; validation/fake_score at steps 250, 500, ..., 1500, where the real validation
+images score 9.89; the scorer is 90.2% accurate on test):
   default  "small" DCGAN (generator 297K params, discriminator 168K, batch norm in both,
            z of 64 dims), non-saturating loss, Adam 2e-4 / b1 0.5 for both groups, m = 64
            images per update, one discriminator update per generator update. 1500 steps
-           in 2m35s (12 steps/s; 4m34s when the machine was busier), including ~30 s
-           training the scorer. fake_score 2.11, 2.57, 4.28, 5.07, 4.53, 4.98; test
-           fake_score 5.11 vs 10.21 for the real test images, 12.9 of 16 effective classes,
-           diversity_ratio 1.02 (no mode collapse). Samples: colored shapes at the right
-           places, some multi-colored or blobby. (d_norm=none instead: 1.00 at step 250 --
-           diversity_ratio 0.10, a collapse -- recovering to 3.73 at 1500.)
+           in 2m35s to 4m05s (8.5-12 steps/s), ~30 s of it training the scorer.
+           fake_score 2.09, 2.57, 4.31, 5.10, 4.57, 5.00; test fake_score 5.09 vs 10.21
+           for the real test images, 12.9 of 16 effective classes, diversity_ratio 1.02
+           (no mode collapse). Samples: colored shapes in the right places, some
+           multi-colored or blobby. (With model.d_norm=none: 1.00 at step 250 with
+           diversity_ratio 0.10, a collapse, recovering to 3.73 at 1500.)
   minimax  the same with the saturating generator loss log(1 - D(G(z))): D rejects the
-           fakes (train d_fake_accuracy 1.0, g_loss ~ -0.01, a vanishing gradient);
-           fake_score 1.41, 1.09, 2.75, 2.21, 3.84, 3.01 (test 3.05) in 2m54s.
+           fakes (train d_fake_accuracy 1.0, g_loss ~ -0.01: a vanishing gradient);
+           fake_score 1.41, 1.09, 2.71, 2.22, 3.80, 3.03 (test 3.06) in 2m54s.
   k2       two discriminator updates (each on its own 64 real images) per generator update
-           (data.batch_size 128): fake_score 1.92, 3.98, 3.55, 4.40, 5.25, 4.78 (test 4.80)
-           in 4m05s (7.5 steps/s).
+           (data.batch_size 128): fake_score 1.87, 3.93, 3.53, 4.35, 5.26, 4.74 (test 4.77)
+           in 4m33s (6.7 steps/s).
   tiny     a seconds-long smoke run (tests; 16x16 images).
 
 Each evaluation writes samples_<step>.png (the same 64 noise vectors every time) and logs
