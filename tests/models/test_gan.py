@@ -1,5 +1,7 @@
 """DCGAN module: shapes and ranges, the transposed conv against a float64 NumPy scatter
 reference, batch-norm collections, parameter counts in closed form, hooks and errors."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +14,7 @@ def _init(cfg, batch=2):
     model = gan.GAN(cfg)
     z = jnp.zeros((batch, cfg.latent_dim))
     x = jnp.zeros((batch, cfg.image_size, cfg.image_size, cfg.channels))
-    return model, model.init(jax.random.key(0), z, x)
+    return model, jax.jit(model.init)(jax.random.key(0), z, x)
 
 
 @pytest.mark.parametrize("image_size,channels,norm,output", [
@@ -22,11 +24,11 @@ def test_output_shapes_and_ranges(image_size, channels, norm, output):
                           d_norm=norm, output=output)
     model, v = _init(cfg)
     z = jax.random.normal(jax.random.key(1), (5, cfg.latent_dim))
-    images = model.apply(v, z, method="generate")
+    images = jax.jit(functools.partial(model.apply, method="generate"))(v, z)
     assert images.shape == (5, image_size, image_size, channels)
     assert images.dtype == jnp.float32
     assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
-    logits = model.apply(v, images, method="discriminate")
+    logits = jax.jit(functools.partial(model.apply, method="discriminate"))(v, images)
     assert logits.shape == (5,) and logits.dtype == jnp.float32
     assert set(v["params"]) == {"generator", "discriminator"}
     assert ("batch_stats" in v) == (norm == "batch")

@@ -251,6 +251,7 @@ def _without_speed(summary):
 
 def test_tiny_run_writes_samples_and_resumes_bit_exactly(tmp_path):
     c = gan_config.get_config("tiny")   # 4 steps, eval every 2, a 3-step scorer
+    c.task.d_steps = 2  # on the 8 test devices: the batch split in 2 slices of 8, sharded
     full = trainer.train_and_evaluate(c, str(tmp_path / "full"))
     for name in ("samples_2.png", "samples_final.png", "summary.json", "metrics.jsonl"):
         assert (tmp_path / "full" / name).is_file(), name
