@@ -388,12 +388,7 @@ def main(argv=None) -> dict:
         for r in report["results"]:
             r["ratio_to_torch"] = r["ms_median"] / torch_ms
             r["ratio_to_torch_mean"] = r["ms_mean"] / torch_ms
-    print()
-    print(format_table(report))
-    if args.out:
-        harness.write_json(args.out, report)
-        print(f"wrote {args.out}")
-    return report
+    return harness.print_and_write(report, format_table(report), args.out)
 
 
 if __name__ == "__main__":

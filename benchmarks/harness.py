@@ -370,6 +370,16 @@ def new_report(benchmark: str, argv: Sequence[str] | None, **fields) -> dict:
     }
 
 
+def print_and_write(report: dict, table: str, out: str | None) -> dict:
+    """The end of every benchmark: the table on stdout, the JSON report to `out`."""
+    print()
+    print(table)
+    if out:
+        write_json(out, report)
+        print(f"wrote {out}")
+    return report
+
+
 def write_json(path: str, report: dict) -> None:
     """Write atomically (temp file + rename): a run killed mid-write keeps the old file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

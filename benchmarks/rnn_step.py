@@ -219,12 +219,7 @@ def main(argv=None) -> dict:
         torch_ms = (peer or {}).get(f"{PEER_PREFIX}{r['cell']}_{r['dtype']}_step_ms")
         if torch_ms and "ms_median" in r:
             r["ratio_to_torch"] = r["ms_median"] / torch_ms
-    print()
-    print(format_table(report))
-    if args.out:
-        harness.write_json(args.out, report)
-        print(f"wrote {args.out}")
-    return report
+    return harness.print_and_write(report, format_table(report), args.out)
 
 
 if __name__ == "__main__":

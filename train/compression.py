@@ -330,25 +330,33 @@ class Compression:
 
 
 class _CompressedTask:
-    """A task whose loss sees `forward(params)`; every other attribute is the task's."""
+    """A task whose loss sees `forward(params)`; every other attribute is the task's.
+    `uncompressed` is the wrapped task (the export is evaluated through it)."""
 
     def __init__(self, task, forward):
-        self._task, self._forward = task, forward
+        self.uncompressed, self._forward = task, forward
 
     def __getattr__(self, name):
-        return getattr(self._task, name)
+        return getattr(self.uncompressed, name)
 
     def loss_fn(self, params, model_state, batch, rng, train, **kwargs):
-        return self._task.loss_fn(self._forward(params), model_state, batch, rng, train,
-                                  **kwargs)
+        return self.uncompressed.loss_fn(self._forward(params), model_state, batch, rng,
+                                         train, **kwargs)
 
     def report(self, params, model_state, workdir):
-        return self._task.report(self._forward(params), model_state, workdir)
+        return self.uncompressed.report(self._forward(params), model_state, workdir)
 
 
-def calibration_batches(dataset, count: int):
-    """The first `count` training batches (static activation ranges)."""
-    return [dataset.batch(i) for i in range(count)]
+def uncompressed_task(task):
+    """The task without the training-time transform (itself when none was applied)."""
+    return getattr(task, "uncompressed", task)
+
+
+def calibrate_activations(apply_fn, dataset, q: ml_collections.ConfigDict):
+    """Static activation ranges from the first `q.calibration_batches` training batches;
+    apply_fn(dot_general, batch) runs the forward pass with the recording dot_general."""
+    batches = [dataset.batch(i) for i in range(q.calibration_batches)]
+    return quant_matmul.calibrate(apply_fn, batches, q.calibration)
 
 
 def summary_entries(stats: dict, metrics: dict) -> dict:

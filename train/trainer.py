@@ -400,7 +400,7 @@ def _evaluate_compressed(config, compression, state, datasets, train_ds, task,
                          evaluate) -> dict:
     """summary entries of the exported (quantized / pruned / merged) model."""
     stored, decode, stats = compression.export(jax.device_get(state["params"]))
-    inner = getattr(task, "_task", task)   # the task without the training-time transform
+    inner = compression_lib.uncompressed_task(task)  # no training-time transform
     data_info = train_ds.data_info()
     code = compression.model_code(for_export=True)
     if config.compress.quantize.activations == "static":
@@ -412,10 +412,8 @@ def _evaluate_compressed(config, compression, state, datasets, train_ds, task,
                                       dot_general=dot_general)
             return make_task(config, model, datasets).loss_fn(
                 params, state["model_state"], batch, jax.random.key(0), False)[0]
-        calibration = compression_lib.quantize.calibrate(
-            apply_fn, compression_lib.calibration_batches(
-                train_ds, config.compress.quantize.calibration_batches),
-            config.compress.quantize.calibration)
+        calibration = compression_lib.calibrate_activations(apply_fn, train_ds,
+                                                            config.compress.quantize)
         code = compression.model_code(for_export=True, calibration=calibration)
     if code:
         model, _ = families.build(config.model, config.task.name, **data_info, **code)

@@ -6,7 +6,6 @@ Parameters and running statistics are random (kernels N(0, 1/fan_in), BN scales 
 N(0, 0.1^2), running variances in [0.5, 1.5]), not the init, whose zero residual-BN scales,
 zero head and unit running variances would hide mistakes.
 """
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -15,35 +14,7 @@ import pytest
 
 from models import cnn
 
-_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 X = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype(np.float32)
-
-
-def _random_variables(model, x, seed=0):
-    shapes = jax.eval_shape(model.init, jax.random.key(0), x)
-    r = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        name, shape = path[-1].key, s.shape
-        if name == "kernel":
-            value = r.normal(size=shape) / np.sqrt(np.prod(shape[:-1]))
-        elif name == "scale":
-            value = 1.0 + 0.1 * r.normal(size=shape)
-        elif name == "var":
-            value = r.uniform(0.5, 1.5, size=shape)
-        else:  # bias, running mean
-            value = 0.1 * r.normal(size=shape)
-        return jnp.asarray(value, s.dtype)
-    return jax.tree_util.tree_map_with_path(leaf, dict(shapes))
-
-
-@functools.cache
-def _fwd(model, train=False):
-    def f(v, x):
-        if train:
-            return model.apply(v, x, train=True, mutable=["batch_stats"])
-        return model.apply(v, x), None
-    return _jit(f)
 
 
 def _count(tree):
@@ -125,27 +96,27 @@ def _np_resnet(cfg, variables, x):
     (dict(), 8),
     (dict(block="bottleneck", stem="imagenet", stage_sizes=(2, 1), widths=(4, 8)), 16)],
     ids=["basic-cifar", "bottleneck-imagenet"])
-def test_resnet_matches_float64_numpy_reference(overrides, size):
+def test_resnet_matches_float64_numpy_reference(overrides, size, random_variables, forward):
     cfg = cnn.make_resnet_config("resnet_tiny", num_classes=5, **overrides)
     model = cnn.ResNet(cfg)
     x = np.random.default_rng(1).normal(size=(2, size, size, 3)).astype(np.float32)
-    v = _random_variables(model, x)
-    logits, _ = _fwd(model)(v, x)
+    v = random_variables(model, x)
+    logits, _ = forward(model)(v, x)
     expected = _np_resnet(cfg, v, np.asarray(x, np.float64))
     assert logits.shape == (2, 5) and logits.dtype == jnp.float32
     assert np.abs(expected).max() > 0.3
     np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_batch_norm_updates_running_statistics_in_training_only():
+def test_batch_norm_updates_running_statistics_in_training_only(random_variables, forward):
     cfg = cnn.make_resnet_config("resnet_tiny", num_classes=5)
     model = cnn.ResNet(cfg)
-    v = _random_variables(model, X)
+    v = random_variables(model, X)
     old = v["batch_stats"]
     _, ev = model.apply(v, X, mutable=["batch_stats"])  # eval: unchanged even if mutable
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ev["batch_stats"]),
                                                     jax.tree.leaves(old)))
-    _, tr = _fwd(model, train=True)(v, X)
+    _, tr = forward(model, train=True)(v, X)
     tr = tr["batch_stats"]
     # Stem BN: new = 0.9 old + 0.1 batch statistic (mean and biased variance over B, H, W).
     h = _np_conv(np.asarray(X, np.float64), np.asarray(v["params"]["stem_conv"]["kernel"],
@@ -163,18 +134,18 @@ def test_batch_norm_updates_running_statistics_in_training_only():
     lambda: cnn.ResNet(cnn.make_resnet_config("resnet_tiny", num_classes=5)),
     lambda: cnn.EfficientNet(cnn.make_efficientnet_config("tiny", num_classes=5))],
     ids=["resnet", "efficientnet"])
-def test_eval_is_per_example_and_train_depends_on_the_batch(make):
+def test_eval_is_per_example_and_train_depends_on_the_batch(make, random_variables, forward, jit):
     model = make()
     x = np.random.default_rng(2).normal(size=(4, 32, 32, 3)).astype(np.float32)
     other = x.copy()
     other[1:] = np.random.default_rng(3).normal(size=(3, 32, 32, 3))
-    v = _random_variables(model, x)
+    v = random_variables(model, x)
     for train in (False, True):
-        a, b = _fwd(model, train)(v, x)[0], _fwd(model, train)(v, other)[0]
+        a, b = forward(model, train)(v, x)[0], forward(model, train)(v, other)[0]
         diff = np.abs(np.asarray(a[0] - b[0])).max()
         assert (diff > 1e-3) if train else (diff < 1e-5), (train, diff)
-    alone = _jit(lambda v, x: model.apply(v, x))(v, x[:1])
-    np.testing.assert_allclose(alone[0], _fwd(model)(v, x)[0][0], atol=1e-5)
+    alone = jit(lambda v, x: model.apply(v, x))(v, x[:1])
+    np.testing.assert_allclose(alone[0], forward(model)(v, x)[0][0], atol=1e-5)
 
 
 @pytest.mark.parametrize("variant,params,stats", [
@@ -201,10 +172,10 @@ def test_resnet_parameter_counts_match_torchvision(variant, params, stats):
 # ----------------------------------------------------------------------------------------
 # EfficientNet building blocks.
 # ----------------------------------------------------------------------------------------
-def test_depthwise_separable_conv_matches_numpy():
+def test_depthwise_separable_conv_matches_numpy(random_variables):
     x = np.random.default_rng(4).normal(size=(2, 9, 9, 6)).astype(np.float32)
     layer = cnn.SeparableConv(features=5, kernel_size=3, strides=2)
-    v = _random_variables(layer, x)
+    v = random_variables(layer, x)
     p = _f64(v["params"])
     assert p["depthwise"]["kernel"].shape == (3, 3, 1, 6)   # one 3x3 filter per channel
     assert p["pointwise"]["kernel"].shape == (1, 1, 6, 5)
@@ -222,11 +193,11 @@ def test_depthwise_separable_conv_matches_numpy():
 
 
 @pytest.mark.parametrize("act,np_act", [(jax.nn.silu, swish), (jax.nn.relu, relu)])
-def test_squeeze_excite_matches_numpy(act, np_act):
+def test_squeeze_excite_matches_numpy(act, np_act, random_variables):
     r = np.random.default_rng(5)  # per-channel offsets: pooled inputs of size O(1)
     x = (r.normal(size=(2, 4, 4, 8)) + 2 * r.normal(size=(2, 1, 1, 8))).astype(np.float32)
     se = cnn.SqueezeExcite(reduced=3, activation=act)
-    v = _random_variables(se, x)
+    v = random_variables(se, x)
     p, xd = _f64(v["params"]), np.asarray(x, np.float64)
     s = np_act(xd.mean((1, 2)) @ p["reduce"]["kernel"] + p["reduce"]["bias"])
     gate = sigmoid(s @ p["expand"]["kernel"] + p["expand"]["bias"])          # [B, C]
@@ -235,12 +206,12 @@ def test_squeeze_excite_matches_numpy(act, np_act):
 
 
 @pytest.mark.parametrize("c_out,strides", [(8, 1), (12, 2)], ids=["residual", "strided"])
-def test_mbconv_matches_numpy(c_out, strides):
+def test_mbconv_matches_numpy(c_out, strides, random_variables):
     cfg = cnn.make_efficientnet_config("tiny")
     block = cnn.MBConv(cfg, c_out, expand_ratio=4, kernel_size=5, strides=strides,
                        drop_path=0.0, train=False)
     x = np.random.default_rng(6).normal(size=(2, 6, 6, 8)).astype(np.float32)
-    v = _random_variables(block, x)
+    v = random_variables(block, x)
     p, s, xd, eps = _f64(v["params"]), _f64(v["batch_stats"]), np.asarray(x, np.float64), 1e-3
     h = swish(_np_bn(_np_conv(xd, p["expand_conv"]["kernel"]), p["expand_bn"],
                      s["expand_bn"], eps))                                   # 8 -> 32
@@ -255,11 +226,11 @@ def test_mbconv_matches_numpy(c_out, strides):
     np.testing.assert_allclose(block.apply(v, x), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_stochastic_depth_drops_whole_residual_branches():
+def test_stochastic_depth_drops_whole_residual_branches(random_variables):
     cfg = cnn.make_efficientnet_config("tiny")
     x = np.random.default_rng(7).normal(size=(16, 4, 4, 8)).astype(np.float32)
     make = lambda rate: cnn.MBConv(cfg, 8, 1, 3, 1, rate, True)  # noqa: E731
-    v = _random_variables(make(0.0), x)
+    v = random_variables(make(0.0), x)
     full, _ = make(0.0).apply(v, x, mutable=["batch_stats"])
     out, _ = make(0.5).apply(v, x, mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})
     branch = np.asarray(full - x)
@@ -295,18 +266,18 @@ def test_efficientnet_parameter_counts_and_structure():
     lambda **kw: cnn.ResNet(cnn.make_resnet_config("resnet_tiny", **kw)),
     lambda **kw: cnn.EfficientNet(cnn.make_efficientnet_config("tiny", **kw))],
     ids=["resnet", "efficientnet"])
-def test_bf16_compute_with_f32_params_is_finite_float32(make):
+def test_bf16_compute_with_f32_params_is_finite_float32(make, random_variables, forward):
     x = np.random.default_rng(8).normal(size=(2, 32, 32, 3)).astype(np.float32)
     model = make(num_classes=5, dtype="bfloat16")
-    v = _random_variables(model, x)
+    v = random_variables(model, x)
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(v))
     for train in (False, True):
-        logits, state = _fwd(model, train)(v, x)
+        logits, state = forward(model, train)(v, x)
         assert logits.shape == (2, 5) and logits.dtype == jnp.float32
         assert np.all(np.isfinite(logits))
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(state))  # stats stay f32
-    ref, _ = _fwd(make(num_classes=5))(v, x)
-    np.testing.assert_allclose(_fwd(model)(v, x)[0], ref, atol=0.1, rtol=0.05)
+    ref, _ = forward(make(num_classes=5))(v, x)
+    np.testing.assert_allclose(forward(model)(v, x)[0], ref, atol=0.1, rtol=0.05)
     feats = jax.eval_shape(make(num_classes=0).apply, v, x)
     assert feats.shape == (2, model.cfg.feature_dim) and feats.dtype == jnp.float32
 

@@ -5,7 +5,6 @@ parameter counts in closed form, batch-norm state, hooks and config errors.
 Parameters and running statistics are random (not the init), so a wrong wiring cannot
 hide behind zero biases or unit variances.
 """
-import functools
 
 import flax.linen as nn
 import jax
@@ -16,34 +15,6 @@ from jax import lax
 
 from models import unet
 
-_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
-
-
-def _random_variables(model, x, seed=0):
-    shapes = jax.eval_shape(model.init, jax.random.key(0), x)
-    r = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        name, shape = path[-1].key, s.shape
-        if name == "kernel":
-            value = r.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
-        elif name == "scale":
-            value = 1.0 + 0.1 * r.normal(size=shape)
-        elif name == "var":
-            value = r.uniform(0.5, 1.5, size=shape)
-        else:  # bias, running mean
-            value = 0.1 * r.normal(size=shape)
-        return jnp.asarray(value, s.dtype)
-    return jax.tree_util.tree_map_with_path(leaf, dict(shapes))
-
-
-@functools.cache
-def _fwd(model, train=False):
-    def f(v, x):
-        if train:
-            return model.apply(v, x, train=True, mutable=["batch_stats"])
-        return model.apply(v, x), None
-    return _jit(f)
 
 
 def _f64(tree):
@@ -125,20 +96,20 @@ def _np_unet(x, cfg, params, stats):
 @pytest.mark.parametrize("upsampling,norm,depth", [
     ("transpose", "batch", 2), ("bilinear", "batch", 2), ("transpose", "none", 1),
     ("bilinear", "group", 1)])
-def test_forward_equals_float64_numpy(upsampling, norm, depth):
+def test_forward_equals_float64_numpy(upsampling, norm, depth, random_variables, jit):
     cfg = unet.UNetConfig(depth=depth, base_channels=4, upsampling=upsampling, norm=norm,
                           group_norm_groups=2, num_classes=3)
     model = unet.UNet(cfg)
     x = np.random.default_rng(1).uniform(size=(2, 8, 8, 3)).astype(np.float32)
-    v = _random_variables(model, x)
-    got = _jit(model.apply)(v, x)
+    v = random_variables(model, x, kernel_gain=np.sqrt(2.0))
+    got = jit(model.apply)(v, x)
     assert got.dtype == jnp.float32 and got.shape == (2, 8, 8, 3)
     want = _np_unet(x.astype(np.float64), cfg, _f64(v["params"]),
                     _f64(v.get("batch_stats", {})))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
-def test_transposed_conv_equals_flax_conv_transpose():
+def test_transposed_conv_equals_flax_conv_transpose(random_variables, jit):
     cfg = unet.UNetConfig(depth=1, base_channels=4)
     x = np.random.default_rng(2).normal(size=(2, 3, 5, 6)).astype(np.float32)
 
@@ -147,11 +118,11 @@ def test_transposed_conv_equals_flax_conv_transpose():
         def __call__(self, x):
             return unet.upsample(cfg, x, 4, name="up")
 
-    v = _random_variables(Up(), x)
+    v = random_variables(Up(), x, kernel_gain=np.sqrt(2.0))
     ref = nn.ConvTranspose(4, (2, 2), strides=(2, 2), padding="VALID")
-    got = _jit(Up().apply)(v, x)
+    got = jit(Up().apply)(v, x)
     assert got.shape == (2, 6, 10, 4)
-    np.testing.assert_allclose(got, _jit(ref.apply)({"params": v["params"]["up"]}, x),
+    np.testing.assert_allclose(got, jit(ref.apply)({"params": v["params"]["up"]}, x),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -178,16 +149,16 @@ def test_size_not_divisible_by_two_to_the_depth_raises(upsampling, size):
     assert "multiples of 2^depth = 8" in msg and "8, 16, 32" in msg
 
 
-def test_skip_connections_feed_the_decoder():
+def test_skip_connections_feed_the_decoder(random_variables, jit):
     """dec{i}/conv0 sees [skip_i, upsampled]: zeroing the kernel rows that read the skip
     (= feeding a zero skip) changes the output, and the skip's gradient is non-zero."""
     cfg = unet.UNetConfig(depth=2, base_channels=4, norm="none", num_classes=3)
     model = unet.UNet(cfg)
     x = np.random.default_rng(3).uniform(size=(2, 8, 8, 3)).astype(np.float32)
-    v = _random_variables(model, x)
-    apply = _jit(model.apply)
+    v = random_variables(model, x, kernel_gain=np.sqrt(2.0))
+    apply = jit(model.apply)
     base = apply(v, x)
-    grad = _jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x) ** 2)))(v["params"])
+    grad = jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x) ** 2)))(v["params"])
     for level in range(cfg.depth):
         kernel = v["params"][f"dec{level}"]["conv0"]["kernel"]
         c = cfg.channels(level)
@@ -220,16 +191,16 @@ def test_parameter_count_closed_form(variant, upsampling):
         assert count == 31_037_698   # the paper's widths (64 .. 1024) with batch norm
 
 
-def test_batch_norm_updates_running_stats_only_in_training():
+def test_batch_norm_updates_running_stats_only_in_training(forward, jit):
     model = unet.UNet(unet.make_config("tiny", depth=1))
     x = np.random.default_rng(4).uniform(size=(4, 8, 8, 3)).astype(np.float32)
-    v = _jit(model.init)(jax.random.key(0), x)
-    _, updates = _fwd(model, True)(v, x)
+    v = jit(model.init)(jax.random.key(0), x)
+    _, updates = forward(model, True)(v, x)
     mean = updates["batch_stats"]["down0"]["norm0"]["mean"]
     assert float(jnp.abs(mean).max()) > 0              # moved from its zero init
     # Evaluation (no mutable collections: an update would raise) normalizes with the
     # running averages, so each example is independent of the rest of the batch.
-    np.testing.assert_allclose(_fwd(model)(v, x)[0][:1], _fwd(model)(v, x[:1])[0], atol=1e-5)
+    np.testing.assert_allclose(forward(model)(v, x)[0][:1], forward(model)(v, x[:1])[0], atol=1e-5)
 
 
 def test_group_and_no_norm_have_no_batch_stats_and_no_norm_has_biases():
