@@ -142,7 +142,7 @@ def build_run_config(args, settings: dict):
     c.model = families.model_section("transformer", args.variant, max_length=max_length,
                                      **overrides)
     c.data.batch_size = args.batch
-    c.data.seq_len = args.seq_len
+    c.data[c.data.source].seq_len = args.seq_len   # the source's own section
     c.sharding.num_devices = args.num_devices
     config_lib.validate(c)
     return c
@@ -162,7 +162,7 @@ class Setup:
         replicated = NamedSharding(mesh, P())
         self.model, self.model_cfg = families.build(c.model, "lm", vocab_size=args.vocab)
         # LanguageModelTask uses its datasets only in report() (after training).
-        self.task = make_task(c, self.model, datasets=None)
+        self.task = make_task(c, self.model, None)
         self.tx = optim.make_optimizer(c.optim, c.train.num_steps)
         init_key, train_key, _ = jax.random.split(jax.random.key(c.seed), 3)
         example = {"tokens": np.zeros((1, args.seq_len + 1), np.int32)}

@@ -16,7 +16,7 @@ from train.config import base_config, shrink_for_smoke_test
 def get_config(variant: str = "default"):
     if variant == "default":
         c = base_config("mlm", "mini", max_length=128)
-        c.data.seq_len = 128
+        c.data.stdlib_text.seq_len = 128
         c.data.batch_size = 32
         c.train.num_steps = 600
         c.train.eval_every = 200
@@ -31,8 +31,8 @@ def get_config(variant: str = "default"):
         c = base_config("mlm", "tiny", max_length=32)
         shrink_for_smoke_test(c, num_steps=10, batch_size=8, eval_batch_size=16, log_every=5,
                               eval_every=5)
-        c.data.seq_len = 32
-        c.data.max_bytes = 200_000
+        c.data.stdlib_text.seq_len = 32
+        c.data.stdlib_text.max_bytes = 200_000
         c.train.eval_max_batches = 2
     else:
         raise ValueError(f"unknown bert variant {variant!r}; allowed: default, tiny")

@@ -32,7 +32,7 @@ def get_config(variant: str = "default"):
     c = base_config("contrastive", MODEL_VARIANTS[variant], family="clip")
     c.task.loss = "siglip" if variant == "siglip" else "infonce"
     c.data.source = "shapes"
-    c.data.exclude_heldout_from_train = True   # the zero-shot classes stay unseen
+    c.data.shapes.exclude_heldout_from_train = True   # the zero-shot classes stay unseen
     c.data.batch_size = 128
     c.data.eval_batch_size = 128
     c.optim.learning_rate = 1e-3
@@ -46,9 +46,9 @@ def get_config(variant: str = "default"):
     if variant == "tiny":
         shrink_for_smoke_test(c, num_steps=4, batch_size=16, eval_batch_size=32, log_every=2,
                               eval_every=2)
-        c.data.shapes_split_sizes.validation = 64
-        c.data.shapes_split_sizes.test = 64
-        c.data.shapes_split_sizes.zero_shot = 64
-        c.task.retrieval_examples = 64
-        c.task.linear_probe_examples = 128
+        c.data.shapes.shapes_split_sizes.validation = 64
+        c.data.shapes.shapes_split_sizes.test = 64
+        c.data.shapes.shapes_split_sizes.zero_shot = 64
+        c.evals.retrieval.examples = 64
+        c.evals.linear_probe.examples = 128
     return c

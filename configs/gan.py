@@ -38,10 +38,10 @@ def get_config(variant: str = "default"):
         raise ValueError(f"unknown gan variant {variant!r}; allowed: {', '.join(VARIANTS)}")
     c = base_config("gan", "tiny" if variant == "tiny" else "small", family="gan")
     c.data.source = "shapes"
-    c.data.exclude_heldout_from_train = False   # all 16 classes: the scorer's labels
+    c.data.shapes.exclude_heldout_from_train = False   # all 16 classes: the scorer's labels
     c.data.batch_size = 64
     c.data.eval_batch_size = 200                 # divisible by 8 devices
-    c.data.shapes_split_sizes.validation = 1000  # faster evaluations
+    c.data.shapes.shapes_split_sizes.validation = 1000  # faster evaluations
     # Both groups: Adam (task.g_/d_learning_rate and b1 set the rates; optim.learning_rate
     # is set to the same value so the logged learning_rate is the generator's).
     c.optim.name = "adam"
@@ -60,9 +60,10 @@ def get_config(variant: str = "default"):
     elif variant == "tiny":
         shrink_for_smoke_test(c, num_steps=4, batch_size=16, eval_batch_size=32, log_every=2,
                               eval_every=2)
-        c.data.image_size = 16                  # 2 up/down-samplings: faster compiles
-        c.data.shapes_split_sizes.validation = 32
-        c.data.shapes_split_sizes.test = 32
+        c.data.shapes.image_size = 16                  # 2 up/down-samplings: faster compiles
+        c.data.shapes.shapes_split_sizes.validation = 32
+        c.data.shapes.shapes_split_sizes.test = 32
         c.task.scorer_steps = 3
-        c.task.sample_grid = 2
+        c.evals.gan_samples.grid = 2
+    c.evals.gan_samples.every = c.train.eval_every  # a grid after every evaluation
     return c

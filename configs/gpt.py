@@ -22,7 +22,7 @@ from train.config import base_config, shrink_for_smoke_test
 def get_config(variant: str = "default"):
     if variant == "default":
         c = base_config("lm", "mini", max_length=128, dropout_rate=0.0)
-        c.data.seq_len = 128
+        c.data.stdlib_text.seq_len = 128
         c.data.batch_size = 32
         c.train.num_steps = 600
         c.train.eval_every = 200
@@ -46,15 +46,15 @@ def get_config(variant: str = "default"):
         c = base_config("lm", "tiny", max_length=32)
         shrink_for_smoke_test(c, num_steps=20, batch_size=8, eval_batch_size=16, log_every=5,
                               eval_every=10)
-        c.data.seq_len = 32
-        c.data.max_bytes = 200_000
+        c.data.stdlib_text.seq_len = 32
+        c.data.stdlib_text.max_bytes = 200_000
         c.train.eval_max_batches = 2
         c.optim.learning_rate = 3e-3
-        c.task.sample_tokens = 16
+        c.evals.sample.tokens = 16
     elif variant == "gpt2_small":
         c = base_config("lm", "gpt2_small", dtype="bfloat16", attention_impl="fused",
                         fused_qkv=True, scan_layers=True, remat_policy="none")
-        c.data.seq_len = 1024
+        c.data.stdlib_text.seq_len = 1024
         c.data.batch_size = 16
         c.optim.learning_rate = 6e-4
         c.optim.weight_decay = 0.1

@@ -38,8 +38,8 @@ def _seq2seq(attention: str):
                     bidirectional=True, attention=attention)
     c.data.source = "numbers_to_words"
     c.data.batch_size = 64
-    c.data.max_eval_examples = 1000
-    c.task.decode_max_examples = 500
+    c.data.numbers_to_words.max_eval_examples = 1000
+    c.evals.decode.max_examples = 500
     c.optim.learning_rate = 2e-3
     c.optim.grad_clip_norm = 1.0
     c.optim.schedule.name = "warmup_cosine"
@@ -67,11 +67,11 @@ def _classify(source: str):
     c.checkpoint.best_metric, c.checkpoint.best_mode = "validation/accuracy", "max"
     c.train.early_stopping.update(metric="validation/accuracy", mode="max", patience=3)
     if source == "tfds":
-        c.data.tfds_name = "imdb_reviews"
-        c.data.label_key = "label"
-        c.data.tfds_splits.validation = "test[:50%]"
-        c.data.tfds_splits.test = "test[50%:]"
-        c.data.max_eval_examples = 2000
+        c.data.tfds.tfds_name = "imdb_reviews"
+        c.data.tfds.label_key = "label"
+        c.data.tfds.tfds_splits.validation = "test[:50%]"
+        c.data.tfds.tfds_splits.test = "test[50%:]"
+        c.data.tfds.max_eval_examples = 2000
     return c
 
 
@@ -102,13 +102,14 @@ def get_config(variant: str = "default"):
     if variant.startswith("tiny"):
         shrink_for_smoke_test(c, num_steps=4, batch_size=8, eval_batch_size=16, log_every=2,
                               eval_every=2)
-        c.data.max_eval_examples = 32
         if variant == "tiny":
-            c.task.decode_max_examples = 16
-            c.task.beam_size = 2
+            c.data.numbers_to_words.max_eval_examples = 32
+            c.evals.decode.max_examples = 16
+            c.evals.decode.beam_size = 2
         if variant == "tiny_forecast":
-            c.data.series_length = 2000
-            c.data.lookback, c.data.horizon = 48, 12
+            c.data.synthetic_series.series_length = 2000
+            c.data.synthetic_series.lookback = 48
+            c.data.synthetic_series.horizon = 12
         if variant == "tiny_classify":
-            c.data.seq_len = 64
+            c.data.text_classification.seq_len = 64
     return c

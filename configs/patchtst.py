@@ -34,8 +34,8 @@ def get_config(variant: str = "default"):
         pass
     elif variant == "goog":
         c.data.source = "real_series"
-        c.data.lookback = 60
-        c.data.horizon = 5
+        c.data.real_series.lookback = 60
+        c.data.real_series.horizon = 5
         c.data.batch_size = 32
         c.model.patch_len = 10
         c.model.stride = 5
@@ -47,9 +47,9 @@ def get_config(variant: str = "default"):
     elif variant == "tiny":
         shrink_for_smoke_test(c, num_steps=4, batch_size=16, eval_batch_size=64, log_every=2,
                               eval_every=2)
-        c.data.series_length = 2000
-        c.data.lookback = 48
-        c.data.horizon = 12
+        c.data.synthetic_series.series_length = 2000
+        c.data.synthetic_series.lookback = 48
+        c.data.synthetic_series.horizon = 12
     else:
         raise ValueError(f"unknown patchtst variant {variant!r}; allowed: default, goog, tiny")
     return c

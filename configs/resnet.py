@@ -17,7 +17,7 @@ from train.config import base_config, select_best_by, shrink_for_smoke_test
 def get_config(variant: str = "default"):
     c = base_config("classify", "resnet_tiny", family="resnet")
     c.data.source = "shapes"
-    c.data.exclude_heldout_from_train = False
+    c.data.shapes.exclude_heldout_from_train = False
     c.data.batch_size = 64
     c.data.eval_batch_size = 128
     c.optim.name = "sgd"
@@ -34,8 +34,8 @@ def get_config(variant: str = "default"):
     elif variant == "tiny":
         shrink_for_smoke_test(c, num_steps=6, batch_size=16, eval_batch_size=64, log_every=3,
                               eval_every=3)
-        c.data.shapes_split_sizes.validation = 128
-        c.data.shapes_split_sizes.test = 128
+        c.data.shapes.shapes_split_sizes.validation = 128
+        c.data.shapes.shapes_split_sizes.test = 128
     else:
         raise ValueError(f"unknown resnet variant {variant!r}; allowed: default, tiny")
     return c

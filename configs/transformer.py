@@ -20,7 +20,7 @@ def get_config(variant: str = "default"):
                         kernel_init="xavier_uniform")
         c.data.source = "numbers_to_words"
         c.data.batch_size = 64
-        c.data.max_eval_examples = 1000
+        c.data.numbers_to_words.max_eval_examples = 1000
         c.task.label_smoothing = 0.1
         c.train.num_steps = 1000
         c.train.eval_every = 500
@@ -34,9 +34,9 @@ def get_config(variant: str = "default"):
         c.data.source = "numbers_to_words"
         shrink_for_smoke_test(c, num_steps=10, batch_size=8, eval_batch_size=16, log_every=5,
                               eval_every=5)
-        c.data.max_eval_examples = 32
-        c.task.decode_max_examples = 16
-        c.task.beam_size = 2
+        c.data.numbers_to_words.max_eval_examples = 32
+        c.evals.decode.max_examples = 16
+        c.evals.decode.beam_size = 2
     else:
         raise ValueError(f"unknown transformer variant {variant!r}; allowed: default, tiny")
     return c

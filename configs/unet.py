@@ -34,7 +34,7 @@ def get_config(variant: str = "default"):
         raise ValueError(f"unknown unet variant {variant!r}; allowed: {', '.join(VARIANTS)}")
     c = base_config("segment", "tiny" if variant == "tiny" else "small", family="unet")
     c.data.source = "shapes"
-    c.data.exclude_heldout_from_train = False  # every (color, shape) combination
+    c.data.shapes.exclude_heldout_from_train = False  # every (color, shape) combination
     c.data.batch_size = 32
     c.data.eval_batch_size = 250
     c.optim.learning_rate = 3e-3
@@ -52,7 +52,7 @@ def get_config(variant: str = "default"):
         c.model.depth = 1
         shrink_for_smoke_test(c, num_steps=6, batch_size=8, eval_batch_size=16, log_every=3,
                               eval_every=3)
-        c.data.shapes_split_sizes.validation = 24   # the last eval batch is padded
-        c.data.shapes_split_sizes.test = 24
-        c.task.report_examples = 3
+        c.data.shapes.shapes_split_sizes.validation = 24   # the last eval batch is padded
+        c.data.shapes.shapes_split_sizes.test = 24
+        c.evals.segmentation_plot.examples = 3
     return c

@@ -45,7 +45,7 @@ def get_config(variant: str = "default"):
     model_variant = {"mlp": "mlp", "tiny": "tiny"}.get(variant, "conv")
     c = base_config("vae", model_variant, family="vae")
     c.data.source = "shapes"
-    c.data.exclude_heldout_from_train = False   # a generative model of all 16 classes
+    c.data.shapes.exclude_heldout_from_train = False   # a generative model of all 16 classes
     c.data.batch_size = 64
     c.data.eval_batch_size = 200
     c.optim.learning_rate = 1e-3
@@ -71,10 +71,10 @@ def get_config(variant: str = "default"):
         shrink_for_smoke_test(c, num_steps=4, batch_size=16, eval_batch_size=64, log_every=2,
                               eval_every=2)
         c.task.kl_warmup_steps = 2
-        c.task.iwae_samples = 2
-        c.task.report_images = 4
-        c.data.shapes_split_sizes.validation = 64
-        c.data.shapes_split_sizes.test = 64
+        c.evals.iwae.samples = 2
+        c.evals.vae_pictures.images = 4
+        c.data.shapes.shapes_split_sizes.validation = 64
+        c.data.shapes.shapes_split_sizes.test = 64
     else:
         raise ValueError(f"unknown vae variant {variant!r}; allowed: {', '.join(VARIANTS)}")
     return c

@@ -39,6 +39,8 @@ class ClipConfig:
 
     vocab_size, image_size and channels come from the dataset and are copied into the
     towers (text.vocab_size, vit.image_size/channels); the towers' num_classes is 0.
+    The ViT tower nests its own encoder: `model.vit.encoder.num_layers` in a run config,
+    `make_config("clip_tiny", vit=dict(encoder=dict(num_layers=4)))` in Python.
     """
     image_tower: str = "vit"
     vit: vit.ViTConfig = dataclasses.field(
@@ -66,12 +68,8 @@ class ClipConfig:
     channels: int = 3
 
     def __post_init__(self):
-        if self.image_tower not in IMAGE_TOWERS:
-            raise ValueError(f"model.image_tower={self.image_tower!r}; allowed: "
-                             f"{', '.join(IMAGE_TOWERS)}")
-        if self.text_pooling not in TEXT_POOLING:
-            raise ValueError(f"model.text_pooling={self.text_pooling!r}; allowed: "
-                             f"{', '.join(TEXT_POOLING)}")
+        variants.check_one_of("model", "image_tower", self.image_tower, IMAGE_TOWERS)
+        variants.check_one_of("model", "text_pooling", self.text_pooling, TEXT_POOLING)
         if self.embed_dim <= 0:
             raise ValueError(f"model.embed_dim must be positive, got {self.embed_dim}")
         if self.logit_scale_max <= 0 or math.log(self.logit_scale_max) < self.logit_scale_init:
@@ -79,7 +77,8 @@ class ClipConfig:
                              f"log(model.logit_scale_max={self.logit_scale_max})")
 
     def replace(self, **changes) -> "ClipConfig":
-        return dataclasses.replace(self, **changes)
+        """dataclasses.replace, where a dict for a tower updates that tower's fields."""
+        return variants.replace(self, changes, "clip")
 
     @property
     def text_config(self) -> transformer.TransformerConfig:

@@ -17,16 +17,21 @@ Outputs (logits, or the pooled features when num_classes == 0) are float32 whate
 compute dtype. Every conv goes through the injectable `conv_general_dilated` hook (flax
 nn.Conv's attribute) and every Dense through `dot_general`.
 
-Notes vs. the study notes (003):
-  * "Identity mapping in ResNets" (no non-linearity on the main path) is the follow-up
-    paper (He et al. 2016b, pre-activation "v2"). This is the original ResNet: ReLU after
-    the addition, BN after each conv -- whose ImageNet ResNet-50 has 25,557,032 parameters.
-  * Batch norm at inference uses running averages updated with momentum
-    (new = m * old + (1 - m) * batch), not statistics of the whole dataset.
-  * Squeeze-and-excitation's "excitation" is two FC layers (a bottleneck of ratio r, then
-    a sigmoid gate), not an arbitrary FC network.
-  * MobileNetV2 is not just MobileNet plus residuals: its blocks are *inverted* residuals
-    (expand 1x1 -> depthwise -> project 1x1) whose projection is linear (no activation).
+Where popular explanations differ from the papers:
+  * A popular explanation credits ResNet with an "identity mapping" (no non-linearity on
+    the main path). That is the follow-up paper (He et al. 2016b, pre-activation "v2").
+    This is the original ResNet (He et al. 2016a, fig. 2): ReLU after the addition, BN
+    after each conv -- whose ImageNet ResNet-50 has 25,557,032 parameters.
+  * Batch norm at inference: Ioffe & Szegedy 2015 (sec. 3.1, alg. 2) define population
+    statistics over the training set; like the common frameworks, this estimates them
+    with running averages updated with momentum (new = m * old + (1 - m) * batch), not a
+    pass over the whole dataset.
+  * A popular explanation makes squeeze-and-excitation's "excitation" an arbitrary FC
+    network; Hu et al. 2018 (sec. 3.2) use two FC layers (a bottleneck of ratio r, then a
+    sigmoid gate).
+  * A popular explanation calls MobileNetV2 MobileNet plus residuals; Sandler et al. 2018
+    (sec. 3.2-3.3) use *inverted* residuals (expand 1x1 -> depthwise -> project 1x1)
+    whose projection is linear (no activation).
 """
 from __future__ import annotations
 
@@ -42,21 +47,16 @@ from jax import lax
 from models import variants
 from models.layers import initializers
 
-DTYPES = ("float32", "bfloat16", "float16")
-
 
 # ----------------------------------------------------------------------------------------
 # Shared pieces.
 # ----------------------------------------------------------------------------------------
-def _check_common(cfg, allowed: list[tuple[bool, str, tuple]]):
-    allowed = allowed + [(cfg.kernel_init in initializers.NAMES, "kernel_init",
-                          initializers.NAMES),
-                         (cfg.dtype in DTYPES, "dtype", DTYPES),
-                         (cfg.param_dtype in DTYPES, "param_dtype", DTYPES)]
-    for ok, key, names in allowed:
-        if not ok:
-            raise ValueError(f"model.{key}={getattr(cfg, key)!r} is not allowed; "
-                             f"allowed: {', '.join(map(str, names))}")
+def _check_common(cfg, choices: dict[str, tuple]):
+    """Checks shared by ResNet and EfficientNet, plus `choices` {key: allowed values}."""
+    choices = {**choices, "kernel_init": initializers.NAMES, "dtype": variants.DTYPES,
+               "param_dtype": variants.DTYPES}
+    for key, allowed in choices.items():
+        variants.check_one_of("model", key, getattr(cfg, key), allowed)
     if cfg.num_classes < 0:
         raise ValueError(f"model.num_classes must be >= 0 (0 = no head), got "
                          f"{cfg.num_classes}")
@@ -132,8 +132,7 @@ class ResNetConfig:
         # Lists (from a config file / command line) become tuples: the config stays hashable.
         for key in ("stage_sizes", "widths"):
             object.__setattr__(self, key, tuple(int(v) for v in getattr(self, key)))
-        _check_common(self, [(self.block in BLOCKS, "block", BLOCKS),
-                             (self.stem in STEMS, "stem", STEMS)])
+        _check_common(self, {"block": BLOCKS, "stem": STEMS})
         if not self.stage_sizes or len(self.stage_sizes) != len(self.widths):
             raise ValueError(f"model.stage_sizes {self.stage_sizes} and model.widths "
                              f"{self.widths} must be non-empty and of equal length")
@@ -234,7 +233,7 @@ class ResNet(nn.Module):
 # ----------------------------------------------------------------------------------------
 # EfficientNet: MBConv blocks (depthwise separable convolutions + squeeze-and-excitation).
 # ----------------------------------------------------------------------------------------
-# Depthwise separable convolution (MobileNet, Howard et al. 2017; notes 003): a k x k conv
+# Depthwise separable convolution (MobileNet, Howard et al. 2017, sec. 3.1): a k x k conv
 # from C_in to C_out channels costs k*k*C_in*C_out multiply-adds per output pixel. Splitting
 # it into a depthwise k x k conv (one filter per channel: feature_group_count = C_in, k*k*C_in)
 # and a pointwise 1x1 conv mixing channels (C_in*C_out) costs k*k*C_in + C_in*C_out, i.e.
@@ -347,7 +346,7 @@ class EfficientNetConfig:
     conv_general_dilated: Callable = lax.conv_general_dilated  # every conv
 
     def __post_init__(self):
-        _check_common(self, [])
+        _check_common(self, {})
         for key in ("width_mult", "depth_mult", "stem_width"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"model.{key} must be positive, got {getattr(self, key)}")

@@ -48,7 +48,7 @@ from models import variants
 
 NORMS = ("batch", "layer", "none")
 OUTPUTS = ("tanh", "sigmoid")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = variants.DTYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,9 +76,7 @@ class GANConfig:
     def __post_init__(self):
         for key, allowed in (("g_norm", NORMS), ("d_norm", NORMS), ("output", OUTPUTS),
                              ("dtype", DTYPES), ("param_dtype", DTYPES)):
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"model.{key}={getattr(self, key)!r} is not allowed; "
-                                 f"allowed: {', '.join(allowed)}")
+            variants.check_one_of("model", key, getattr(self, key), allowed)
         n = self.image_size
         if n < 8 or n & (n - 1):
             raise ValueError(f"model.image_size={n} must be a power of 2 >= 8 (the "

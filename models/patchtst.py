@@ -5,27 +5,30 @@
         -> patches [B*C, N, P]: length-P windows every S steps           N = (L - P) // S + 1
            (pad_end, the paper's default: the last value repeated S times first, N + 1)
         -> x_p W_p + W_pos  [B*C, N, D]        linear patch embedding + learned positions
-        -> TransformerStack (bidirectional)   models.transformer, no mask (no padding tokens)
+        -> TransformerStack (bidirectional)   models.transformer, no mask (no padding tokens),
+                                              configured by PatchTSTConfig.encoder
         -> flatten [B*C, D*N] -> Linear -> [B*C, H] -> [B, H, C] -> RevIN inverse (float32)
 
 channel_independence=False is channel mixing, the paper's ablation baseline (a token embeds
 all channels, as in the usual multivariate Transformer input); here a token is the C patches
 of one time span, [C*P] -> D, and the head predicts all H*C values at once.
 
-Where this follows the paper rather than the study notes (004):
-  * The notes describe patches as the series "grouped by stride period"; the paper's
-    patches are length P taken every S steps, overlapping when S < P (P=16, S=8 in the
-    supervised setting), and the end padding gives one more patch.
-  * The notes credit the memory/compute saving to channel-independent attention. In the
-    paper it comes from the token count, L -> N ~ L/S, attention cost falling by ~S^2;
-    channel independence by itself multiplies the batch by C.
-  * "Variables influence each other through one shared model" (notes) holds only through
+Where popular explanations differ from the paper (Nie et al. 2023, sec. 3.1):
+  * A popular explanation describes patches as the series "grouped by stride period"; the
+    paper's patches are length P taken every S steps, overlapping when S < P (P=16, S=8 in
+    the supervised setting), and the end padding gives one more patch.
+  * A popular explanation credits the memory/compute saving to channel-independent
+    attention. In the paper it comes from the token count, L -> N ~ L/S, attention cost
+    falling by ~S^2; channel independence by itself multiplies the batch by C.
+  * "Variables influence each other through one shared model" holds only through
     training: at inference no value crosses channels (tests/models/test_patchtst.py).
-  * The notes do not mention instance normalization; the paper uses RevIN (Kim et al. 2022).
-  * The notes (TST) credit batch norm for outliers and PatchTST's reference code uses
+  * Popular explanations leave out instance normalization; the paper uses RevIN (Kim et
+    al. 2022).
+  * TST (Zerveas et al. 2021) credits batch norm for robustness to outliers and
+    PatchTST's reference code uses
     BatchNorm1d over D. The shared TransformerStack only has layernorm | rmsnorm
     (models.layers.normalization.make_norm, which takes no train flag and has no
-    `batch_stats`), so the default is LayerNorm; "batchnorm" is rejected with that reason.
+    `batch_stats`), so the default is LayerNorm (model.encoder.norm: layernorm | rmsnorm).
   * The reference code adds residual attention scores across layers (RealFormer,
     res_attention=True); the paper does not describe it and it is not done here.
 """
@@ -40,10 +43,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from models import transformer, variants
-from models.layers import initializers
-
-DTYPES = ("float32", "bfloat16", "float16")
-NORMS = ("layernorm", "rmsnorm")   # what TransformerStack supports (see module docstring)
 
 
 def num_patches(lookback: int, patch_len: int, stride: int, pad_end: bool) -> int:
@@ -64,103 +63,84 @@ def patchify(x: jax.Array, patch_len: int, stride: int, pad_end: bool = False) -
     return x[..., index]
 
 
+def encoder_config(**fields) -> transformer.TransformerConfig:
+    """The PatchTST encoder's TransformerConfig: the reference code's post-norm blocks
+    (pre_norm=False) with GELU and LayerNorm (the paper's batch norm is not available, see
+    the module docstring), Xavier-uniform kernels, at the "tiny" size unless `fields` say
+    otherwise (PatchTSTConfig sets the STACK_DERIVED fields)."""
+    return transformer.TransformerConfig(**{
+        **dict(d_model=32, num_heads=2, num_layers=2, mlp_dim=64, activation="gelu",
+               norm="layernorm", norm_position="post", use_bias=True,
+               kernel_init="xavier_uniform", position="none", vocab_size=1), **fields})
+
+
 @dataclasses.dataclass(frozen=True)
 class PatchTSTConfig:
-    """PatchTST hyper-parameters (defaults: the "tiny" test model)."""
+    """PatchTST hyper-parameters (defaults: the "tiny" test model).
+
+    `encoder` is the transformer's config: d_model is D, mlp_dim F; dropout_rate also drops
+    the patch embeddings; dtype / param_dtype / kernel_init / init_stddev also serve the
+    patch embedding and the head (RevIN and the output stay float32). Its STACK_DERIVED
+    fields (no token or position table: PatchTST adds its own W_pos; max_length =
+    num_patches; the matmul hook = `dot_general`) are set here.
+    """
     lookback: int = 32                      # L, look-back window (data field)
     horizon: int = 8                        # H, forecast steps (data field)
     channels: int = 1                       # C, variables (data field)
     patch_len: int = 8                      # P
     stride: int = 4                         # S
     pad_end: bool = True                    # repeat the last value S times: N + 1 patches
-    d_model: int = 32                       # D
-    num_heads: int = 2
-    num_layers: int = 2
-    mlp_dim: int = 64                       # F, feed-forward width
-    dropout: float = 0.0                    # embeddings, sublayer outputs, MLP hidden
-    attention_dropout: float = 0.0
     head_dropout: float = 0.0               # on the flattened features before the head
-    activation: str = "gelu"
-    norm: str = "layernorm"                 # "layernorm" | "rmsnorm" (paper: batch norm)
-    norm_position: str = "post"             # the reference code's default (pre_norm=False)
-    norm_epsilon: float = 1e-5
     revin: bool = True                      # instance normalization in, its inverse out
     revin_affine: bool = False              # learnable per-channel scale/shift (ref.: off)
     revin_eps: float = 1e-5
     channel_independence: bool = True       # False: the channel-mixing ablation
-    kernel_init: str = "xavier_uniform"     # encoder, embedding and head kernels
-    init_stddev: float = 0.02               # for kernel_init "normal"/"truncated_normal"
-    attention_impl: str = "reference"       # "reference" | "fused"
-    dtype: str = "float32"                  # compute dtype (RevIN and output: float32)
-    param_dtype: str = "float32"
-    scan_layers: bool = False
-    remat_policy: str = "none"
+    encoder: transformer.TransformerConfig = dataclasses.field(
+        default_factory=encoder_config, metadata={"derived": transformer.STACK_DERIVED})
     dot_general: Callable = lax.dot_general  # every matmul (embedding and head included)
 
     def __post_init__(self):
-        for key in ("lookback", "horizon", "channels", "patch_len", "stride", "d_model",
-                    "num_heads", "num_layers", "mlp_dim"):
+        for key in ("lookback", "horizon", "channels", "patch_len", "stride"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"model.{key} must be positive, got {getattr(self, key)}")
         if self.patch_len > self.lookback:
             raise ValueError(f"model.patch_len ({self.patch_len}) must be <= model.lookback "
                              f"({self.lookback}): no patch fits in the look-back window")
-        if self.d_model % self.num_heads:
-            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by "
-                             f"model.num_heads ({self.num_heads})")
-        for key in ("dropout", "attention_dropout", "head_dropout"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ValueError(f"model.{key} must be in [0, 1), got {getattr(self, key)}")
-        if self.norm == "batchnorm":
-            raise ValueError("model.norm='batchnorm' (the paper's) is not supported: the "
-                             "shared TransformerStack's norms are " + ", ".join(NORMS))
-        for key, allowed in (("norm", NORMS), ("dtype", DTYPES), ("param_dtype", DTYPES)):
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"model.{key}={getattr(self, key)!r} is not allowed; "
-                                 f"allowed: {', '.join(allowed)}")
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise ValueError(f"model.head_dropout must be in [0, 1), got {self.head_dropout}")
         if self.revin_eps <= 0:
             raise ValueError(f"model.revin_eps must be positive, got {self.revin_eps}")
-        self.transformer_config  # noqa: B018 -- validates the remaining (shared) fields
+        # Frozen, so set through object.__setattr__; replace() re-derives (num_patches).
+        object.__setattr__(self, "encoder", transformer.stack_config(
+            self.encoder, self.num_patches, self.dot_general))
 
     def replace(self, **changes) -> "PatchTSTConfig":
-        return dataclasses.replace(self, **changes)
+        """dataclasses.replace, where a dict for `encoder` updates the encoder's fields."""
+        return variants.replace(self, changes, "patchtst")
 
     @property
     def num_patches(self) -> int:
         return num_patches(self.lookback, self.patch_len, self.stride, self.pad_end)
-
-    @property
-    def transformer_config(self) -> transformer.TransformerConfig:
-        """The encoder's config: bidirectional blocks, no token/position tables (vocab_size
-        is unused; position="none" because PatchTST adds its own learned W_pos)."""
-        return transformer.TransformerConfig(
-            vocab_size=1, num_layers=self.num_layers, num_heads=self.num_heads,
-            d_model=self.d_model, mlp_dim=self.mlp_dim, max_length=self.num_patches,
-            dropout_rate=self.dropout, attention_dropout_rate=self.attention_dropout,
-            activation=self.activation, norm=self.norm, norm_position=self.norm_position,
-            norm_epsilon=self.norm_epsilon, position="none", use_bias=True,
-            kernel_init=self.kernel_init, init_stddev=self.init_stddev,
-            attention_impl=self.attention_impl, dtype=self.dtype,
-            param_dtype=self.param_dtype, scan_layers=self.scan_layers,
-            remat_policy=self.remat_policy, dot_general=self.dot_general)
 
 
 # "paper": the supervised PatchTST/42 (L=336, N=42) of Section 4.1 / Appendix A.1.4, used
 # for the large data sets; "paper_small" is its reduced size for ILI, ETTh1, ETTh2.
 # lookback, horizon and channels are data fields: a run takes them from the dataset.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "tiny": dict(lookback=32, horizon=8, patch_len=8, stride=4, d_model=32, num_heads=2,
-                 num_layers=2, mlp_dim=64),
-    "paper": dict(lookback=336, horizon=96, patch_len=16, stride=8, d_model=128,
-                  num_heads=16, num_layers=3, mlp_dim=256, dropout=0.2, head_dropout=0.0),
-    "paper_small": dict(lookback=336, horizon=96, patch_len=16, stride=8, d_model=16,
-                        num_heads=4, num_layers=3, mlp_dim=128, dropout=0.3,
-                        head_dropout=0.0),
+    "tiny": dict(lookback=32, horizon=8, patch_len=8, stride=4,
+                 encoder=dict(d_model=32, num_heads=2, num_layers=2, mlp_dim=64)),
+    "paper": dict(lookback=336, horizon=96, patch_len=16, stride=8, head_dropout=0.0,
+                  encoder=dict(d_model=128, num_heads=16, num_layers=3, mlp_dim=256,
+                               dropout_rate=0.2)),
+    "paper_small": dict(lookback=336, horizon=96, patch_len=16, stride=8, head_dropout=0.0,
+                        encoder=dict(d_model=16, num_heads=4, num_layers=3, mlp_dim=128,
+                                     dropout_rate=0.3)),
 }
 
 
 def make_config(variant: str, **overrides) -> PatchTSTConfig:
-    """The named variant's config with `overrides` applied (unknown names raise)."""
+    """The named variant's config with `overrides` applied (unknown names raise); a dict
+    for `encoder` updates the variant's encoder, e.g. encoder=dict(num_layers=3)."""
     return variants.from_variant(PatchTSTConfig, VARIANTS, variant, overrides, "patchtst")
 
 
@@ -193,8 +173,8 @@ class PatchTST(nn.Module):
 
     @nn.compact
     def __call__(self, inputs: jax.Array, *, train: bool = False) -> jax.Array:
-        cfg = self.cfg
-        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        cfg, enc = self.cfg, self.cfg.encoder
+        dtype, pdtype = jnp.dtype(enc.dtype), jnp.dtype(enc.param_dtype)
         want = (cfg.lookback, cfg.channels)
         if inputs.ndim != 3 or tuple(inputs.shape[1:]) != want:
             # The position table and the head are sized by N, i.e. by the lookback.
@@ -218,20 +198,20 @@ class PatchTST(nn.Module):
             tokens = patches.transpose(0, 2, 1, 3).reshape(b, n, c * cfg.patch_len)
         dense = lambda feat, name: nn.Dense(  # noqa: E731
             feat, dtype=dtype, param_dtype=pdtype, dot_general=cfg.dot_general, name=name,
-            kernel_init=initializers.get(cfg.kernel_init, cfg.init_stddev))
-        h = dense(cfg.d_model, "embedding")(tokens.astype(dtype))       # x_p W_p, [., N, D]
+            kernel_init=enc.init)
+        h = dense(enc.d_model, "embedding")(tokens.astype(dtype))       # x_p W_p, [., N, D]
         # W_pos ~ U(-0.02, 0.02): the reference code's learned ("zeros", learn_pe) table.
-        pos = self.param("pos_embedding", _uniform_init(0.02), (n, cfg.d_model), pdtype)
+        pos = self.param("pos_embedding", _uniform_init(0.02), (n, enc.d_model), pdtype)
         h = h + pos.astype(dtype)
-        h = nn.Dropout(cfg.dropout)(h, deterministic=not train)
+        h = nn.Dropout(enc.dropout_rate)(h, deterministic=not train)
         # No padding tokens, so no mask; bidirectional (causal=False).
-        h = transformer.TransformerStack(cfg.transformer_config, cfg.num_layers,
+        h = transformer.TransformerStack(enc, enc.num_layers,
                                          name="encoder")(h, deterministic=not train)
         self.sow("intermediates", "encoded", h)
 
         # Flatten head. Features are flattened D-major ([D, N] -> D*N) like the reference
         # Flatten_Head (it flattens z [.., D, N]), so its head weights load without a shuffle.
-        h = h.transpose(0, 2, 1).reshape(h.shape[0], cfg.d_model * n)
+        h = h.transpose(0, 2, 1).reshape(h.shape[0], enc.d_model * n)
         h = nn.Dropout(cfg.head_dropout)(h, deterministic=not train)
         if cfg.channel_independence:
             y = dense(cfg.horizon, "head")(h).astype(jnp.float32)       # [B*C, H]

@@ -14,9 +14,10 @@ One `RNNConfig` serves the three; `cell` picks LSTM (default), GRU or simple RNN
 forecasts are float32 whatever the compute dtype. Token id `pad_id` marks padding, which
 must be at the END of each row (the recurrent layers take lengths).
 
-Where this follows the papers rather than the study notes (003):
-  * The notes give the Bahdanau encoder as an LSTM whose last vector is the context c. The
-    paper's point is the opposite: a BIDIRECTIONAL encoder (gated units, i.e. a GRU there)
+Where popular explanations differ from the papers:
+  * A popular explanation gives the Bahdanau encoder as an LSTM whose last vector is the
+    context c. Bahdanau et al. 2015 (sec. 3 and appendix A) do the opposite: a
+    BIDIRECTIONAL encoder (gated units, i.e. a GRU there)
     whose annotations h_j are all attended, with e_ij = v^T tanh(W s_{i-1} + U h_j) scored
     from the PREVIOUS decoder state, c_i fed into the recurrence, and s_0 = tanh(W_s h<-_1).
     We do exactly that, with two simplifications: an LSTM decoder (c_0 = 0) and a tanh
@@ -82,10 +83,9 @@ class RNNConfig:
     dot_general: Callable = lax.dot_general  # every matmul goes through this hook
 
     def __post_init__(self):
-        for key, allowed in (("pooling", POOLINGS), ("attention", ATTENTIONS)):
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"model.{key}={getattr(self, key)!r} is not allowed; "
-                                 f"allowed: {', '.join(allowed)}")
+        for key, allowed in (("pooling", POOLINGS), ("attention", ATTENTIONS),
+                             ("dense_init", initializers.NAMES)):
+            variants.check_one_of("model", key, getattr(self, key), allowed)
         for key in ("vocab_size", "channels", "horizon", "embed_dim", "hidden"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"model.{key} must be positive, got {getattr(self, key)}")

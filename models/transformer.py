@@ -14,6 +14,11 @@ paper). Layers can be unrolled (params `layers_0..layers_{n-1}`) or scanned with
 (params stacked under `layers` with a leading [num_layers] axis; `stack_layers` /
 `unstack_layers` convert), optionally rematerialized with a named checkpoint policy.
 Logits are float32 whatever the compute dtype. Token id `pad_id` marks padding.
+
+Every parameter carries logical axis names (models/layers/partitioning.py): kernels
+("embed", "mlp"), ("embed", "heads", "kv"), ..., scanned layers a leading "layers" axis;
+the hidden states are constrained to ("batch", "length", "activation_embed") after the
+embedding and each block (a no-op outside `partitioning.axis_rules`).
 """
 from __future__ import annotations
 
@@ -27,11 +32,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from models import variants
-from models.layers import initializers
+from models.layers import initializers, partitioning
 from models.layers.attention import IMPLEMENTATIONS, MultiHeadAttention, padding_mask
 from models.layers.embedding import POSITION_KINDS, Embed, PositionEmbedding
-from models.layers.mlp import MlpBlock, get_activation
+from models.layers.mlp import ACTIVATIONS, MlpBlock, get_activation
 from models.layers.normalization import NORMS, make_norm
+
+# Logical axes of the hidden states [batch, length, d_model].
+_HIDDEN = ("batch", "length", "activation_embed")
 
 REMAT_POLICIES: dict[str, Any] = {
     "none": None,                                   # no rematerialization
@@ -75,19 +83,12 @@ class TransformerConfig:
     dot_general: Callable = lax.dot_general  # every matmul goes through this hook
 
     def __post_init__(self):
-        checks = [
-            (self.attention_impl in IMPLEMENTATIONS, "attention_impl", IMPLEMENTATIONS),
-            (self.norm in NORMS, "norm", NORMS),
-            (self.norm_position in ("pre", "post"), "norm_position", ("pre", "post")),
-            (self.position in POSITION_KINDS, "position", POSITION_KINDS),
-            (self.remat_policy in REMAT_POLICIES, "remat_policy", tuple(REMAT_POLICIES)),
-            (self.kernel_init in initializers.NAMES, "kernel_init", initializers.NAMES),
-        ]
-        for ok, key, allowed in checks:
-            if not ok:
-                raise ValueError(f"model.{key}={getattr(self, key)!r} is not allowed; "
-                                 f"allowed: {', '.join(allowed)}")
-        get_activation(self.activation)
+        for key, allowed in (("attention_impl", IMPLEMENTATIONS), ("norm", NORMS),
+                             ("norm_position", ("pre", "post")), ("position", POSITION_KINDS),
+                             ("remat_policy", REMAT_POLICIES),
+                             ("kernel_init", initializers.NAMES), ("activation", ACTIVATIONS),
+                             ("dtype", variants.DTYPES), ("param_dtype", variants.DTYPES)):
+            variants.check_one_of("model", key, getattr(self, key), allowed)
         for key in ("vocab_size", "num_layers", "num_heads", "d_model", "mlp_dim",
                     "max_length"):
             if getattr(self, key) <= 0:
@@ -105,10 +106,6 @@ class TransformerConfig:
         for key in ("dropout_rate", "attention_dropout_rate"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ValueError(f"model.{key} must be in [0, 1), got {getattr(self, key)}")
-        for key in ("dtype", "param_dtype"):
-            if getattr(self, key) not in ("float32", "bfloat16", "float16"):
-                raise ValueError(f"model.{key}={getattr(self, key)!r}; allowed: float32, "
-                                 "bfloat16, float16")
 
     def replace(self, **changes) -> "TransformerConfig":
         return dataclasses.replace(self, **changes)
@@ -147,6 +144,24 @@ def make_config(variant: str, **overrides) -> TransformerConfig:
     """The named variant's config with `overrides` applied (unknown names raise)."""
     return variants.from_variant(TransformerConfig, VARIANTS, variant, overrides,
                                  "transformer")
+
+
+# The fields a bare TransformerStack never reads (token / position tables, heads, decoder
+# depth) plus the matmul hook: a model that nests a TransformerConfig as the encoder over
+# its own embeddings (ViT, PatchTST) sets these itself (`stack_config`), so they are its
+# nested field's metadata["derived"] and are left out of the config section.
+STACK_DERIVED = ("vocab_size", "max_length", "position", "num_decoder_layers",
+                 "scale_embeddings", "tie_embeddings", "pad_id", "num_classes", "dot_general")
+
+
+def stack_config(cfg: TransformerConfig, num_tokens: int,
+                 dot_general: Callable) -> TransformerConfig:
+    """`cfg` as the config of a stack over `num_tokens` embedded tokens: no vocabulary
+    (vocab_size=1), no position table (the parent adds its own), max_length=num_tokens,
+    the parent's matmul hook, and the rest of STACK_DERIVED at their defaults."""
+    return cfg.replace(vocab_size=1, max_length=num_tokens, position="none",
+                       num_decoder_layers=None, scale_embeddings=False, tie_embeddings=True,
+                       pad_id=0, num_classes=0, dot_general=dot_general)
 
 
 # ----------------------------------------------------------------------------------------
@@ -213,6 +228,7 @@ class TransformerBlock(nn.Module):
                        dot_general=cfg.dot_general, name="mlp")
         x = _Sublayer(cfg, det, name="mlp_sublayer")(
             x, lambda h: mlp(h, deterministic=det))
+        x = partitioning.constrain(x, _HIDDEN)
         return (x, None) if self.scanned else x
 
 
@@ -238,7 +254,9 @@ class TransformerStack(nn.Module):
             scanned = nn.scan(block_cls,
                               variable_axes={"params": 0, "cache": 0, "intermediates": 0},
                               split_rngs={"params": True, "dropout": True},
-                              in_axes=nn.broadcast, length=self.num_layers)
+                              in_axes=nn.broadcast, length=self.num_layers,
+                              # the stacked axis of every boxed parameter is "layers"
+                              metadata_params={nn.PARTITION_NAME: "layers"})
             x, _ = scanned(**kwargs, scanned=True, name="layers")(x, *args)
         else:
             for i in range(self.num_layers):
@@ -272,7 +290,7 @@ class Embedder(nn.Module):
             x = x * jnp.asarray(self.cfg.d_model ** 0.5, x.dtype)
         if self.cfg.position != "none":
             x = x + self.positions(positions)
-        return self.dropout(x, deterministic=deterministic)
+        return partitioning.constrain(self.dropout(x, deterministic=deterministic), _HIDDEN)
 
     def attend(self, x):
         return self.tokens.attend(x)
@@ -314,8 +332,10 @@ class _Unembed(nn.Module):
             logits = embedder.attend(x)
         else:
             logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-                              param_dtype=cfg.weight_dtype, kernel_init=cfg.init,
+                              param_dtype=cfg.weight_dtype,
+                              kernel_init=partitioning.boxed(cfg.init, ("embed", "vocab")),
                               dot_general=cfg.dot_general, name="logits")(x)
+        logits = partitioning.constrain(logits, ("batch", "length", "activation_vocab"))
         return logits.astype(jnp.float32)
 
 
@@ -384,17 +404,22 @@ class Encoder(nn.Module):
         x = TransformerStack(cfg, cfg.num_layers, name="encoder")(
             x, valid, deterministic=not train)
         self.sow("intermediates", "final_hidden", x)
-        dense = lambda n, name: nn.Dense(n, dtype=cfg.compute_dtype,  # noqa: E731
-                                         param_dtype=cfg.weight_dtype, kernel_init=cfg.init,
-                                         dot_general=cfg.dot_general, name=name)
+        def dense(n, name, out_axis=None):
+            # The square transforms keep their output axis unnamed: "embed" may name one
+            # dimension of an array only.
+            return nn.Dense(n, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                            kernel_init=partitioning.boxed(cfg.init, ("embed", out_axis)),
+                            bias_init=partitioning.boxed(nn.initializers.zeros_init(),
+                                                         (out_axis,)),
+                            dot_general=cfg.dot_general, name=name)
         if self.head == "hidden":
             return x
         if self.head == "mlm":
             h = get_activation(cfg.activation)(dense(cfg.d_model, "mlm_transform")(x))
             h = make_norm(cfg.norm, epsilon=cfg.norm_epsilon, dtype=cfg.compute_dtype,
                           param_dtype=cfg.weight_dtype, name="mlm_norm")(h)
-            bias = self.param("mlm_bias", nn.initializers.zeros, (cfg.vocab_size,),
-                              cfg.weight_dtype)
+            bias = self.param("mlm_bias", partitioning.boxed(nn.initializers.zeros, ("vocab",)),
+                              (cfg.vocab_size,), cfg.weight_dtype)
             return _Unembed(cfg, name="unembed")(h, embedder) + bias.astype(jnp.float32)
         pooled = jnp.tanh(dense(cfg.d_model, "pooler")(x[:, 0]))
         if self.head == "pooled":
@@ -402,7 +427,7 @@ class Encoder(nn.Module):
         if cfg.num_classes <= 0:
             raise ValueError("head='classify' needs model.num_classes > 0")
         pooled = nn.Dropout(cfg.dropout_rate)(pooled, deterministic=not train)
-        return dense(cfg.num_classes, "classifier")(pooled).astype(jnp.float32)
+        return dense(cfg.num_classes, "classifier", "classes")(pooled).astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------

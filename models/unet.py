@@ -21,8 +21,8 @@ Differences from the paper, on purpose:
     predates batch norm's wide use).
   * "bilinear" upsampling (resize-convolution, Odena et al. 2016) is the ablation of the
     paper's 2x2 "up-convolution"; both halve the channels as the paper does.
-The study notes (002, "U-Net") describe the same encoder / bottleneck / decoder: pooling
-with doubling channels, upsampling with halving channels and skip connections.
+Kept from the paper (fig. 1): pooling with doubling channels, upsampling with halving
+channels, and skip connections from each encoder level to its decoder level.
 
 Batch norm keeps running statistics in the `batch_stats` collection, exactly as
 models/cnn.py: `train=True` normalizes with the batch's statistics and updates them
@@ -45,7 +45,7 @@ from jax import lax
 from models import variants
 from models.layers import initializers
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = variants.DTYPES
 UPSAMPLING = ("transpose", "bilinear")
 NORMS = ("batch", "group", "none")
 
@@ -68,14 +68,10 @@ class UNetConfig:
     conv_general_dilated: Callable = lax.conv_general_dilated  # every other conv
 
     def __post_init__(self):
-        for key, value, allowed in (("upsampling", self.upsampling, UPSAMPLING),
-                                    ("norm", self.norm, NORMS),
-                                    ("kernel_init", self.kernel_init, initializers.NAMES),
-                                    ("dtype", self.dtype, DTYPES),
-                                    ("param_dtype", self.param_dtype, DTYPES)):
-            if value not in allowed:
-                raise ValueError(f"model.{key}={value!r} is not allowed; allowed: "
-                                 f"{', '.join(allowed)}")
+        for key, allowed in (("upsampling", UPSAMPLING), ("norm", NORMS),
+                             ("kernel_init", initializers.NAMES), ("dtype", DTYPES),
+                             ("param_dtype", DTYPES)):
+            variants.check_one_of("model", key, getattr(self, key), allowed)
         for key in ("depth", "base_channels", "num_classes", "group_norm_groups"):
             if getattr(self, key) < 1:
                 raise ValueError(f"model.{key} must be >= 1, got {getattr(self, key)}")
@@ -206,8 +202,9 @@ class UNet(nn.Module):
         self.sow("intermediates", "bottleneck", x)
         for i in reversed(range(cfg.depth)):
             x = upsample(cfg, x, cfg.channels(i), name=f"up{i}")
-            # The skip brings back the spatial detail pooling removed (the notes: early
-            # layers hold "where", deep layers "what"); channels: 2 * base * 2^i.
+            # The skip brings back the spatial detail pooling removed (Ronneberger et al.
+            # 2015, sec. 1: high-resolution features from the contracting path help
+            # localize); channels: 2 * base * 2^i.
             x = jnp.concatenate([skips[i], x], axis=-1)
             x = ConvBlock(cfg, cfg.channels(i), train, name=f"dec{i}")(x)
         logits = nn.Dense(cfg.num_classes, dtype=jnp.dtype(cfg.dtype),

@@ -24,19 +24,22 @@ and `mean_image` turn that dict into the ELBO's terms and pictures (models.layer
 distributions holds the math). Every Dense goes through `dot_general` and every conv through
 `conv_general_dilated` (the compression hooks); outputs are float32 whatever the dtype.
 
-Where this follows the papers rather than the study notes (002, 003):
-  * Notes 002 say a deterministic bottleneck "needs stochasticity to learn the latent space
-    well". What the VAE adds is a *prior* and the KL that pulls q(z|x) towards it: that makes
-    decoded prior samples and interpolations meaningful; noise alone would not.
-  * Notes 003: the reconstruction term is "a simple MSE loss" for a Gaussian decoder. Only
-    for a fixed variance, and then weighted by 1 / (2 sigma^2) against the KL: sigma sets
-    the reconstruction/KL balance. The default learns sigma (Rybkin et al. 2021,
-    "sigma-VAE") instead of hand-tuning it.
-  * Notes 003 describe Gumbel-softmax as "softmax instead of argmax". It is the softmax of
-    (logits + Gumbel noise) / temperature: the noise makes it a sample, the temperature
-    trades bias (relaxed codes) against gradient variance, and is annealed (task side).
-  * "Like PCA but with nonlinearity, spans the same space" (notes 003) is a fact about
-    *linear* autoencoders with squared error (Baldi & Hornik 1989), not about VAEs.
+Where popular explanations differ from the papers:
+  * A popular explanation says a deterministic bottleneck "needs stochasticity to learn the
+    latent space well". What the VAE adds (Kingma & Welling 2014, eq. 3) is a *prior* and
+    the KL that pulls q(z|x) towards it: that makes decoded prior samples and
+    interpolations meaningful; noise alone would not.
+  * A popular explanation calls the reconstruction term "a simple MSE loss" for a Gaussian
+    decoder. Only for a fixed variance, and then weighted by 1 / (2 sigma^2) against the
+    KL: sigma sets the reconstruction/KL balance. The default learns sigma (Rybkin et al.
+    2021, "Simple and Effective VAE Training with Calibrated Decoders", the sigma-VAE)
+    instead of hand-tuning it.
+  * A popular explanation describes Gumbel-softmax as "softmax instead of argmax". Jang et
+    al. 2017 (eq. 2) take the softmax of (logits + Gumbel noise) / temperature: the noise
+    makes it a sample, the temperature trades bias (relaxed codes) against gradient
+    variance, and is annealed (task side).
+  * "Like PCA but with nonlinearity, spans the same space" is a fact about *linear*
+    autoencoders with squared error (Baldi & Hornik 1989), not about VAEs.
 """
 from __future__ import annotations
 
@@ -57,7 +60,7 @@ ARCHITECTURES = ("mlp", "conv")
 LATENTS = ("gaussian", "categorical", "none")
 LIKELIHOODS = ("bernoulli", "gaussian")
 DECODER_SCALES = ("fixed", "learned")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = variants.DTYPES
 ACTIVATIONS: dict[str, Callable] = {"relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu,
                                     "elu": nn.elu, "leaky_relu": nn.leaky_relu}
 
@@ -91,9 +94,7 @@ class VAEConfig:
                              ("activation", tuple(ACTIVATIONS)),
                              ("kernel_init", initializers.NAMES),
                              ("dtype", DTYPES), ("param_dtype", DTYPES)):
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"model.{key}={getattr(self, key)!r} is not allowed; "
-                                 f"allowed: {', '.join(allowed)}")
+            variants.check_one_of("model", key, getattr(self, key), allowed)
         for key in ("image_size", "channels", "latent_dim", "num_latents", "num_categories"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"model.{key} must be positive, got {getattr(self, key)}")

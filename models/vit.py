@@ -10,9 +10,9 @@
            (num_classes=0: no head, the pooled features [B, D or R] float32 are returned)
 
 The encoder is `models.transformer.TransformerStack` (bidirectional, pre-norm, exact GELU,
-LayerNorm eps 1e-6 as in the reference code) built from `ViTConfig.transformer_config`.
+LayerNorm eps 1e-6 as in the reference code) configured by the nested `ViTConfig.encoder`
+(`model.encoder.num_layers`, `model.encoder.d_model`, ... in a run config).
 Variants are decoded from big_vision-style strings: "<size>/<patch>", e.g. "B/16".
-The study notes (002) leave the ViT section empty; everything here follows the paper.
 """
 from __future__ import annotations
 
@@ -26,11 +26,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from models import transformer, variants
-from models.layers import initializers
-from models.layers.attention import IMPLEMENTATIONS
 
 POOLS = ("cls", "gap")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def patchify(images: jax.Array, patch: int) -> jax.Array:
@@ -60,66 +57,58 @@ def unpatchify(patches: jax.Array, patch: int, height: int, width: int) -> jax.A
     return x.reshape(b, height, width, c)
 
 
+def encoder_config(**fields) -> transformer.TransformerConfig:
+    """The ViT encoder's TransformerConfig: bidirectional pre-norm blocks with exact GELU,
+    LayerNorm eps 1e-6 and Xavier-uniform kernels as in the reference code, at the "tiny"
+    size unless `fields` say otherwise (ViTConfig sets the STACK_DERIVED fields)."""
+    return transformer.TransformerConfig(**{
+        **dict(d_model=64, num_layers=2, num_heads=2, mlp_dim=256, activation="gelu",
+               norm="layernorm", norm_position="pre", norm_epsilon=1e-6, use_bias=True,
+               kernel_init="xavier_uniform", position="none", vocab_size=1), **fields})
+
+
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
-    """ViT hyper-parameters (defaults: the "tiny/4" test model on 32x32 images)."""
+    """ViT hyper-parameters (defaults: the "tiny/4" test model on 32x32 images).
+
+    `encoder` is the transformer's config: d_model is D (the token width), num_layers L,
+    dropout_rate applies after the embeddings too, and dtype / param_dtype / kernel_init /
+    init_stddev also serve the patch embedding, pre-logits and head. Its STACK_DERIVED fields
+    (no token or position table: ViT adds its own learned E_pos; max_length = num_tokens;
+    the matmul hook = `dot_general`) are set here.
+    """
     image_size: int = 32
     patch_size: int = 4
     channels: int = 3
-    width: int = 64                         # D, the token width
-    depth: int = 2                          # L, encoder blocks
-    num_heads: int = 2
-    mlp_dim: int = 256
     pool: str = "cls"                       # "cls" (class token, eq. 4) | "gap" (mean)
     num_classes: int = 0                    # 0: no head, return pooled features
     representation_size: int | None = None  # pre-logits tanh layer (paper: pre-training)
-    dropout: float = 0.0                    # after embeddings / sublayers / MLP hidden
-    attention_dropout: float = 0.0
-    norm_epsilon: float = 1e-6
-    kernel_init: str = "xavier_uniform"     # encoder + pre-logits kernels
-    init_stddev: float = 0.02               # for kernel_init "normal"/"truncated_normal"
     head_zero_init: bool = True             # logits start at 0 (paper, fine-tuning)
-    attention_impl: str = "reference"       # "reference" | "fused"
-    dtype: str = "float32"                  # compute dtype
-    param_dtype: str = "float32"
-    scan_layers: bool = False
-    remat_policy: str = "none"
+    encoder: transformer.TransformerConfig = dataclasses.field(
+        default_factory=encoder_config, metadata={"derived": transformer.STACK_DERIVED})
     dot_general: Callable = lax.dot_general  # every matmul (patch embedding included)
 
     def __post_init__(self):
-        checks = [(self.pool in POOLS, "pool", POOLS),
-                  (self.attention_impl in IMPLEMENTATIONS, "attention_impl", IMPLEMENTATIONS),
-                  (self.remat_policy in transformer.REMAT_POLICIES, "remat_policy",
-                   tuple(transformer.REMAT_POLICIES)),
-                  (self.kernel_init in initializers.NAMES, "kernel_init", initializers.NAMES),
-                  (self.dtype in DTYPES, "dtype", DTYPES),
-                  (self.param_dtype in DTYPES, "param_dtype", DTYPES)]
-        for ok, key, allowed in checks:
-            if not ok:
-                raise ValueError(f"model.{key}={getattr(self, key)!r} is not allowed; "
-                                 f"allowed: {', '.join(allowed)}")
-        for key in ("image_size", "patch_size", "channels", "width", "depth", "num_heads",
-                    "mlp_dim"):
+        variants.check_one_of("model", "pool", self.pool, POOLS)
+        for key in ("image_size", "patch_size", "channels"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"model.{key} must be positive, got {getattr(self, key)}")
         if self.image_size % self.patch_size:
             raise ValueError(f"model.image_size ({self.image_size}) must be divisible by "
                              f"model.patch_size ({self.patch_size})")
-        if self.width % self.num_heads:
-            raise ValueError(f"model.width ({self.width}) must be divisible by "
-                             f"model.num_heads ({self.num_heads})")
         if self.num_classes < 0:
             raise ValueError(f"model.num_classes must be >= 0 (0 = no head), got "
                              f"{self.num_classes}")
         if self.representation_size is not None and self.representation_size <= 0:
             raise ValueError("model.representation_size must be positive or None, got "
                              f"{self.representation_size}")
-        for key in ("dropout", "attention_dropout"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ValueError(f"model.{key} must be in [0, 1), got {getattr(self, key)}")
+        # Frozen, so set through object.__setattr__; replace() re-derives (e.g. num_tokens).
+        object.__setattr__(self, "encoder", transformer.stack_config(
+            self.encoder, self.num_tokens, self.dot_general))
 
     def replace(self, **changes) -> "ViTConfig":
-        return dataclasses.replace(self, **changes)
+        """dataclasses.replace, where a dict for `encoder` updates the encoder's fields."""
+        return variants.replace(self, changes, "vit")
 
     @property
     def num_patches(self) -> int:
@@ -132,33 +121,18 @@ class ViTConfig:
     @property
     def feature_dim(self) -> int:
         """Width of the features returned with num_classes=0 (and sown as pre_logits)."""
-        return self.representation_size or self.width
-
-    @property
-    def transformer_config(self) -> transformer.TransformerConfig:
-        """The encoder's config: bidirectional pre-norm blocks, no token/position tables
-        (vocab_size is unused; position="none" because ViT adds its own 2-D-agnostic
-        learned table before the stack)."""
-        return transformer.TransformerConfig(
-            vocab_size=1, num_layers=self.depth, num_heads=self.num_heads,
-            d_model=self.width, mlp_dim=self.mlp_dim, max_length=self.num_tokens,
-            dropout_rate=self.dropout, attention_dropout_rate=self.attention_dropout,
-            activation="gelu", norm="layernorm", norm_position="pre",
-            norm_epsilon=self.norm_epsilon, position="none", use_bias=True,
-            kernel_init=self.kernel_init, init_stddev=self.init_stddev,
-            attention_impl=self.attention_impl, dtype=self.dtype,
-            param_dtype=self.param_dtype, scan_layers=self.scan_layers,
-            remat_policy=self.remat_policy, dot_general=self.dot_general)
+        return self.representation_size or self.encoder.d_model
 
 
-# Sizes from the paper (Table 1) and big_vision (Ti, S). mlp_dim = 4 * width throughout.
+# Encoder sizes from the paper (Table 1: width D = d_model, depth L = num_layers) and
+# big_vision (Ti, S). mlp_dim = 4 * d_model throughout.
 SIZES: dict[str, dict[str, int]] = {
-    "tiny": dict(width=64, depth=2, num_heads=2, mlp_dim=256),     # tests / CPU runs
-    "Ti": dict(width=192, depth=12, num_heads=3, mlp_dim=768),
-    "S": dict(width=384, depth=12, num_heads=6, mlp_dim=1536),
-    "B": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
-    "L": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
-    "H": dict(width=1280, depth=32, num_heads=16, mlp_dim=5120),
+    "tiny": dict(d_model=64, num_layers=2, num_heads=2, mlp_dim=256),   # tests / CPU runs
+    "Ti": dict(d_model=192, num_layers=12, num_heads=3, mlp_dim=768),
+    "S": dict(d_model=384, num_layers=12, num_heads=6, mlp_dim=1536),
+    "B": dict(d_model=768, num_layers=12, num_heads=12, mlp_dim=3072),
+    "L": dict(d_model=1024, num_layers=24, num_heads=16, mlp_dim=4096),
+    "H": dict(d_model=1280, num_layers=32, num_heads=16, mlp_dim=5120),
 }
 # Default input resolution per size: ImageNet's 224 except the CPU-sized test model.
 _IMAGE_SIZE = {"tiny": 32}
@@ -167,7 +141,8 @@ VARIANTS = ("tiny/4", "Ti/16", "S/16", "S/32", "B/16", "B/32", "L/16", "L/32", "
 
 
 def decode_variant(variant: str) -> dict[str, Any]:
-    """"B/16" -> dict(width=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=16, ...)."""
+    """"B/16" -> dict(encoder=dict(d_model=768, num_layers=12, num_heads=12, mlp_dim=3072),
+    patch_size=16, image_size=224)."""
     match = re.fullmatch(r"([A-Za-z]+)/(\d+)", variant)
     if not match:
         raise ValueError(f"ViT variant {variant!r} is not of the form '<size>/<patch>'; "
@@ -176,13 +151,14 @@ def decode_variant(variant: str) -> dict[str, Any]:
     if size not in SIZES:
         raise ValueError(f"unknown ViT size {size!r} in variant {variant!r}; allowed sizes: "
                          f"{', '.join(SIZES)} (variants like {', '.join(VARIANTS)})")
-    return dict(SIZES[size], patch_size=patch, image_size=_IMAGE_SIZE.get(size, 224))
+    return dict(encoder=dict(SIZES[size]), patch_size=patch,
+                image_size=_IMAGE_SIZE.get(size, 224))
 
 
 def make_config(variant: str, **overrides) -> ViTConfig:
-    """The decoded variant's config with `overrides` applied (unknown names raise)."""
-    variants.check_fields(ViTConfig, overrides, "vit")
-    return ViTConfig(**{**decode_variant(variant), **overrides})
+    """The decoded variant's config with `overrides` applied (unknown names raise); a dict
+    for `encoder` updates the variant's encoder, e.g. encoder=dict(dropout_rate=0.1)."""
+    return variants.build(ViTConfig, [decode_variant(variant), overrides], "vit")
 
 
 class PatchEmbedding(nn.Module):
@@ -212,50 +188,50 @@ class PatchEmbedding(nn.Module):
 
 class ViT(nn.Module):
     """images [B, H, W, C] -> logits [B, num_classes] float32, or features [B, D] float32
-    when cfg.num_classes == 0 (D = representation_size or width; see module docstring).
+    when cfg.num_classes == 0 (D = representation_size or encoder.d_model; see module
+    docstring).
 
-    Sown into `intermediates`: "encoded" [B, T, width] (after the final LayerNorm) and
+    Sown into `intermediates`: "encoded" [B, T, encoder.d_model] (after the final LayerNorm) and
     "pre_logits" [B, D] (the head's input).
     """
     cfg: ViTConfig
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-        cfg = self.cfg
-        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        cfg, enc = self.cfg, self.cfg.encoder
+        dtype, pdtype, width = jnp.dtype(enc.dtype), jnp.dtype(enc.param_dtype), enc.d_model
         want = (cfg.image_size, cfg.image_size, cfg.channels)
         if images.ndim != 4 or tuple(images.shape[1:]) != want:
             # The learned position table has one row per patch of an image_size image.
             raise ValueError(f"images must be [batch, {want[0]}, {want[1]}, {want[2]}] "
                              f"(model.image_size, model.channels), got {images.shape}")
-        x = PatchEmbedding(cfg.patch_size, cfg.width, dtype=dtype, param_dtype=pdtype,
+        x = PatchEmbedding(cfg.patch_size, width, dtype=dtype, param_dtype=pdtype,
                            dot_general=cfg.dot_general, name="embedding")(images)
         if cfg.pool == "cls":
             # Eq. 1: a learnable token z_0^0 = x_class prepended to the patch sequence; its
             # final state is the image representation (eq. 4). Zero init as in the reference.
-            cls = self.param("cls", nn.initializers.zeros, (1, 1, cfg.width), pdtype)
+            cls = self.param("cls", nn.initializers.zeros, (1, 1, width), pdtype)
             x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (x.shape[0], 1,
-                                                                      cfg.width)), x], 1)
+                                                                      width)), x], 1)
         # Eq. 1: E_pos has one row per token (the class token included), 1-D and learned.
         pos = self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
-                         (1, cfg.num_tokens, cfg.width), pdtype)
-        x = nn.Dropout(cfg.dropout)(x + pos.astype(dtype), deterministic=not train)
+                         (1, cfg.num_tokens, width), pdtype)
+        x = nn.Dropout(enc.dropout_rate)(x + pos.astype(dtype), deterministic=not train)
         # The stack's final LayerNorm is the LN of eq. 4 (applied to every token; for "gap"
         # the mean is taken after it, as in big_vision).
-        x = transformer.TransformerStack(cfg.transformer_config, cfg.depth, name="encoder")(
+        x = transformer.TransformerStack(enc, enc.num_layers, name="encoder")(
             x, deterministic=not train)
         self.sow("intermediates", "encoded", x)
         x = x[:, 0] if cfg.pool == "cls" else jnp.mean(x, axis=1)
         if cfg.representation_size:
             x = nn.Dense(cfg.representation_size, dtype=dtype, param_dtype=pdtype,
-                         kernel_init=initializers.get(cfg.kernel_init, cfg.init_stddev),
+                         kernel_init=enc.init,
                          dot_general=cfg.dot_general, name="representation")(x)
             x = jnp.tanh(x)
         self.sow("intermediates", "pre_logits", x)
         if cfg.num_classes == 0:
             return x.astype(jnp.float32)
-        head_init = (nn.initializers.zeros if cfg.head_zero_init
-                     else initializers.get(cfg.kernel_init, cfg.init_stddev))
+        head_init = nn.initializers.zeros if cfg.head_zero_init else enc.init
         logits = nn.Dense(cfg.num_classes, dtype=dtype, param_dtype=pdtype,
                           kernel_init=head_init, dot_general=cfg.dot_general, name="head")(x)
         return logits.astype(jnp.float32)

@@ -36,10 +36,13 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from models.compress import cluster, common, lora, prune, quant_matmul, quantize
+from train.tasks.base import Task
 
 QUANTIZE_MODES = ("none", "ptq", "qat", "cluster")
 ACTIVATION_MODES = ("none", "dynamic", "static")
@@ -188,7 +191,16 @@ def check_same_structure(loaded, template, what: str) -> None:
 # The run's view of compression.
 # ----------------------------------------------------------------------------------------
 class Compression:
-    """`config.compress` bound to one run; the trainer calls the hooks below."""
+    """`config.compress` bound to one run. The trainer calls, unconditionally:
+
+      model_code(for_export=False)   code fields of the trained model (QAT's dot_general)
+      wrap_task(task)                the task whose loss sees forward_params(params)
+      wrap_optimizer(tx)             pruning masks / adapters-only updates
+      initial_state(...)             the state a run starts from (init_from, pruning, LoRA)
+      evaluate_export(...)           summary entries of the exported, compressed form
+
+    each the identity (or nothing) when compression is off.
+    """
 
     def __init__(self, c: ml_collections.ConfigDict, num_steps: int):
         self.c, self.num_steps = c, num_steps
@@ -274,8 +286,41 @@ class Compression:
                                             self.emb)
         return params
 
-    def wrap_task(self, task):
-        return task if not self.enabled else _CompressedTask(task, self.forward_params)
+    def wrap_task(self, task: Task) -> Task:
+        return task if not self.enabled else CompressedTask(task, self.forward_params)
+
+    def initial_state(self, init_state, plain_init, base_tx, tx, init_key, resuming: bool):
+        """(init_state(*inputs) -> TrainState, inputs) of the run's start.
+
+        init_state() -> TrainState: the model's own initialization with `tx`'s state; when
+        nothing changes the initial params, that is the answer (no inputs). Otherwise
+        plain_init() (the same with base_tx's state) gives the architecture; `compress.init_from` replaces its
+        values with a trained run's (unless this run resumes from its own checkpoint);
+        pruning and LoRA are applied on the host, then the state (optimizer included) is
+        built around them.
+        """
+        if not self.changes_initial_params:
+            return init_state, ()
+        plain = jax.jit(plain_init)()
+        params, model_state = plain.params, plain.model_state
+        pretrained = None
+        if self.c.init_from and not resuming:
+            loaded, loaded_state, step = load_trained_variables(self.c.init_from)
+            check_same_structure(loaded, params, f"params of {self.c.init_from} (step {step})")
+            check_same_structure(loaded_state, model_state,
+                                 f"model state of {self.c.init_from}")
+            pretrained = (jax.tree.map(lambda t, x: jnp.asarray(x, t.dtype), params, loaded),
+                          jax.tree.map(lambda t, x: jnp.asarray(x, t.dtype), model_state,
+                                       loaded_state))
+            logging.info("params from %s (step %d)", self.c.init_from, step)
+        params, model_state, masks = self.prepare(params, model_state, pretrained,
+                                                  jax.random.fold_in(init_key, 1))
+
+        def compressed_init(params, model_state, masks):
+            return plain.replace(params=params, model_state=model_state,
+                                 opt_state=self.init_opt_state(base_tx, tx, params, masks))
+        # Host copies: the jitted init places them with the state's shardings (any mesh).
+        return compressed_init, jax.device_get((params, model_state, masks))
 
     # -- export ----------------------------------------------------------------------------
     def export(self, params) -> tuple[Any, Any, dict]:
@@ -329,27 +374,47 @@ class Compression:
         return stored, decode, stats
 
 
-class _CompressedTask:
-    """A task whose loss sees `forward(params)`; every other attribute is the task's.
-    `uncompressed` is the wrapped task (the export is evaluated through it)."""
+class CompressedTask(Task):
+    """The wrapped task with its loss applied to `forward(params)` (adapted / fake-quantized
+    kernels); every other hook is the wrapped task's. `uncompressed` is the wrapped task:
+    evaluators and the export are evaluated through it, with model-form params."""
 
-    def __init__(self, task, forward):
+    def __init__(self, task: Task, forward):
+        super().__init__(task.config, task.model, task.data)
         self.uncompressed, self._forward = task, forward
+        self.needs_step = task.needs_step
 
-    def __getattr__(self, name):
-        return getattr(self.uncompressed, name)
+    def init_args(self, batch):
+        return self.uncompressed.init_args(batch)
 
-    def loss_fn(self, params, model_state, batch, rng, train, **kwargs):
+    def loss_fn(self, params, model_state, batch, rng, train, **step_kwargs):
         return self.uncompressed.loss_fn(self._forward(params), model_state, batch, rng,
-                                         train, **kwargs)
+                                         train, **step_kwargs)
+
+    def derived_metrics(self, means):
+        return self.uncompressed.derived_metrics(means)
 
     def report(self, params, model_state, workdir):
         return self.uncompressed.report(self._forward(params), model_state, workdir)
 
+    def model_params(self, params):
+        return self._forward(params)
 
-def uncompressed_task(task):
+    def after_evaluation(self, step, params, model_state, workdir):
+        self.uncompressed.after_evaluation(step, self._forward(params), model_state, workdir)
+
+    def make_optimizer(self, optim_cfg, num_steps):
+        return self.uncompressed.make_optimizer(optim_cfg, num_steps)
+
+    def make_train_step(self, tx, train_key, optim_cfg):
+        # The generic step around the compressed loss; validate() refuses compression of
+        # tasks with their own (phased) step, which would bypass the transform.
+        return Task.make_train_step(self, tx, train_key, optim_cfg)
+
+
+def uncompressed_task(task: Task) -> Task:
     """The task without the training-time transform (itself when none was applied)."""
-    return getattr(task, "uncompressed", task)
+    return task.uncompressed if isinstance(task, CompressedTask) else task
 
 
 def calibrate_activations(apply_fn, dataset, q: ml_collections.ConfigDict):
@@ -365,3 +430,45 @@ def summary_entries(stats: dict, metrics: dict) -> dict:
     out.update({f"compressed/{k}": v for k, v in stats.items()})
     return out
 
+
+
+def evaluate_export(compression: Compression, config, params, model_state, data,
+                    evaluate) -> dict:
+    """summary entries of the exported (quantized / pruned / merged) model, evaluated
+    through itself: integers dequantized inside the jitted step, integer activation
+    matmuls when `quantize.activations` is set. {} when compression is off.
+
+    params: the trained state's params (host or device); evaluate(split, params,
+    model_state, step_fn=...) -> {metric: mean}: the trainer's evaluation loop.
+    """
+    if not compression.enabled:
+        return {}
+    from train import families  # noqa: PLC0415 -- the model is rebuilt with export code
+    from train.tasks import make_task  # noqa: PLC0415
+
+    stored, decode, stats = compression.export(jax.device_get(params))
+    code = compression.model_code(for_export=True)
+    if config.compress.quantize.activations == "static":
+        # Static activation ranges: a recording forward pass over a few training batches.
+        float_params = decode(stored)
+
+        def apply_fn(dot_general, batch):
+            model, _ = families.build(config.model, config.task.name, **data.info,
+                                      dot_general=dot_general)
+            return make_task(config, model, data).loss_fn(
+                float_params, model_state, batch, jax.random.key(0), False)[0]
+        calibration = calibrate_activations(apply_fn, data["train"], config.compress.quantize)
+        code = compression.model_code(for_export=True, calibration=calibration)
+    model, _ = families.build(config.model, config.task.name, **data.info, **code)
+    inner = make_task(config, model, data)  # no training-time transform
+
+    def compressed_eval_step(stored, model_state, batch, rng):
+        _, (metrics, _) = inner.loss_fn(decode(stored), model_state, batch, rng, False)
+        return metrics
+    step_fn = jax.jit(compressed_eval_step)
+    metrics = {f"{split}/{k}": v for split in ("validation", "test")
+               for k, v in evaluate(split, stored, model_state, step_fn=step_fn).items()}
+    logging.info("compressed model: %d bytes (%.1f%% of float32): %s", stats["bytes"],
+                 100 * stats["fraction_of_float"],
+                 ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if "loss" in k))
+    return summary_entries(stats, metrics)

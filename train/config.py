@@ -4,7 +4,10 @@ A run config (an `ml_collections.ConfigDict`) has these sections; every config f
 `configs/` starts from `base_config(...)` and overrides values, never adds keys:
 
   seed        int, the one source of randomness (params, dropout, data order)
-  task        the objective: name ("lm" | "mlm" | "seq2seq") and its options
+  task        the objective: name (a key of train.tasks.TASKS) and the task's options
+              (its default_config())
+  evals       evaluators by name (train.evaluators.EVALUATORS), each with `every` and its
+              options; the task's default_evals unless the config file adds others
   model       the architecture: family, variant and every field of the family's config
               dataclass (train/families.py)
   data        train.data.default_config()
@@ -25,79 +28,17 @@ from numbers import Integral, Real
 
 import ml_collections
 
-from train import data as data_lib
-from train import families
 from train import compression, optim, sharding
-
-TASKS = (
-    "lm",
-    "mlm",
-    "seq2seq",
-    "classify",
-    "contrastive",
-    "forecast",
-    "vae",
-    "segment",
-    "gan",
-)
-
+from train import data as data_lib
+from train import evaluators as evaluators_lib
+from train import families
+from train import tasks as tasks_lib
 
 def task_config(name: str) -> ml_collections.ConfigDict:
+    """The `task` section: its name and the task's own options (its default_config())."""
     t = ml_collections.ConfigDict()
     t.name = name
-    t.label_smoothing = 0.0        # epsilon of uniform label smoothing (Szegedy et al.)
-    if name == "lm":
-        t.sample_prompt = "def "   # text sample written to the workdir after training
-        t.sample_tokens = 200
-        t.sample_temperature = 1.0
-        t.sample_top_k = 0
-        t.sample_top_p = 0.9
-    elif name == "mlm":
-        t.mask_probability = 0.15  # BERT: 15% of tokens, then 80% [MASK] / 10% random /
-        t.mask_token_fraction = 0.8  # 10% unchanged
-        t.random_token_fraction = 0.1
-    elif name == "seq2seq":
-        t.decode_max_examples = 500  # examples greedily decoded for exact match / BLEU
-        t.beam_size = 4              # beam search on the test split (1 = greedy only)
-        t.length_penalty = 0.6       # GNMT alpha
-    elif name == "classify":
-        t.input_key = "image"      # batch key fed to the model ("image" | "tokens")
-    elif name == "forecast":
-        pass                       # MSE training; baselines are computed, not configured
-    elif name == "segment":        # per-pixel CE + dice_weight * soft Dice (tasks/segment.py)
-        t.dice_weight = 1.0        # 0 = cross-entropy only
-        t.dice_squared = True      # V-Net's sum p^2 + sum g^2 denominator; False: sum p + g
-        t.dice_eps = 1.0           # smoothing in numerator and denominator
-        t.report_examples = 6      # test examples in segmentation.png (0 = no plot)
-    elif name == "vae":            # negative ELBO (train/tasks/vae.py); eval: beta=1
-        t.beta = 1.0               # KL weight (beta-VAE, Higgins et al. 2017); 1 = the ELBO
-        t.kl_warmup_steps = 0      # beta ramps linearly 0 -> beta over these steps; 0 = off
-        t.temperature_start = 1.0  # Gumbel-softmax tau at step 0 (categorical latents)
-        t.temperature_min = 0.5    # ... floor of the annealing, and the eval temperature
-        t.temperature_decay = 1e-3  # tau_t = max(min, start * exp(-decay * t))
-        t.iwae_samples = 16        # importance samples of the test NLL bound (0 = none)
-        t.iwae_examples = 0        # test examples for that bound (0 = the whole split)
-        t.report_images = 12       # columns of the reconstruction/sample/interpolation PNGs
-    elif name == "gan":            # DCGAN training, train/tasks/gan.py; label_smoothing above
-                                   # is one-sided here: real targets 1 - eps, fakes 0
-        t.loss = "non_saturating"  # generator: "non_saturating" -log D(G(z)) | "minimax"
-        t.d_steps = 1              # k discriminator updates per generator update, each on
-                                   # data.batch_size / k real images (Goodfellow et al. k=1)
-        t.g_learning_rate = 2e-4   # per-group Adam LR and b1 (DCGAN: 2e-4, 0.5); they
-        t.d_learning_rate = 2e-4   # replace optim.learning_rate / optim.b1, the rest of
-        t.g_b1 = 0.5               # `optim` (name, b2, schedule, clipping ...) applies to
-        t.d_b1 = 0.5               # both groups
-        t.sample_grid = 8          # samples_<step>.png: sample_grid^2 fixed-noise samples
-        t.scorer_steps = 500       # Adam steps of the sample-quality classifier trained on
-                                   # the train split at start (0 = no score)
-        t.scorer_learning_rate = 1e-2  # its peak Adam LR (cosine decay)
-    elif name == "contrastive":
-        t.loss = "infonce"         # "infonce" (CLIP, ALIGN) | "siglip"
-        t.retrieval_examples = 1000  # test examples for recall@k (0 = the whole split)
-        t.heatmap_size = 8         # images x captions in similarity_heatmap.png
-        t.linear_probe_examples = 4096  # training examples for the ridge linear probe
-    else:
-        raise ValueError(f"task.name={name!r} is unknown; allowed: {', '.join(TASKS)}")
+    t.update(tasks_lib.get_task_class(name).default_config())
     return t
 
 
@@ -130,6 +71,7 @@ def base_config(task: str, variant: str, family: str = "transformer",
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.task = task_config(task)
+    c.evals = evaluators_lib.evals_config(tasks_lib.get_task_class(task).default_evals)
     families.check_task(family, task)
     c.model = families.model_section(family, variant, **model_overrides)
     c.data = data_lib.default_config()
@@ -198,11 +140,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if section not in config or "name" not in config.get("task", {}):
             raise ValueError(f"config has no {section} section (see train/config.py)")
     task = config.task.name
-    if task not in TASKS:
-        raise ValueError(f"task.name={task!r} is unknown; allowed: {', '.join(TASKS)}")
+    task_cls = tasks_lib.get_task_class(task)
     families.check_task(config.model.get("family"), task)
     # base_config raises on an unknown variant, naming the family's variants.
     reference = base_config(task, config.model.get("variant"), config.model.family)
+    if "evals" in config:  # a config file may add evaluators beyond the task's defaults
+        reference.evals = evaluators_lib.evals_config(config.evals.keys())
     for key, allowed in _unknown_keys(config, reference):
         raise ValueError(f"unknown config key {key!r}; allowed here: {', '.join(allowed)}")
     _check_types(config, reference)
@@ -234,10 +177,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if metric and not metric.startswith("validation/"):
             raise ValueError(f"{key}={metric!r} must name a validation metric, e.g. "
                              "'validation/loss'")
-    if config.task.label_smoothing < 0 or config.task.label_smoothing >= 1:
-        raise ValueError(f"task.label_smoothing={config.task.label_smoothing} must be in "
-                         "[0, 1)")
     data_lib.validate(config.data)
+    task_cls.validate_config(config)
+    evaluators_lib.validate(config.evals)
+    if compression.enabled(config.compress) and task_cls.has_own_train_step():
+        raise ValueError(f"compress.* with task.name={task!r} is not supported: the task "
+                         "brings its own train step, which the compression transforms do "
+                         "not reach")
     optim.validate(config.optim, max(t.num_steps, 1))
     compression.validate(config.compress, t.num_steps)
     sharding.validate(config.sharding, config.data.batch_size)

@@ -10,11 +10,11 @@ mean of its weights). The paper fine-tunes the centroids afterwards; this module
 post-training part. Sec. 4 then Huffman-codes the indices, whose distribution is far from
 uniform.
 
-Where the notes differ: 003 says Huffman coding stores "the more common symbols with more
-bits"; it is the opposite (frequent symbols get the *shorter* codes), as implemented here.
-003 also explains the paper's 8-bit conv / 5-bit FC choice by conv filters being "already
-sparse"; the paper reports it as an empirical finding (fig. 6: accuracy vs bits per layer
-type). Here `bits` is one number for every kernel.
+Where popular explanations differ: one says Huffman coding stores "the more common symbols
+with more bits"; it is the opposite (Huffman 1952: frequent symbols get the *shorter*
+codes), as implemented here. Another explains the paper's 8-bit conv / 5-bit FC choice by
+conv filters being "already sparse"; Han et al. report it as an empirical finding (fig. 6:
+accuracy vs bits per layer type). Here `bits` is one number for every kernel.
 
 Storage (`ClusteredArray`): indices packed at `bits` bits (`bitpack`), codebook float32
 [*stack, k] (one codebook per kernel and per stacked layer). `huffman_nbytes` is an

@@ -25,8 +25,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-import jax
-
 STACK_COMPONENT = "layers"   # nn.scan's module name for stacked blocks
 
 
@@ -87,9 +85,3 @@ def is_kernel(path: str, leaf: Any, include_embeddings: bool = False) -> bool:
     if name == "kernel":
         return ndim >= 2
     return include_embeddings and name == "embedding" and ndim == 2
-
-
-def kernel_paths(params, include_embeddings: bool = False) -> list[str]:
-    """Paths of the compressible kernels of a params tree, in tree order."""
-    return [path_str(p) for p, leaf in jax.tree_util.tree_leaves_with_path(params)
-            if is_kernel(path_str(p), leaf, include_embeddings)]

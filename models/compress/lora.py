@@ -46,9 +46,9 @@ only, so the base may hold integers (QLoRA: a quantized base with
 (Bit for bit, except that a float -0.0 in the base becomes +0.0, equal in value: optax's
 zero update is +0.0. An integer (quantized) base is untouched.)
 
-Study-notes remark: the notes (001) only name LoRA ("low-rank adaptation (LoRa),
-multi-lora inference, LoRaX"); everything here follows the paper and its reference
-implementation (microsoft/LoRA, `loralib`).
+Everything here follows the paper and its reference implementation (microsoft/LoRA,
+`loralib`); QLoRA is Dettmers et al. 2023 with this module's int8 / sub-byte base in place
+of their 4-bit NormalFloat.
 """
 from __future__ import annotations
 
@@ -310,18 +310,6 @@ def _check_layout(tree: PyTree, what: str) -> None:
         keys = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
         raise ValueError(f"{what} must be the dict {{'{BASE}': params, '{LORA}': lora}} "
                          f"(see train_params), got {keys}")
-
-
-def trainable_mask(state_params: PyTree) -> dict:
-    """Booleans of `state_params`' structure: True on "lora" leaves, False on "base".
-
-    For optax.masked-style wrappers (e.g. weight decay on adapters only). Note that
-    optax.masked passes masked-out updates through *unchanged*; to freeze, use
-    `lora_optimizer` (zero updates).
-    """
-    _check_layout(state_params, "state_params")
-    return {BASE: jax.tree.map(lambda _: False, state_params[BASE]),
-            LORA: jax.tree.map(lambda _: True, state_params[LORA])}
 
 
 def lora_optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation:

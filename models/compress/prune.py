@@ -25,13 +25,14 @@ Contents
   to_sparse, from_sparse, sparse_nbytes, sparsity_report   storage and accounting
                                        (sparse_storage.py), re-exported
 
-Where the study notes differ from the papers:
-  * 2:4 (notes 000): "for each block of 4 consecutive values only 2 are allowed to be 0".
-    The NVIDIA 2:4 pattern (Mishra et al. 2021) is the other way round: at most 2 of every 4
-    may be NON-zero. We keep the n largest |w| of each group of m (so exactly m - n zeros).
-  * Magnitude pruning (notes 000) is "the lowest X% in each layer"; Deep Compression (notes
-    003, Han et al. 2015) removes weights below a threshold (a quality parameter times the
-    layer's std). We prune to an exact target sparsity by rank, per layer or globally, which
+Where popular explanations differ from the papers:
+  * A popular explanation of 2:4 says "for each block of 4 consecutive values only 2 are
+    allowed to be 0". The NVIDIA 2:4 pattern (Mishra et al. 2021) is the other way round:
+    at most 2 of every 4 may be NON-zero. We keep the n largest |w| of each group of m (so
+    exactly m - n zeros).
+  * A popular explanation of magnitude pruning is "the lowest X% in each layer"; Han et al.
+    2015 ("Learning both Weights and Connections") remove weights below a threshold (a
+    quality parameter times the layer's std). We prune to an exact target sparsity by rank, per layer or globally, which
     is what the gradual schedule of Zhu & Gupta (2017) needs.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Structured pruning: whole output neurons / conv channels, whole attention heads.
 
-Weight pruning zeroes single connections; neuron pruning removes a unit (study notes 002).
+Weight pruning zeroes single connections; neuron pruning removes a unit.
 Here a removed unit is expressed as masks (bool, True = kept, same structure and shapes as
 params, all-True for untouched leaves, as in prune.py), so the model keeps its shapes and the
 optax wrapper `prune.keep_pruned` keeps the unit removed while fine-tuning. Physically

@@ -7,7 +7,7 @@ returns a drop-in replacement:
 
   "none"     lax.dot_general itself.
   "fake"     QAT: both operands fake-quantized with straight-through gradients
-             (`quantize.fake_quant`), then a float matmul. Trainable.
+             (`affine.fake_quant`), then a float matmul. Trainable.
   "dynamic"  dynamic-range quantization: both operands to integers with ranges measured on
              the current batch, one int8 x int8 matmul accumulated in int32
              (`preferred_element_type`), then a float rescale. Inference only (no gradient).
@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from models.compress import quantize as q
+from models.compress import affine
 
 Array = jax.Array
 MODES = ("none", "fake", "dynamic", "static")
@@ -74,8 +74,8 @@ def quantize_rhs(rhs: Array, dims, bits: int) -> tuple[Array, Array]:
     rc = tuple(dims[0][1])
     r = lax.stop_gradient(rhs)
     amax = jnp.max(jnp.abs(r), axis=rc, keepdims=True) if rc else jnp.abs(r)
-    scale, _ = q.scale_and_zero_point(-amax, amax, bits, True)
-    return q.quantize_with(r, scale, None, bits, True), scale
+    scale, _ = affine.scale_and_zero_point(-amax, amax, bits, True)
+    return affine.quantize_with(r, scale, None, bits, True), scale
 
 
 def int_dot_general(lhs: Array, rhs: Array, dims, lhs_range: tuple[Any, Any], bits: int = 8,
@@ -85,8 +85,8 @@ def int_dot_general(lhs: Array, rhs: Array, dims, lhs_range: tuple[Any, Any], bi
     lax.dot_general(lhs, rhs, dims)."""
     if bits > 8:
         raise ValueError(f"integer matmul needs bits <= 8 (int8 operands), got {bits}")
-    s_l, z_l = q.scale_and_zero_point(*lhs_range, bits, symmetric)
-    q_l = q.quantize_with(lax.stop_gradient(lhs), s_l, z_l, bits, symmetric)
+    s_l, z_l = affine.scale_and_zero_point(*lhs_range, bits, symmetric)
+    q_l = affine.quantize_with(lax.stop_gradient(lhs), s_l, z_l, bits, symmetric)
     if not symmetric:                         # 0..2^b-1 -> signed, keeping q - Z
         shift = 2 ** (bits - 1)
         q_l, z_l = q_l - shift, z_l - shift
@@ -294,8 +294,8 @@ class QuantDotGeneral:
             bounds = tuple(jnp.float32(v) for v in self.calibration.ranges[site])
         if self.mode == "fake":
             rc = tuple(dimension_numbers[0][1])
-            lhs = q.fake_quant(lhs, self.bits, self.symmetric, bounds=bounds)
-            rhs = q.fake_quant(rhs, self.bits, True, axes=rc) if rc else rhs
+            lhs = affine.fake_quant(lhs, self.bits, self.symmetric, bounds=bounds)
+            rhs = affine.fake_quant(rhs, self.bits, True, axes=rc) if rc else rhs
             return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type, **kwargs)
         if bounds is None:              # dynamic: this batch's range, per tensor
@@ -321,7 +321,7 @@ def make_dot_general(mode: str, bits: int = 8, symmetric: bool = True,
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not supported; allowed: {', '.join(MODES)}")
-    bits = q.check_bits(bits)
+    bits = affine.check_bits(bits)
     if mode == "static" and calibration is None:
         raise ValueError("mode='static' needs calibration=calibrate(...) (the activation "
                          "ranges); use mode='dynamic' to measure them per batch")

@@ -8,9 +8,9 @@ Shapes (one convention throughout flaxlab):
   output [batch, q_length,  heads,    value_dim]
 
 Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V  (Vaswani et al. 2017, eq. 1), where d_k is
-the per-head key dimension. (One of the study notes says the scores are divided by the square
-root of the *embedding* dimension; the paper divides by sqrt(d_k), the head dimension, and so
-do we.)
+the per-head key dimension. (A popular explanation divides the scores by the square root of
+the *embedding* dimension; the paper divides by sqrt(d_k), the head dimension (sec. 3.2.1;
+d_k = d_model / h in sec. 3.2.2), and so do we.)
 
 Two implementations share this contract:
   "reference": explicit matmuls routed through an injectable `dot_general` (so quantization can
@@ -28,12 +28,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from models.layers import initializers
+from models.layers import initializers, partitioning
 
 Array = jax.Array
 DotGeneral = Callable[..., Array]
 
 IMPLEMENTATIONS = ("reference", "fused")
+# Logical axes of query / key / value / attention output activations [b, l, heads, d].
+_HEADS_ACTIVATION = ("batch", "length", "activation_heads", "activation_kv")
 
 
 # ----------------------------------------------------------------------------------------
@@ -235,10 +237,15 @@ class MultiHeadAttention(nn.Module):
     kernel_init: Callable = initializers.get("xavier_uniform")
     dot_general: DotGeneral = lax.dot_general
 
-    def _dense(self, features, axis=-1, name=None):
-        return nn.DenseGeneral(features, axis=axis, use_bias=self.use_bias, dtype=self.dtype,
-                               param_dtype=self.param_dtype, kernel_init=self.kernel_init,
-                               dot_general=self.dot_general, name=name)
+    def _dense(self, features, names, axis=-1, name=None):
+        """DenseGeneral whose kernel axes are called `names` (its bias: the output axes)."""
+        out_names = names[-len(features):] if isinstance(features, tuple) else names[-1:]
+        return nn.DenseGeneral(
+            features, axis=axis, use_bias=self.use_bias, dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=partitioning.boxed(self.kernel_init, names),
+            bias_init=partitioning.boxed(nn.initializers.zeros_init(), out_names),
+            dot_general=self.dot_general, name=name)
 
     @nn.compact
     def __call__(self, inputs_q: Array, inputs_kv: Array | None = None,
@@ -272,13 +279,20 @@ class MultiHeadAttention(nn.Module):
             if not self_attention:
                 raise ValueError("fused_qkv projects one input; cross-attention needs "
                                  "separate projections (fused_qkv=False)")
-            qkv = self._dense((self.num_heads + 2 * kv_heads, head_dim), name="qkv")(inputs_q)
+            qkv = self._dense((self.num_heads + 2 * kv_heads, head_dim),
+                              ("embed", "qkv", "kv"), name="qkv")(inputs_q)
             query, key, value = jnp.split(qkv, [self.num_heads, self.num_heads + kv_heads],
                                           axis=-2)
         else:
-            query = self._dense((self.num_heads, head_dim), name="query")(inputs_q)
-            key = self._dense((kv_heads, head_dim), name="key")(inputs_kv)
-            value = self._dense((kv_heads, head_dim), name="value")(inputs_kv)
+            query = self._dense((self.num_heads, head_dim), ("embed", "heads", "kv"),
+                                name="query")(inputs_q)
+            key = self._dense((kv_heads, head_dim), ("embed", "kv_heads", "kv"),
+                              name="key")(inputs_kv)
+            value = self._dense((kv_heads, head_dim), ("embed", "kv_heads", "kv"),
+                                name="value")(inputs_kv)
+        query = partitioning.constrain(query, _HEADS_ACTIVATION)
+        key = partitioning.constrain(key, _HEADS_ACTIVATION)
+        value = partitioning.constrain(value, _HEADS_ACTIVATION)
 
         if self.decode:
             key, value, mask = self._update_cache(key, value, mask, is_causal, key_valid)
@@ -298,7 +312,9 @@ class MultiHeadAttention(nn.Module):
             result, weights = result
             self.sow("intermediates", "attention_weights", weights)
         out_features = self.out_features or features
-        return self._dense(out_features, axis=(-2, -1), name="out")(result)
+        result = partitioning.constrain(result, _HEADS_ACTIVATION)
+        return self._dense(out_features, ("heads", "kv", "embed"), axis=(-2, -1),
+                           name="out")(result)
 
     def _update_cache(self, key, value, mask, is_causal, key_valid):
         """Write this chunk's keys/values at cache_index; return the whole cache and mask."""

@@ -121,8 +121,9 @@ def gaussian_log_likelihood(mean: jax.Array, log_scale: jax.Array, x: jax.Array
     """sum log N(x; mean, exp(log_scale)^2) per example [B]; log_scale broadcasts to x.
 
     With a fixed scale sigma this is -||x - mean||^2 / (2 sigma^2) + const: the "MSE loss"
-    the notes (003) name, up to that 1/(2 sigma^2) weight and the constant -- which is
-    what sets the balance between reconstruction and KL (beta-VAE in disguise).
+    of popular explanations, up to that 1/(2 sigma^2) weight and the constant -- which is
+    what sets the balance between reconstruction and KL (beta-VAE in disguise; Rybkin et
+    al. 2021 learn sigma instead).
     """
     return _sum_events(stats.norm.logpdf(x, mean, jnp.exp(log_scale)))
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from models.layers import initializers
+from models.layers import initializers, partitioning
 
 POSITION_KINDS = ("learned", "sinusoidal", "none")
 
@@ -22,7 +22,8 @@ POSITION_KINDS = ("learned", "sinusoidal", "none")
 class Embed(nn.Module):
     """Token embedding table with `__call__` (lookup) and `attend` (tied unembedding).
 
-    embedding: [num_embeddings, features] in param_dtype; outputs are cast to `dtype`.
+    embedding: [num_embeddings, features] in param_dtype, logical axes ("vocab", "embed");
+    outputs are cast to `dtype`.
     """
     num_embeddings: int
     features: int
@@ -32,7 +33,8 @@ class Embed(nn.Module):
     dot_general: Callable = lax.dot_general
 
     def setup(self):
-        self.embedding = self.param("embedding", self.embedding_init,
+        self.embedding = self.param("embedding",
+                                    partitioning.boxed(self.embedding_init, ("vocab", "embed")),
                                     (self.num_embeddings, self.features), self.param_dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
@@ -62,7 +64,10 @@ def sinusoidal_position_encoding(positions: jax.Array, features: int,
 
 
 class PositionEmbedding(nn.Module):
-    """positions int [batch, length] -> [batch, length, features] ("learned"/"sinusoidal")."""
+    """positions int [batch, length] -> [batch, length, features] ("learned"/"sinusoidal").
+
+    The learned table is [max_length, features], logical axes ("position", "embed").
+    """
     kind: str
     max_length: int
     features: int
@@ -75,7 +80,8 @@ class PositionEmbedding(nn.Module):
         if self.kind == "sinusoidal":
             return sinusoidal_position_encoding(positions, self.features).astype(self.dtype)
         if self.kind == "learned":
-            table = self.param("embedding", self.embedding_init,
+            table = self.param("embedding",
+                               partitioning.boxed(self.embedding_init, ("position", "embed")),
                                (self.max_length, self.features), self.param_dtype)
             # Callers check lengths statically (transformer._check_tokens, generate); under
             # jit a position past the table cannot raise, so it is clamped to the last row.

@@ -1,14 +1,15 @@
 """Weight initializers by name, so configs can select them (`model.kernel_init = "he_normal"`).
 
-The schemes the notes name (note 001: random, Xavier/Glorot for tanh/sigmoid, He for ReLU):
+The common schemes (random, Xavier/Glorot for tanh/sigmoid, He for ReLU):
   xavier_uniform / xavier_normal (= glorot_*): Var(w) = 2 / (fan_in + fan_out)
-  he_uniform / he_normal (= kaiming_*):        Var(w) = 2 / fan_in  (He et al. 2015)
+                                               (Glorot & Bengio 2010, eq. 16)
+  he_uniform / he_normal (= kaiming_*):        Var(w) = 2 / fan_in  (He et al. 2015, eq. 10)
   lecun_normal:                                Var(w) = 1 / fan_in
   normal:                                      N(0, stddev^2), stddev=0.02 as in GPT-2/BERT
   truncated_normal:                            N(0, stddev^2) truncated at 2 stddev
-The notes (003) describe Kaiming init as keeping the weights "centred around 1"; what the paper
-derives is a *variance*, 2 / fan_in, chosen so that the variance of each layer's response stays
-constant through ReLU layers -- the weights themselves are centred on 0.
+A popular explanation says Kaiming init keeps the weights "centred around 1"; what He et al.
+2015 (sec. 2.2) derive is a *variance*, 2 / fan_in, chosen so that the variance of each layer's
+response stays constant through ReLU layers -- the weights themselves are centred on 0.
 
 Fan-in/fan-out follow jax.nn.initializers; flax's DenseGeneral initializes its kernel in the
 flattened [in, out] shape, so multi-head kernels get the same fans as one dense matrix.

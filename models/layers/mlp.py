@@ -1,7 +1,7 @@
 """The transformer feed-forward block: Dense -> activation -> dropout -> Dense.
 
-FFN(x) = act(x W1 + b1) W2 + b2 (Vaswani et al. 2017, eq. 2). The notes (000) describe it with
-a ReLU, as the original paper did; GELU (Hendrycks & Gimpel 2016) is the default here, as in
+FFN(x) = act(x W1 + b1) W2 + b2 (Vaswani et al. 2017, eq. 2), with a ReLU in the original
+paper; GELU (Hendrycks & Gimpel 2016) is the default here, as in
 BERT and GPT-2. The residual connection around it belongs to the transformer block.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from models.layers import initializers
+from models.layers import initializers, partitioning
 
 ACTIVATIONS: dict[str, Callable] = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),  # exact, x * Phi(x) (BERT)
@@ -34,7 +34,9 @@ def get_activation(name: str) -> Callable:
 class MlpBlock(nn.Module):
     """[..., features] -> [..., out_features or features] through a hidden layer.
 
-    Parameters: fc1/kernel [features, hidden_dim], fc2/kernel [hidden_dim, out_features].
+    Parameters: fc1/kernel [features, hidden_dim], fc2/kernel [hidden_dim, out_features],
+    logical axes ("embed", "mlp") and ("mlp", "embed"); the hidden activations are
+    [..., "activation_mlp"].
     """
     hidden_dim: int
     out_features: int | None = None
@@ -49,9 +51,16 @@ class MlpBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
         act = get_activation(self.activation)
-        dense = functools.partial(nn.Dense, use_bias=self.use_bias, dtype=self.dtype,
-                                  param_dtype=self.param_dtype, kernel_init=self.kernel_init,
-                                  dot_general=self.dot_general)
-        h = act(dense(self.hidden_dim, name="fc1")(x))
+        def dense(features, names, name):
+            return nn.Dense(
+                features, use_bias=self.use_bias, dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=partitioning.boxed(self.kernel_init, names),
+                bias_init=partitioning.boxed(nn.initializers.zeros_init(), names[-1:]),
+                dot_general=self.dot_general, name=name)
+        h = act(dense(self.hidden_dim, ("embed", "mlp"), "fc1")(x))
+        if h.ndim >= 2:  # [batch, ..., mlp]: [batch, length, mlp] inside a transformer
+            names = ("batch",) + (None,) * (h.ndim - 2) + ("activation_mlp",)
+            h = partitioning.constrain(h, names)
         h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-        return dense(self.out_features or x.shape[-1], name="fc2")(h)
+        return dense(self.out_features or x.shape[-1], ("mlp", "embed"), "fc2")(h)

@@ -12,9 +12,9 @@ before the scan (`hoist_input_projection`), and only h U runs inside it.
         bias starts at 1, Gers et al. 2000 / Jozefowicz et al. 2015.)
   gru   gates (r, z, n) as cuDNN / PyTorch:  r, z = s(.)
         h_t = z * h_{t-1} + (1 - z) * n_t       -- Cho et al. 2014, eq. 7 (and PyTorch/cuDNN):
-        z is the share KEPT from the old state. The notes (003, after Yang et al. 2016) and
-        colah's blog write (1 - z) h_{t-1} + z n_t; the same family under z -> 1 - z. We
-        follow the GRU paper, so PyTorch/cuDNN weights port unchanged.
+        z is the share KEPT from the old state. Popular explanations (after Yang et al.
+        2016; colah's blog) write (1 - z) h_{t-1} + z n_t; the same family under z -> 1 - z.
+        We follow the GRU paper, so PyTorch/cuDNN weights port unchanged.
         Where r acts: `gru_reset_after=False` is Cho et al.: n = tanh(x W_n + b_n +
         (r * h_{t-1}) U_n), r before the recurrent matmul. True (default) is cuDNN/PyTorch
         (and Yang et al. 2016, eq. 3): n = tanh(x W_n + b_n + r * (h_{t-1} U_n + b_hn)),
@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from models import variants
 from models.layers import initializers
 
 CELLS = ("rnn", "lstm", "gru")
@@ -80,18 +81,17 @@ class RecurrentConfig:
     dot_general: Callable = lax.dot_general  # every matmul of the scan path goes through it
 
     def __post_init__(self):
+        inits = initializers.NAMES + ("orthogonal",)   # see _init
         for key, allowed in (("cell", CELLS), ("merge", MERGES),
                              ("implementation", IMPLEMENTATIONS), ("dtype", DTYPES),
-                             ("param_dtype", DTYPES)):
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"recurrent.{key}={getattr(self, key)!r} is not allowed; "
-                                 f"allowed: {', '.join(allowed)}")
+                             ("param_dtype", DTYPES), ("kernel_init", inits),
+                             ("recurrent_init", inits)):
+            variants.check_one_of("recurrent", key, getattr(self, key), allowed)
         for key in ("hidden", "num_layers", "unroll"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"recurrent.{key} must be positive, got {getattr(self, key)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"recurrent.dropout must be in [0, 1), got {self.dropout}")
-        _init(self.kernel_init, 1), _init(self.recurrent_init, 1)  # raise on unknown names
 
     def replace(self, **changes) -> "RecurrentConfig":
         return dataclasses.replace(self, **changes)

@@ -12,6 +12,7 @@ tests (`_fwd`, `_step`) so the file compiles each shape once.
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,8 +36,8 @@ def _cfg(**kw):
 def _random_params(model, *args, seed=0, **kwargs):
     """Parameters with the model's shapes (via eval_shape, nothing compiled): kernels and
     embeddings N(0, 0.2^2), biases N(0, 0.1^2), norm scales 1 + N(0, 0.1^2)."""
-    shapes = jax.eval_shape(functools.partial(model.init, **kwargs), jax.random.key(0),
-                            *args)["params"]
+    shapes = nn.unbox(jax.eval_shape(functools.partial(model.init, **kwargs),
+                                     jax.random.key(0), *args)["params"])
     r = np.random.default_rng(seed)
 
     def leaf(path, s):
@@ -276,8 +277,8 @@ def test_stack_unstack_round_trip():
     jax.tree.map(np.testing.assert_array_equal, back, tree)
     # Real decoder params: stacked layout == the scanned model's own, and exact round trip.
     p = _dec_params()
-    scanned_shapes = jax.eval_shape(T.Decoder(_cfg(scan_layers=True)).init,
-                                    jax.random.key(0), DEC_TOKENS)["params"]
+    scanned_shapes = nn.unbox(jax.eval_shape(T.Decoder(_cfg(scan_layers=True)).init,
+                                             jax.random.key(0), DEC_TOKENS)["params"])
     assert (jax.tree.map(np.shape, T.stack_layers(p))
             == jax.tree.map(lambda s: s.shape, scanned_shapes))
     back = T.unstack_layers(T.stack_layers(p))

@@ -1,4 +1,6 @@
 """Tasks: losses against float64 NumPy, BERT masking statistics, BLEU, one-step runs."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,7 +69,12 @@ def test_shift_right_and_bleu():
     perfect = bleu_and_exact_match(refs, refs)
     assert perfect == {"bleu": pytest.approx(100.0), "exact_match": 1.0}
     partial = bleu_and_exact_match(["one thousand two hundred", "seven", "forty"], refs)
-    assert 0 < partial["bleu"] < 100 and partial["exact_match"] == pytest.approx(1 / 3)
+    # Corpus BLEU by hand (Papineni et al. 2002, sec. 2.3; sacrebleu's 13a tokens keep
+    # "thirty-four" and "forty-two" whole): hypothesis 6 tokens, reference 8; n-gram
+    # precisions 5/6 ("forty" matches nothing), 3/3, 2/2, 1/1; brevity penalty e^(1 - 8/6).
+    assert partial["bleu"] == pytest.approx(100 * math.exp(1 - 8 / 6) * (5 / 6) ** 0.25,
+                                            rel=1e-12)
+    assert partial["exact_match"] == pytest.approx(1 / 3)
 
 
 @pytest.mark.parametrize("config_module,variant", [

@@ -10,12 +10,12 @@ split of a number does not change when ``max_number`` does.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-
+import ml_collections
 import numpy as np
 
-from train.data.sampling import EpochSampler, eval_index_batches
-from train.data.tokenizers import ByteTokenizer, pad_batch
+from train.data import checks
+from train.data.base import RandomAccessDataset, Source
+from train.data.tokenizers import pad_batch
 
 _ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
          "fourteen fifteen sixteen seventeen eighteen nineteen").split()
@@ -98,8 +98,11 @@ def number_splits(max_number: int, train_fraction: float = 0.9,
     return out
 
 
-class Seq2SeqDataset:
+class Seq2SeqDataset(RandomAccessDataset):
     """Random-access (digits -> words) batches over a fixed list of numbers.
+
+    Item ids index ``numbers``; evaluation walks ``eval_numbers`` (its first
+    ``max_eval_examples``) in order.
 
     Args:
       numbers: int64[n] the split's numbers (eval order = this order).
@@ -114,20 +117,9 @@ class Seq2SeqDataset:
                  batch_size: int, seed: int, max_eval_examples: int = 0):
         self.numbers = np.asarray(numbers, dtype=np.int64)
         self.max_input_len, self.max_target_len = max_input_len, max_target_len
-        self.batch_size, self.seed = batch_size, seed
         self.eval_numbers = (self.numbers[:max_eval_examples] if max_eval_examples > 0
                              else self.numbers)
-        self.tokenizer = ByteTokenizer()
-        self.vocab_size = self.tokenizer.vocab_size
-        self._sampler = EpochSampler(len(self.numbers), batch_size, seed)
-
-    @property
-    def steps_per_epoch(self) -> float:
-        return self._sampler.steps_per_epoch
-
-    def data_info(self) -> dict:
-        """Fields the trainer copies into the model config."""
-        return {"vocab_size": self.vocab_size}
+        super().__init__(len(self.numbers), batch_size, seed, len(self.eval_numbers))
 
     def examples(self, numbers: np.ndarray) -> dict[str, np.ndarray]:
         """-> {"inputs": int32[len, max_input_len], "targets": int32[len, max_target_len]}:
@@ -140,16 +132,10 @@ class Seq2SeqDataset:
                                  self.max_target_len, "max_target_len"),
         }
 
-    def batch(self, step: int) -> dict[str, np.ndarray]:
-        """Training batch ``step``: ``examples`` of ``batch_size`` numbers."""
-        _, idx = self._sampler.indices(step)
-        return self.examples(self.numbers[idx])
-
-    def eval_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        """One pass over ``eval_numbers`` in order: ``examples`` plus
-        "weights": float32[batch_size] (0.0 on the padded tail)."""
-        for idx, weights in eval_index_batches(len(self.eval_numbers), batch_size):
-            yield {**self.examples(self.eval_numbers[idx]), "weights": weights}
+    def gather(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """``examples`` of ``numbers[ids]`` (eval ids < max_eval_examples index the same
+        prefix, so ``eval_numbers[i] == numbers[i]``)."""
+        return self.examples(self.numbers[ids])
 
     def decode_inputs(self, ids: np.ndarray) -> list[str]:
         """int[B, L] source ids -> digit strings (up to the first EOS)."""
@@ -173,3 +159,42 @@ def numbers_to_words_dataset(split: str, seed: int, batch_size: int,
                          "or that split's fraction")
     return Seq2SeqDataset(numbers, max_input_len, max_target_len, batch_size, seed,
                           max_eval_examples)
+
+
+# ---- Source "numbers_to_words": config.data.numbers_to_words -----------------------------
+def default_config() -> ml_collections.ConfigDict:
+    """``config.data.numbers_to_words``: digits -> English words."""
+    c = ml_collections.ConfigDict()
+    c.max_number = MAX_DATASET_NUMBER  # numbers 0..max_number
+    # Padded lengths including EOS; the defaults fit 6 digits + EOS and the longest
+    # 999_999-range target (64 characters) + EOS.
+    c.max_input_len = 8
+    c.max_target_len = 72
+    # Split fractions by number hash (test takes the rest; see number_splits).
+    c.train_fraction = 0.9
+    c.validation_fraction = 0.05
+    c.test_fraction = 0.05
+    c.max_eval_examples = 0        # evaluate on the first N numbers of a split (0 = all)
+    return c
+
+
+def validate(c: ml_collections.ConfigDict, prefix: str = "data.numbers_to_words") -> None:
+    checks.check_int(c, prefix, "max_eval_examples", 0)
+    checks.check_flat_fractions(c, prefix)
+    checks.check_int(c, prefix, "max_number", 1, MAX_DATASET_NUMBER)
+    checks.check_int(c, prefix, "max_input_len", len(str(c.max_number)) + 1)
+    need_out = longest_target_len(c.max_number) + 1
+    if c.max_target_len < need_out:
+        checks.fail(f"{prefix}.max_target_len", c.max_target_len, f"expected >= {need_out} "
+                    f"(longest target for max_number={c.max_number} plus EOS)")
+
+
+def make(c: ml_collections.ConfigDict, split: str, batch_size: int, seed: int
+         ) -> Seq2SeqDataset:
+    return numbers_to_words_dataset(
+        split, seed, batch_size, max_number=c.max_number, train_fraction=c.train_fraction,
+        validation_fraction=c.validation_fraction, max_input_len=c.max_input_len,
+        max_target_len=c.max_target_len, max_eval_examples=c.max_eval_examples)
+
+
+SOURCE = Source(default_config, validate, make)

@@ -31,11 +31,14 @@ changes the training order (``EpochSampler``). Images are float32 in [0, 1].
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from numbers import Integral
 
+import ml_collections
 import numpy as np
 
-from train.data.sampling import EpochSampler, eval_index_batches
+from train.data import checks
+from train.data.base import RandomAccessDataset, Source
 from train.data.tokenizers import ByteTokenizer, pad_batch
 
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -249,7 +252,7 @@ def split_key(split: str, data_seed: int = 0) -> int:
     return 8 * (len(SPLITS) * data_seed + SPLITS.index(split))
 
 
-class ShapesDataset:
+class ShapesDataset(RandomAccessDataset):
     """Random-access rendered shapes of one split; see the module docstring.
 
     Args:
@@ -279,14 +282,12 @@ class ShapesDataset:
                  max_caption_len: int = 48, heldout_classes: Sequence[str] = DEFAULT_HELDOUT,
                  exclude_heldout_from_train: bool = True, num_examples: int | None = None,
                  data_seed: int = 0):
-        self.split, self.batch_size, self.seed = split, batch_size, seed
+        self.split = split
         # Labels this split draws from (uniformly).
         self.split_labels = split_classes(split, heldout_classes, exclude_heldout_from_train)
         self.image_size, self.max_caption_len = image_size, max_caption_len
         self.num_examples = DEFAULT_SIZES[split] if num_examples is None else num_examples
         self.key = split_key(split, data_seed)
-        self.tokenizer = ByteTokenizer()
-        self.vocab_size = self.tokenizer.vocab_size
         self.num_classes = NUM_CLASSES
         self.class_names = CLASS_NAMES
         self.heldout_classes = tuple(n for n in CLASS_NAMES if n in set(heldout_classes))
@@ -296,11 +297,7 @@ class ShapesDataset:
         self.num_mask_classes = len(SHAPES) + 1
         self.mask_class_names = ("background",) + tuple(SHAPES)
         self._captions = _caption_tokens(max_caption_len)  # validates max_caption_len
-        self._sampler = EpochSampler(self.num_examples, batch_size, seed)
-
-    @property
-    def steps_per_epoch(self) -> float:
-        return self._sampler.steps_per_epoch
+        super().__init__(self.num_examples, batch_size, seed)
 
     def data_info(self) -> dict:
         """Fields the trainer copies into the model config."""
@@ -329,15 +326,7 @@ class ShapesDataset:
                 "position_label": i32(a["position"]), "count": i32(a["count"]),
                 "index": i32(idx)}
 
-    def batch(self, step: int) -> dict[str, np.ndarray]:
-        """Training batch ``step``: a pure function of (split data, seed, step)."""
-        _, idx = self._sampler.indices(step)
-        return self.examples(idx)
-
-    def eval_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        """One pass over examples 0..num_examples-1 in order, plus "weights"."""
-        for idx, weights in eval_index_batches(self.num_examples, batch_size):
-            yield {**self.examples(idx), "weights": weights}
+    gather = examples  # item ids are example indices, for training and evaluation
 
     def caption_text(self, idx: int) -> str:
         """The caption of example ``idx`` (the one its "caption" tokens encode)."""
@@ -376,3 +365,62 @@ class ShapesDataset:
         """int32[len(prompts), L]: prompts tokenized exactly like captions."""
         return pad_batch([self.tokenizer.encode(p, add_bos=True, add_eos=True)
                           for p in prompts], self.max_caption_len, "max_caption_len")
+
+
+# ---- Source "shapes": config.data.shapes ------------------------------------------------
+def default_config() -> ml_collections.ConfigDict:
+    """``config.data.shapes``: the rendered shapes (images, captions, labels, masks)."""
+    c = ml_collections.ConfigDict()
+    c.image_size = 32              # side in pixels
+    # Caption tokens BOS + text + EOS, PAD-padded; needs >= longest_caption_len() + 2 = 44.
+    c.max_caption_len = 48
+    # (color, shape) classes such as "red square" that the zero_shot split holds;
+    # () disables zero_shot. Default: one per color and per shape (a Latin square).
+    c.heldout_classes = DEFAULT_HELDOUT
+    # True keeps heldout_classes out of train/validation/test (contrastive runs with
+    # zero-shot evaluation); False puts all 16 classes there (classification runs).
+    c.exclude_heldout_from_train = True
+    # Examples per split (each split is a fixed set; the seed only reorders).
+    c.shapes_split_sizes = ml_collections.ConfigDict(dict(DEFAULT_SIZES))
+    return c
+
+
+def validate(c: ml_collections.ConfigDict, prefix: str = "data.shapes") -> None:
+    checks.check_int(c, prefix, "image_size", 16)
+    checks.check_int(c, prefix, "max_caption_len", longest_caption_len() + 2)
+    held, key = c.heldout_classes, f"{prefix}.heldout_classes"
+    if isinstance(held, str) or not all(isinstance(n, str) for n in held):
+        checks.fail(key, held, "expected a tuple of class names such as 'red square'")
+    for name in held:
+        if name not in CLASS_NAMES:
+            checks.fail(key, held, f"{name!r} is not one of {CLASS_NAMES}")
+    if len(set(held)) != len(held):
+        checks.fail(key, held, "expected no duplicates")
+    if c.exclude_heldout_from_train:
+        # Zero-shot transfer composes attributes seen in training: each color and each
+        # shape must still occur in some training class.
+        seen = [n.split() for n in CLASS_NAMES if n not in held]
+        for i, values in ((0, COLORS), (1, SHAPES)):
+            missing = sorted(set(values) - {n[i] for n in seen})
+            if missing:
+                checks.fail(key, held, f"holds out every class with {missing[0]!r}, so "
+                            "training never shows it")
+    for split in SPLITS:
+        v = c.shapes_split_sizes.get(split)
+        if not isinstance(v, Integral) or isinstance(v, bool) or v < 1:
+            checks.fail(f"{prefix}.shapes_split_sizes.{split}", v, "expected an integer >= 1")
+
+
+def make(c: ml_collections.ConfigDict, split: str, batch_size: int, seed: int
+         ) -> ShapesDataset:
+    if split == "zero_shot" and not c.heldout_classes:
+        checks.fail("data.shapes.heldout_classes", c.heldout_classes,
+                    "the zero_shot split needs at least one held-out class")
+    return ShapesDataset(
+        split, batch_size, seed, image_size=c.image_size, max_caption_len=c.max_caption_len,
+        heldout_classes=tuple(c.heldout_classes),
+        exclude_heldout_from_train=c.exclude_heldout_from_train,
+        num_examples=c.shapes_split_sizes[split])
+
+
+SOURCE = Source(default_config, validate, make, splits=SPLITS)

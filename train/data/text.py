@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator
 
+import ml_collections
 import numpy as np
 
-from train.data.sampling import EpochSampler, eval_index_batches
+from train.data import checks
+from train.data.base import RandomAccessDataset, Source
 from train.data.tokenizers import ByteTokenizer
 
 DEFAULT_MAX_BYTES = 3_000_000
@@ -121,7 +122,7 @@ def unigram_bits_per_byte(train_tokens: np.ndarray, eval_tokens: np.ndarray,
     return _unigram_nll(train_tokens, eval_tokens, vocab_size) / np.log(2.0)
 
 
-class LMDataset:
+class LMDataset(RandomAccessDataset):
     """Language-modelling windows over one token stream.
 
     A window is ``seq_len + 1`` consecutive tokens; consecutive windows start
@@ -131,7 +132,13 @@ class LMDataset:
 
     Training: epoch ``e`` shifts all windows by a random offset in ``[0, seq_len)``
     (so window boundaries differ between epochs) and visits its ``num_windows`` windows
-    in a random order; both come from ``default_rng([seed, e])``.
+    in a random order; both come from ``default_rng([seed, e])``. Item ids are window
+    start offsets into ``tokens``.
+
+    Evaluation: windows starting at 0, seq_len, 2 * seq_len, ... (the < seq_len tokens
+    after the last full window are not scored).
+
+    Batches: {"tokens": int32[B, seq_len + 1]}; ``eval_batches`` adds "weights".
 
     Args:
       tokens: int32[n] token stream.
@@ -146,10 +153,8 @@ class LMDataset:
         if seq_len <= 0:
             raise ValueError(f"seq_len must be > 0, got {seq_len}")
         self.tokens = np.asarray(tokens, dtype=np.int32)
-        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.seq_len = seq_len
         self.random_offset = random_offset
-        self.tokenizer = ByteTokenizer()
-        self.vocab_size = self.tokenizer.vocab_size
         n = len(self.tokens)
         # The last window must end inside the stream for the largest offset
         # (seq_len - 1 when random): start + seq_len + 1 <= n.
@@ -158,38 +163,53 @@ class LMDataset:
         self.num_eval_windows = (n - 1) // seq_len
         if self.num_windows <= 0:
             raise ValueError(f"seq_len={seq_len} is too long for a split of {n} tokens")
-        self._sampler = EpochSampler(self.num_windows, batch_size, seed, self._epoch_order)
         self._window = np.arange(seq_len + 1, dtype=np.int64)
+        super().__init__(self.num_windows, batch_size, seed, self.num_eval_windows)
 
-    def _epoch_order(self, rng: np.random.Generator) -> np.ndarray:
+    def draw_epoch(self, rng: np.random.Generator) -> np.ndarray:
         offset = int(rng.integers(self.seq_len)) if self.random_offset else 0
         return offset + self.seq_len * rng.permutation(self.num_windows)
 
-    @property
-    def steps_per_epoch(self) -> float:
-        return self._sampler.steps_per_epoch
-
-    def data_info(self) -> dict:
-        """Fields the trainer copies into the model config."""
-        return {"vocab_size": self.vocab_size}
+    def eval_ids(self, positions: np.ndarray) -> np.ndarray:
+        return positions * self.seq_len
 
     def window_starts(self, epoch: int) -> np.ndarray:
         """int64[num_windows]: token offsets of the windows of ``epoch``, in visit order."""
-        return self._sampler.epoch_order(epoch)
+        return self.epoch_ids(epoch)
 
-    def _gather(self, starts: np.ndarray) -> np.ndarray:
-        return self.tokens[starts[:, None] + self._window]
+    def gather(self, starts: np.ndarray) -> dict[str, np.ndarray]:
+        """{"tokens": int32[B, seq_len + 1]} of the windows at offsets ``starts``."""
+        return {"tokens": self.tokens[starts[:, None] + self._window]}
 
-    def batch(self, step: int) -> dict[str, np.ndarray]:
-        """-> {"tokens": int32[batch_size, seq_len + 1]} for training step ``step``."""
-        _, starts = self._sampler.indices(step)
-        return {"tokens": self._gather(starts)}
 
-    def eval_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        """One pass over windows starting at 0, seq_len, 2 * seq_len, ... (the
-        < seq_len tokens after the last full window are not scored).
+# ---- Source "stdlib_text": config.data.stdlib_text -------------------------------------
+def default_config() -> ml_collections.ConfigDict:
+    """``config.data.stdlib_text``: LM windows of the stdlib corpus."""
+    c = ml_collections.ConfigDict()
+    c.seq_len = 256                # tokens per example (model inputs)
+    # Contiguous split fractions of the corpus stream (see the module docstring).
+    c.train_fraction = 0.9
+    c.validation_fraction = 0.05
+    c.test_fraction = 0.05
+    c.max_bytes = DEFAULT_MAX_BYTES  # corpus cap before splitting
+    return c
 
-        Yields {"tokens": int32[batch_size, seq_len + 1], "weights": float32[batch_size]}.
-        """
-        for idx, weights in eval_index_batches(self.num_eval_windows, batch_size):
-            yield {"tokens": self._gather(idx * self.seq_len), "weights": weights}
+
+def validate(c: ml_collections.ConfigDict, prefix: str = "data.stdlib_text") -> None:
+    checks.check_int(c, prefix, "seq_len", 1)
+    fractions = checks.check_flat_fractions(c, prefix)
+    checks.check_int(c, prefix, "max_bytes", 1)
+    for split, n in zip(checks.SPLITS, split_sizes(c.max_bytes, fractions)):
+        # A training-style window set (random offset < seq_len) needs 2 * seq_len.
+        if n and n < 2 * c.seq_len:
+            checks.fail(f"{prefix}.seq_len", c.seq_len, f"expected <= {n // 2}: the {split} "
+                        f"split of max_bytes={c.max_bytes} has {n} tokens")
+
+
+def make(c: ml_collections.ConfigDict, split: str, batch_size: int, seed: int) -> LMDataset:
+    tokens = corpus_splits(c.max_bytes, c.train_fraction, c.validation_fraction,
+                           c.test_fraction)[split]
+    return LMDataset(tokens, c.seq_len, batch_size, seed)
+
+
+SOURCE = Source(default_config, validate, make)

@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
+import ml_collections
 import numpy as np
 
-from train.data import text
-from train.data.sampling import EpochSampler, eval_index_batches
-from train.data.tokenizers import BOS, ByteTokenizer
+from train.data import checks, text
+from train.data.base import RandomAccessDataset, Source
+from train.data.tokenizers import BOS
 
 SPLITS = ("train", "validation", "test")
 DEFAULT_CLASSES = (
@@ -73,11 +74,11 @@ def load_class_texts(classes: tuple[str, ...] = DEFAULT_CLASSES,
     ValueError naming the config key if a file is missing or shorter."""
     for path, size in file_sizes(classes).items():
         if size < 0:
-            raise FileNotFoundError(f"data.text_classes: {path!r} is not a file under "
-                                    f"{text.stdlib_dir()}")
+            raise FileNotFoundError(f"data.text_classification.text_classes: {path!r} is not "
+                                    f"a file under {text.stdlib_dir()}")
         if size < class_bytes:
-            raise ValueError(f"data.text_class_bytes={class_bytes} is too large: {path!r} "
-                             f"has {size} bytes on this Python")
+            raise ValueError(f"data.text_classification.text_class_bytes={class_bytes} is too "
+                             f"large: {path!r} has {size} bytes on this Python")
     root, out = text.stdlib_dir(), []
     for path in classes:
         with open(os.path.join(root, path), "rb") as f:
@@ -100,7 +101,7 @@ def windows_per_class(segment_bytes: int, window: int, random_offset: bool) -> i
     return (segment_bytes - (window - 1 if random_offset else 0)) // window
 
 
-class TextClassificationDataset:
+class TextClassificationDataset(RandomAccessDataset):
     """Random-access module-classification windows of one split; see the module docstring.
 
     Args:
@@ -124,12 +125,10 @@ class TextClassificationDataset:
             raise ValueError(f"split={split!r} is invalid: expected one of {SPLITS}")
         if seq_len < 2:
             raise ValueError(f"seq_len must be >= 2 (BOS + text), got {seq_len}")
-        self.split, self.seq_len, self.batch_size, self.seed = split, seq_len, batch_size, seed
+        self.split, self.seq_len = split, seq_len
         self.classes = tuple(classes)
         self.class_names = tuple(class_name(c) for c in self.classes)
         self.num_classes = len(self.classes)
-        self.tokenizer = ByteTokenizer()
-        self.vocab_size = self.tokenizer.vocab_size
         self.window = seq_len - 1
         self.segment = split_segments(class_bytes, fractions)[split]
         a, b = self.segment
@@ -140,35 +139,31 @@ class TextClassificationDataset:
         self.per_class = windows_per_class(self.segment_bytes, self.window, True)
         self.per_class_eval = windows_per_class(self.segment_bytes, self.window, False)
         if self.per_class < 1:
-            raise ValueError(f"data.seq_len={seq_len} is too long: the {split} segment of each "
-                             f"class has {self.segment_bytes} bytes, and a window with a "
-                             f"random offset needs {2 * self.window - 1}")
+            raise ValueError(f"data.text_classification.seq_len={seq_len} is too long: the "
+                             f"{split} segment of each class has {self.segment_bytes} bytes, "
+                             f"and a window with a random offset needs {2 * self.window - 1}")
         self.num_windows = self.num_classes * self.per_class
         self.num_eval_windows = self.num_classes * self.per_class_eval
         # Window-major eval order: position i -> class i % K, window i // K.
         i = np.arange(self.num_eval_windows, dtype=np.int64)
         self.eval_starts = ((i % self.num_classes) * self.segment_bytes
                             + (i // self.num_classes) * self.window)
-        self._sampler = EpochSampler(self.num_windows, batch_size, seed, self._epoch_order)
         self._span = np.arange(self.window, dtype=np.int64)
+        super().__init__(self.num_windows, batch_size, seed, self.num_eval_windows)
 
-    def _epoch_order(self, rng: np.random.Generator) -> np.ndarray:
+    def draw_epoch(self, rng: np.random.Generator) -> np.ndarray:
+        """Stream offsets: one random offset < W for the epoch, windows in random order."""
         offset = int(rng.integers(self.window))
         ids = rng.permutation(self.num_windows)
         cls, k = np.divmod(ids, self.per_class)
         return cls * self.segment_bytes + offset + k * self.window
 
-    @property
-    def steps_per_epoch(self) -> float:
-        return self._sampler.steps_per_epoch
-
-    def data_info(self) -> dict:
-        """Fields the trainer copies into the model config."""
-        return {"vocab_size": self.vocab_size, "num_classes": self.num_classes}
+    def eval_ids(self, positions: np.ndarray) -> np.ndarray:
+        return self.eval_starts[positions]
 
     def window_starts(self, epoch: int) -> np.ndarray:
         """int64[num_windows]: stream offsets of the training windows of ``epoch``."""
-        return self._sampler.epoch_order(epoch)
+        return self.epoch_ids(epoch)
 
     def label_of(self, starts: np.ndarray) -> np.ndarray:
         """int32 class of stream offsets ``starts``."""
@@ -186,15 +181,7 @@ class TextClassificationDataset:
         tokens[:, 1:] = self.stream[starts[:, None] + self._span]
         return {"tokens": tokens, "label": self.label_of(starts)}
 
-    def batch(self, step: int) -> dict[str, np.ndarray]:
-        """Training batch ``step`` (random per-epoch offset and order)."""
-        _, starts = self._sampler.indices(step)
-        return self.examples(starts)
-
-    def eval_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        """One pass over ``eval_starts`` (fixed, window-major), plus "weights"."""
-        for idx, weights in eval_index_batches(self.num_eval_windows, batch_size):
-            yield {**self.examples(self.eval_starts[idx]), "weights": weights}
+    gather = examples  # item ids are stream offsets (training) / eval_starts (evaluation)
 
 
 def byte_naive_bayes_accuracy(train: TextClassificationDataset,
@@ -215,3 +202,51 @@ def byte_naive_bayes_accuracy(train: TextClassificationDataset,
         pred = np.argmax(hist @ log_p.T, axis=1)
         correct += float(((pred == b["label"]) * b["weights"]).sum())
     return correct / evaluate.num_eval_windows
+
+
+# ---- Source "text_classification": config.data.text_classification --------------------
+def default_config() -> ml_collections.ConfigDict:
+    """``config.data.text_classification``: which stdlib module a window comes from."""
+    c = ml_collections.ConfigDict()
+    c.seq_len = 256                # tokens per row: BOS + seq_len - 1 bytes
+    # One class per stdlib file (K = len), the first text_class_bytes bytes of each,
+    # split by position (see the module docstring).
+    c.text_classes = DEFAULT_CLASSES
+    c.text_class_bytes = DEFAULT_CLASS_BYTES
+    c.text_split_fractions = ml_collections.ConfigDict(dict(zip(SPLITS, DEFAULT_FRACTIONS)))
+    return c
+
+
+def validate(c: ml_collections.ConfigDict, prefix: str = "data.text_classification") -> None:
+    checks.check_int(c, prefix, "seq_len", 2)
+    checks.check_int(c, prefix, "text_class_bytes", 1)
+    classes, key = c.text_classes, f"{prefix}.text_classes"
+    if isinstance(classes, str) or not all(isinstance(p, str) and p for p in classes):
+        checks.fail(key, classes, "expected a tuple of stdlib-relative file paths such as "
+                    "'argparse.py'")
+    if len(classes) < 2 or len(set(classes)) != len(classes):
+        checks.fail(key, classes, "expected at least 2 distinct files")
+    for path, size in file_sizes(classes).items():
+        if size < 0:
+            checks.fail(key, classes, f"{path!r} is not a file under {text.stdlib_dir()}")
+        if size < c.text_class_bytes:
+            checks.fail(f"{prefix}.text_class_bytes", c.text_class_bytes,
+                        f"expected <= {size}: {path!r} has {size} bytes on this Python")
+    fractions = checks.check_split_fractions(c, prefix, "text_split_fractions")
+    for split, (start, end) in split_segments(c.text_class_bytes, fractions).items():
+        # A window with a random offset (< W = seq_len - 1) needs 2 W - 1 bytes.
+        if windows_per_class(end - start, c.seq_len - 1, True) < 1:
+            checks.fail(f"{prefix}.seq_len", c.seq_len, f"expected <= "
+                        f"{(end - start + 1) // 2 + 1}: the {split} segment of each class "
+                        f"has {end - start} bytes")
+
+
+def make(c: ml_collections.ConfigDict, split: str, batch_size: int, seed: int
+         ) -> TextClassificationDataset:
+    return TextClassificationDataset(
+        split, c.seq_len, batch_size, seed, classes=tuple(c.text_classes),
+        class_bytes=c.text_class_bytes,
+        fractions=tuple(c.text_split_fractions[s] for s in SPLITS))
+
+
+SOURCE = Source(default_config, validate, make)

@@ -22,13 +22,14 @@ Batches use the same keys as ``ShapesDataset`` where they overlap:
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
+import ml_collections
 import numpy as np
 
-from train.data.sampling import EpochSampler, eval_index_batches
-from train.data.tfds_source import _as_bytes, _records, data_source
+from train.data import checks
+from train.data.base import RandomAccessDataset, Source
+from train.data.tfds_source import _as_bytes, _records, data_source, tfds_config
 from train.data.tokenizers import ByteTokenizer, pad_batch
 
 _CAPTION_CHOICE_SEED = 20_240_917  # fixed: the chosen caption must not depend on the run seed
@@ -87,7 +88,7 @@ def encode_caption(text: bytes, max_caption_len: int) -> np.ndarray:
     return tok.encode_bytes(text[: max_caption_len - 2], add_bos=True, add_eos=True)
 
 
-class ImageDataset:
+class ImageDataset(RandomAccessDataset):
     """Random-access batches of in-memory images with optional labels and captions.
 
     Args:
@@ -110,17 +111,11 @@ class ImageDataset:
                 raise ValueError(f"{name} has {len(arr)} rows for {n} images")
         self.labels = None if labels is None else np.asarray(labels, np.int32)
         self.captions = None if captions is None else np.asarray(captions, np.int32)
-        self.num_classes, self.batch_size, self.seed = num_classes, batch_size, seed
+        self.num_classes = num_classes
         self.num_eval = min(max_eval_examples, n) if max_eval_examples > 0 else n
         self.image_size, self.channels = self.images.shape[1], self.images.shape[3]
         self.image_shape = self.images.shape[1:]
-        self.tokenizer = ByteTokenizer()
-        self.vocab_size = self.tokenizer.vocab_size
-        self._sampler = EpochSampler(n, batch_size, seed)
-
-    @property
-    def steps_per_epoch(self) -> float:
-        return self._sampler.steps_per_epoch
+        super().__init__(n, batch_size, seed, self.num_eval)
 
     def data_info(self) -> dict:
         info = {"vocab_size": self.vocab_size, "num_classes": self.num_classes,
@@ -139,14 +134,7 @@ class ImageDataset:
             out["caption"] = self.captions[idx]
         return out
 
-    def batch(self, step: int) -> dict[str, np.ndarray]:
-        _, idx = self._sampler.indices(step)
-        return self.examples(idx)
-
-    def eval_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        """One pass over the first ``num_eval`` examples in order, plus "weights"."""
-        for idx, weights in eval_index_batches(self.num_eval, batch_size):
-            yield {**self.examples(idx), "weights": weights}
+    gather = examples  # item ids are example indices; evaluation takes the first num_eval
 
     def caption_text(self, idx: int) -> str:
         """The (possibly cut) caption of example ``idx``."""
@@ -198,6 +186,43 @@ def tfds_image_dataset(name: str, split: str, batch_size: int, seed: int, *,
         num_classes=num_classes,
         captions=pad_batch(captions, max_caption_len, "max_caption_len") if caption_key else None,
         max_eval_examples=max_eval_examples)
+
+
+
+# ---- Source "tfds_images": config.data.tfds_images -----------------------------------------
+def default_config() -> ml_collections.ConfigDict:
+    """``config.data.tfds_images``: a TFDS image split (mnist, cifar10, coco_captions, ...)."""
+    c = tfds_config("mnist")
+    # Feature keys ("" = none; "a/b" = nested, e.g. caption_key="captions/text" for
+    # coco_captions); label_key comes from tfds_config.
+    c.image_key = "image"
+    c.caption_key = ""
+    c.image_size = 32              # side in pixels (0 = native size)
+    # Caption tokens BOS + text + EOS, PAD-padded; longer captions are cut to fit.
+    c.max_caption_len = 48
+    return c
+
+
+def validate(c: ml_collections.ConfigDict, prefix: str = "data.tfds_images") -> None:
+    checks.check_int(c, prefix, "max_eval_examples", 0)
+    checks.check_int(c, prefix, "image_size", 0)
+    checks.check_tfds(c, prefix, ("tfds_name", "image_key"))
+    for key in ("label_key", "caption_key"):
+        checks.check_str(c, prefix, key)
+    if c.caption_key:
+        checks.check_int(c, prefix, "max_caption_len", 3)
+
+
+def make(c: ml_collections.ConfigDict, split: str, batch_size: int, seed: int
+         ) -> ImageDataset:
+    return tfds_image_dataset(
+        c.tfds_name, c.tfds_splits[split], batch_size, seed, image_key=c.image_key,
+        label_key=c.label_key, caption_key=c.caption_key, image_size=c.image_size,
+        max_caption_len=c.max_caption_len, data_dir=c.data_dir,
+        max_eval_examples=c.max_eval_examples)
+
+
+SOURCE = Source(default_config, validate, make)
 
 
 __all__ = ["ImageDataset", "choose_caption", "encode_caption", "resize_image",

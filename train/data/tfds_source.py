@@ -21,9 +21,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import ml_collections
 import numpy as np
 
-from train.data.sampling import EpochSampler, eval_index_batches
+from train.data import checks, text
+from train.data.base import RandomAccessDataset, Source
 from train.data.text import LMDataset
 from train.data.tokenizers import ByteTokenizer, pad_batch
 
@@ -78,7 +80,7 @@ def tfds_lm_dataset(name: str, split: str, text_key: str, seq_len: int, batch_si
     return LMDataset(stream, seq_len, batch_size, seed)
 
 
-class ClassificationDataset:
+class ClassificationDataset(RandomAccessDataset):
     """Random-access batches of fixed-length token rows with integer labels.
 
     Args:
@@ -97,30 +99,14 @@ class ClassificationDataset:
         if self.tokens.ndim != 2 or len(self.tokens) != len(self.labels):
             raise ValueError(f"need tokens[n, seq_len] and labels[n], got shapes "
                              f"{self.tokens.shape} and {self.labels.shape}")
-        self.num_classes, self.batch_size, self.seed = num_classes, batch_size, seed
+        self.num_classes = num_classes
         self.num_eval = (min(max_eval_examples, len(self.labels)) if max_eval_examples > 0
                          else len(self.labels))
-        self.tokenizer = ByteTokenizer()
-        self.vocab_size = self.tokenizer.vocab_size
-        self._sampler = EpochSampler(len(self.labels), batch_size, seed)
+        super().__init__(len(self.labels), batch_size, seed, self.num_eval)
 
-    @property
-    def steps_per_epoch(self) -> float:
-        return self._sampler.steps_per_epoch
-
-    def data_info(self) -> dict:
-        """Fields the trainer copies into the model config."""
-        return {"vocab_size": self.vocab_size, "num_classes": self.num_classes}
-
-    def batch(self, step: int) -> dict[str, np.ndarray]:
-        """-> {"tokens": int32[B, seq_len], "label": int32[B]} for training step ``step``."""
-        _, idx = self._sampler.indices(step)
-        return {"tokens": self.tokens[idx], "label": self.labels[idx]}
-
-    def eval_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        """One pass in order: {"tokens", "label", "weights": float32[batch_size]}."""
-        for idx, weights in eval_index_batches(self.num_eval, batch_size):
-            yield {"tokens": self.tokens[idx], "label": self.labels[idx], "weights": weights}
+    def gather(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """{"tokens": int32[B, seq_len], "label": int32[B]} of rows ``ids``."""
+        return {"tokens": self.tokens[ids], "label": self.labels[ids]}
 
 
 def tfds_classification_dataset(name: str, split: str, text_key: str, label_key: str,
@@ -141,3 +127,50 @@ def tfds_classification_dataset(name: str, split: str, text_key: str, label_key:
     return ClassificationDataset(pad_batch(rows, seq_len, "seq_len"), np.array(labels),
                                  batch_size, seed, num_classes or max(labels) + 1,
                                  max_eval_examples)
+
+
+# ---- Source "tfds": config.data.tfds -----------------------------------------------------
+def tfds_config(tfds_name: str) -> ml_collections.ConfigDict:
+    """The keys the TFDS sources share (tfds and tfds_images)."""
+    c = ml_collections.ConfigDict()
+    c.tfds_name = tfds_name        # dataset name
+    # Our split -> TFDS split string (slices like "train[:5%]" work).
+    c.tfds_splits = ml_collections.ConfigDict(
+        {"train": "train", "validation": "validation", "test": "test"})
+    c.data_dir = ml_collections.config_dict.placeholder(str)  # None = TFDS default
+    c.label_key = ""               # feature of the class label ("" = none)
+    c.max_eval_examples = 0        # evaluate on the first N examples of a split (0 = all)
+    return c
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """``config.data.tfds``: a TFDS text split, LM or (with label_key) classification."""
+    c = tfds_config("lm1b")
+    c.text_key = "text"
+    c.seq_len = 256                # LM / classification tokens per example
+    c.max_bytes = text.DEFAULT_MAX_BYTES  # LM: token cap per split (0 = all)
+    return c
+
+
+def validate(c: ml_collections.ConfigDict, prefix: str = "data.tfds") -> None:
+    checks.check_int(c, prefix, "seq_len", 1)
+    checks.check_int(c, prefix, "max_eval_examples", 0)
+    checks.check_int(c, prefix, "max_bytes", 0)
+    checks.check_tfds(c, prefix, ("tfds_name", "text_key"))
+    if c.label_key and c.seq_len < 2:
+        checks.fail(f"{prefix}.seq_len", c.seq_len, "expected >= 2 for classification "
+                    "(BOS + text)")
+
+
+def make(c: ml_collections.ConfigDict, split: str, batch_size: int, seed: int):
+    """``ClassificationDataset`` when ``label_key`` is set, else ``LMDataset``."""
+    tfds_split = c.tfds_splits[split]
+    if c.label_key:
+        return tfds_classification_dataset(
+            c.tfds_name, tfds_split, c.text_key, c.label_key, c.seq_len, batch_size, seed,
+            data_dir=c.data_dir, max_eval_examples=c.max_eval_examples)
+    return tfds_lm_dataset(c.tfds_name, tfds_split, c.text_key, c.seq_len, batch_size, seed,
+                           data_dir=c.data_dir, max_bytes=c.max_bytes)
+
+
+SOURCE = Source(default_config, validate, make)

@@ -36,11 +36,13 @@ i.e. the value one season before the target (the last observed season, repeated)
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
+import ml_collections
 import numpy as np
 
-from train.data.sampling import EpochSampler, eval_index_batches
+from train.data import checks
+from train.data.base import RandomAccessDataset, Source
 
 SPLITS = ("train", "validation", "test")
 DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
@@ -147,11 +149,12 @@ def seasonal_naive_forecast(inputs: np.ndarray, horizon: int, season: int) -> np
     lookback = inputs.shape[1]
     if not 1 <= season <= lookback:
         raise ValueError(f"seasonal naive needs 1 <= season <= lookback, got season={season}, "
-                         f"lookback={lookback}: increase data.lookback")
+                         f"lookback={lookback}: increase the series' lookback "
+                         "(data.synthetic_series.lookback or data.real_series.lookback)")
     return inputs[:, lookback - season + np.arange(horizon) % season, :]
 
 
-class ForecastDataset:
+class ForecastDataset(RandomAccessDataset):
     """Random-access look-back/horizon windows of one chronological split.
 
     Args:
@@ -176,6 +179,9 @@ class ForecastDataset:
     ``eval_batches`` adds "weights" float32[B] (1.0 real, 0.0 padded tail).
     """
 
+    tokenizer = None               # numeric series: no tokens, no vocabulary
+    vocab_size = None
+
     def __init__(self, values: np.ndarray, lookback: int, horizon: int, split: str,
                  batch_size: int, seed: int, *,
                  fractions: Sequence[float] = DEFAULT_FRACTIONS, eval_stride: int = 1,
@@ -189,7 +195,7 @@ class ForecastDataset:
         if lookback < 1 or horizon < 1 or eval_stride < 1:
             raise ValueError(f"need lookback, horizon, eval_stride >= 1, got "
                              f"{lookback}, {horizon}, {eval_stride}")
-        self.split, self.batch_size, self.seed = split, batch_size, seed
+        self.split = split
         self.lookback, self.horizon, self.eval_stride = lookback, horizon, eval_stride
         self.length, self.channels = values.shape
         self.season_length = season_length
@@ -211,13 +217,9 @@ class ForecastDataset:
         self.num_windows = len(self.starts)
         self.eval_starts = self.starts[::eval_stride]
         self.num_eval_windows = len(self.eval_starts)
-        self._sampler = EpochSampler(self.num_windows, batch_size, seed)
         self._in = np.arange(-lookback, 0, dtype=np.int64)
         self._out = np.arange(horizon, dtype=np.int64)
-
-    @property
-    def steps_per_epoch(self) -> float:
-        return self._sampler.steps_per_epoch
+        super().__init__(self.num_windows, batch_size, seed, self.num_eval_windows)
 
     def data_info(self) -> dict:
         """Fields the trainer copies into the model config."""
@@ -230,15 +232,13 @@ class ForecastDataset:
                 "targets": self.series[starts[:, None] + self._out],
                 "start": starts.astype(np.int32)}
 
-    def batch(self, step: int) -> dict[str, np.ndarray]:
-        """Training batch ``step``: per-epoch permutation of the split's windows."""
-        _, idx = self._sampler.indices(step)
-        return self.windows(self.starts[idx])
+    def gather(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """``windows`` of ``starts[ids]``: item ids index the split's windows."""
+        return self.windows(self.starts[ids])
 
-    def eval_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        """Windows ``eval_starts`` (every eval_stride-th, in time order), plus "weights"."""
-        for idx, weights in eval_index_batches(self.num_eval_windows, batch_size):
-            yield {**self.windows(self.eval_starts[idx]), "weights": weights}
+    def eval_ids(self, positions: np.ndarray) -> np.ndarray:
+        """Every eval_stride-th window, in time order (``eval_starts``)."""
+        return positions * self.eval_stride
 
     def denormalize(self, x: np.ndarray) -> np.ndarray:
         """float[..., C] normalized -> original units (log units for "goog")."""
@@ -291,3 +291,87 @@ def series_dataset(source: str, split: str, batch_size: int, seed: int, *, lookb
     return ForecastDataset(values, lookback, horizon, split, batch_size, seed,
                            fractions=fractions, eval_stride=eval_stride,
                            season_length=season, channel_names=names)
+
+
+# ---- Sources "synthetic_series" and "real_series": config.data.<source> ------------------
+def _window_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # Windows of `lookback` input steps and `horizon` target steps; splits are
+    # chronological by target time.
+    c.lookback = 96
+    c.horizon = 24
+    c.series_split_fractions = ml_collections.ConfigDict(dict(zip(SPLITS, DEFAULT_FRACTIONS)))
+    c.series_eval_stride = 1       # eval every k-th window (1 = all; horizon = no overlap)
+    return c
+
+
+def synthetic_default_config() -> ml_collections.ConfigDict:
+    """``config.data.synthetic_series``: the generated seasonal series."""
+    c = _window_config()
+    c.series_length = DEFAULT_LENGTH      # steps N
+    c.series_channels = DEFAULT_CHANNELS  # channels C
+    c.series_data_seed = 0         # changes the series, not the run seed
+    return c
+
+
+def real_default_config() -> ml_collections.ConfigDict:
+    """``config.data.real_series``: a real series shipped with matplotlib."""
+    c = _window_config()
+    c.real_series = "goog"         # one of REAL_SERIES
+    return c
+
+
+def _check_windows(c, prefix: str) -> tuple[float, float, float]:
+    """The keys both series sources share; returns the split fractions."""
+    for key in ("lookback", "horizon", "series_eval_stride"):
+        checks.check_int(c, prefix, key, 1)
+    return checks.check_split_fractions(c, prefix, "series_split_fractions")
+
+
+def _check_every_split_has_a_window(c, prefix: str, length: int, fractions) -> None:
+    for split, (start, end) in split_bounds(length, fractions).items():
+        # Same rule as ForecastDataset: first target row t in [max(start, L), end - H].
+        if end - c.horizon < max(start, c.lookback):
+            key = "horizon" if end - start < c.horizon else "lookback"
+            checks.fail(f"{prefix}.{key}", c[key], f"the {split} split of the {length}-step "
+                        f"series (rows {start}..{end}) holds no window of lookback="
+                        f"{c.lookback} + horizon={c.horizon}")
+
+
+def synthetic_validate(c: ml_collections.ConfigDict, prefix: str = "data.synthetic_series"
+                       ) -> None:
+    fractions = _check_windows(c, prefix)
+    checks.check_int(c, prefix, "series_length", 2)
+    checks.check_int(c, prefix, "series_channels", 1)
+    checks.check_int(c, prefix, "series_data_seed", 0)
+    _check_every_split_has_a_window(c, prefix, c.series_length, fractions)
+
+
+def real_validate(c: ml_collections.ConfigDict, prefix: str = "data.real_series") -> None:
+    fractions = _check_windows(c, prefix)
+    if c.real_series not in REAL_SERIES:
+        checks.fail(f"{prefix}.real_series", c.real_series, f"expected one of {REAL_SERIES}")
+    _check_every_split_has_a_window(c, prefix, REAL_SERIES_LENGTHS[c.real_series], fractions)
+
+
+def _fractions(c) -> tuple[float, ...]:
+    return tuple(c.series_split_fractions[s] for s in SPLITS)
+
+
+def synthetic_make(c: ml_collections.ConfigDict, split: str, batch_size: int, seed: int
+                   ) -> ForecastDataset:
+    return series_dataset("synthetic_series", split, batch_size, seed, lookback=c.lookback,
+                          horizon=c.horizon, fractions=_fractions(c),
+                          eval_stride=c.series_eval_stride, length=c.series_length,
+                          channels=c.series_channels, data_seed=c.series_data_seed)
+
+
+def real_make(c: ml_collections.ConfigDict, split: str, batch_size: int, seed: int
+              ) -> ForecastDataset:
+    return series_dataset("real_series", split, batch_size, seed, lookback=c.lookback,
+                          horizon=c.horizon, fractions=_fractions(c),
+                          eval_stride=c.series_eval_stride, real_name=c.real_series)
+
+
+SYNTHETIC_SOURCE = Source(synthetic_default_config, synthetic_validate, synthetic_make)
+REAL_SOURCE = Source(real_default_config, real_validate, real_make)

@@ -9,21 +9,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from train.tasks import common
+from train.tasks.base import Task, apply_model
 
-
-def apply_model(model, params, model_state, inputs, rng, train: bool):
-    """model.apply with the model's extra collections (batch_stats, ...).
-
-    Returns (outputs, new_model_state): state is updated in training only.
-    """
-    variables = {"params": params, **model_state}
-    if train and model_state:
-        out, updates = model.apply(variables, inputs, train=True, rngs={"dropout": rng},
-                                   mutable=list(model_state))
-        return out, {**model_state, **updates}
-    return model.apply(variables, inputs, train=train, rngs={"dropout": rng}), model_state
+INPUT_KEYS = ("image", "tokens")
 
 
 def topk_correct(logits, labels, k: int):
@@ -32,11 +23,26 @@ def topk_correct(logits, labels, k: int):
     return jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
 
 
-class ClassificationTask:
+class ClassificationTask(Task):
     """batch {input_key: [B, ...], "label": int[B]} -> logits [B, num_classes]."""
 
-    def __init__(self, config, model, datasets):
-        self.config, self.model, self.datasets = config, model, datasets
+    name = "classify"
+
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        c = common.label_smoothing_config()
+        c.input_key = "image"      # batch key fed to the model ("image" | "tokens")
+        return c
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        common.check_label_smoothing(config.task)
+        if config.task.input_key not in INPUT_KEYS:
+            raise ValueError(f"task.input_key={config.task.input_key!r}; allowed: "
+                             f"{', '.join(INPUT_KEYS)}")
+
+    def __init__(self, config, model, data):
+        super().__init__(config, model, data)
         self.input_key = config.task.input_key
 
     def init_args(self, batch):
@@ -54,9 +60,3 @@ class ClassificationTask:
         if logits.shape[-1] > 5:
             metrics["top5_accuracy"] = (jnp.sum(topk_correct(logits, labels, 5) * w), total)
         return jnp.sum(loss * w) / jnp.maximum(total, 1.0), (metrics, model_state)
-
-    def derived_metrics(self, metrics: dict) -> dict:
-        return {}
-
-    def report(self, params, model_state, workdir: str) -> dict:
-        return {}

@@ -9,9 +9,23 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
+
+
+def label_smoothing_config() -> ml_collections.ConfigDict:
+    """The option of every cross-entropy task."""
+    c = ml_collections.ConfigDict()
+    c.label_smoothing = 0.0        # epsilon of uniform label smoothing (Szegedy et al.)
+    return c
+
+
+def check_label_smoothing(task_cfg) -> None:
+    if not 0.0 <= task_cfg.label_smoothing < 1.0:
+        raise ValueError(f"task.label_smoothing={task_cfg.label_smoothing} must be in "
+                         "[0, 1)")
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0
@@ -21,8 +35,8 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float 
     With label smoothing eps the target distribution is (1 - eps) one_hot + eps / V
     (Szegedy et al. 2016), so loss = (1 - eps) nll + eps * mean_v(-log p_v). Computed from
     the log-sum-exp, never materializing a one-hot [..., V] array (V = 50257 for GPT-2).
-    (Note 003 describes label smoothing as "giving random false labels to a few examples";
-    the method mixes every target with the uniform distribution instead.)
+    (Label smoothing is sometimes explained as "giving random false labels to a few
+    examples"; the method mixes every target with the uniform distribution instead.)
     """
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)

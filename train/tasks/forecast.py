@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from train.tasks import common
-from train.tasks.classify import apply_model
+from train.tasks.base import Task, apply_model
 
 
 def naive_forecast(inputs, horizon: int):
@@ -28,12 +28,15 @@ def seasonal_naive_forecast(inputs, horizon: int, season: int):
     return jnp.take(inputs, index, axis=1)
 
 
-class ForecastTask:
-    """batch {"inputs": float[B, L, C], "targets": float[B, H, C]} -> MSE."""
+class ForecastTask(Task):
+    """batch {"inputs": float[B, L, C], "targets": float[B, H, C]} -> MSE. No options: the
+    baselines are computed, not configured."""
 
-    def __init__(self, config, model, datasets):
-        self.config, self.model, self.datasets = config, model, datasets
-        self.season = datasets["train"].season_length
+    name = "forecast"
+
+    def __init__(self, config, model, data):
+        super().__init__(config, model, data)
+        self.season = data["train"].season_length
 
     def init_args(self, batch):
         return (batch["inputs"],), {}
@@ -63,6 +66,3 @@ class ForecastTask:
             out["mse_skill_vs_seasonal_naive"] = 1.0 - metrics["mse"] / max(
                 metrics["seasonal_naive_mse"], 1e-12)
         return out
-
-    def report(self, params, model_state, workdir: str) -> dict:
-        return {}

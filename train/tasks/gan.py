@@ -14,12 +14,12 @@ recomputes the same updates. Each parameter group has its own optimizer (DCGAN: 
 optimizer state untouched (batch-norm running statistics are updated by every train-mode
 pass, as in DCGAN's reference code).
 
-Where this follows the papers rather than the study notes (002): the notes say the
-discriminator is "typically" updated ~5 times per generator update; that is WGAN's critic
-schedule (Arjovsky et al. 2017). Goodfellow et al. used k = 1 in their experiments and
-DCGAN k = 1, so task.d_steps defaults to 1. The notes also describe training as running
-"until Nash equilibrium": in practice it runs a fixed number of steps; at the equilibrium
-D(x) = 1/2 everywhere and the discriminator's loss is 2 log 2 = 1.386.
+A popular explanation says the discriminator is "typically" updated ~5 times per
+generator update; that is WGAN's critic schedule (Arjovsky et al. 2017). Goodfellow et al.
+used k = 1 in their experiments and DCGAN k = 1, so task.d_steps defaults to 1. Training
+is also often described as running "until Nash equilibrium": in practice it runs a fixed
+number of steps; at the equilibrium D(x) = 1/2 everywhere and the discriminator's loss is
+2 log 2 = 1.386.
 
 Metrics: d_loss (unsmoothed BCE; "loss" = d_loss in training, the progress line's number),
 g_loss, d_real_accuracy (D(x) > 1/2), d_fake_accuracy (D(G(z)) < 1/2), fake_diversity and
@@ -28,7 +28,8 @@ falls toward 0) and their diversity_ratio. With batch norm in D, evaluation norm
 running averages gathered over all-real and all-fake batches, so evaluation accuracies can
 differ from the training ones (which use batch statistics, as the updates do).
 
-Sample quality (evaluation): a classifier of the same data -- resnet_tiny (models/cnn.py)
+Sample quality (evaluation metrics; the `scorer` evaluator repeats the test pass with
+other noise, `gan_samples` writes the fixed-noise sample grids): a classifier of the same data -- resnet_tiny (models/cnn.py)
 with the 7x7/2 + max-pool stem, trained for task.scorer_steps Adam steps on batches of 64
 train-split images when the task is built (deterministic, ~30 s on 2 CPU cores for 500
 steps, ~90% test accuracy; kept in memory for the process, never written: a resume in a
@@ -44,24 +45,27 @@ and the K classes are covered equally; real_score on the real images is the refe
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
 from models import cnn
-from train import data as data_lib  # the scorer's own training batches
 from train import optim
+from train.state import TrainState
 from train.tasks import common
+from train.tasks.base import Task
 
 LOSSES = ("non_saturating", "minimax")
 SCORER_BATCH_SIZE = 64  # the scorer's training batch, whatever data.batch_size is
 _SAMPLE_KEY = 0x6A4  # fold_in constant of the fixed sample-grid noise
 _SCORER_KEY = 0x5C0  # fold_in constant of the scorer's init
 _SCORERS: dict = {}  # (data config, classes, steps, lr, seed) -> (scorer, variables)
+# (The sample-grid and score noise constants live with their evaluators in
+# train/evaluators/generative.py; the grid's noise is this module's fixed_noise.)
 
 
 # ----------------------------------------------------------------------------------------
@@ -187,29 +191,6 @@ def train_scorer(train_ds, num_classes: int, steps: int, learning_rate: float, s
 
 
 # ----------------------------------------------------------------------------------------
-# Sample grids.
-# ----------------------------------------------------------------------------------------
-def image_grid(images, rows: int) -> np.ndarray:
-    """images [N, H, W, C] in [0, 1] -> one [rows (H + 1) + 1, cols (W + 1) + 1, C] image
-    with 1-pixel white borders; cols = ceil(N / rows), empty cells white."""
-    images = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
-    n, h, w, c = images.shape
-    cols = -(-n // rows)
-    grid = np.ones((rows * (h + 1) + 1, cols * (w + 1) + 1, c), np.float32)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        grid[1 + r * (h + 1):(r + 1) * (h + 1), 1 + q * (w + 1):(q + 1) * (w + 1)] = images[i]
-    return grid
-
-
-def save_grid(images, rows: int, path: str) -> None:
-    import matplotlib  # lazy, like metrics_log
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    plt.imsave(path, image_grid(images, rows))
-
-
-# ----------------------------------------------------------------------------------------
 # The task.
 # ----------------------------------------------------------------------------------------
 class GANOptimizer(NamedTuple):
@@ -222,20 +203,42 @@ class GANOptimizer(NamedTuple):
                 "discriminator": self.discriminator.init(params["discriminator"])}
 
 
-class GANTask:
+class GANTask(Task):
     """Needs a model with methods generate(z, train) -> images [B, H, W, C] in [0, 1] and
     discriminate(images, train) -> logits [B], params {"generator", "discriminator"}
     (models/gan.py), and batches {"image": [B, H, W, C] in [0, 1], "label"} (the labels
     only train the scorer)."""
 
-    def __init__(self, config, model, datasets):
-        self.config, self.model, self.datasets = config, model, datasets
+    name = "gan"
+    default_evals = ("gan_samples", "scorer")
+
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        c = common.label_smoothing_config()  # one-sided here: real targets 1 - eps
+        c.loss = "non_saturating"  # generator: "non_saturating" -log D(G(z)) | "minimax"
+        c.d_steps = 1              # k discriminator updates per generator update, each on
+        #                            data.batch_size / k real images (Goodfellow et al. k=1)
+        c.g_learning_rate = 2e-4   # per-group Adam LR and b1 (DCGAN: 2e-4, 0.5); they
+        c.d_learning_rate = 2e-4   # replace optim.learning_rate / optim.b1, the rest of
+        c.g_b1 = 0.5               # `optim` (name, b2, schedule, clipping ...) applies to
+        c.d_b1 = 0.5               # both groups
+        c.scorer_steps = 500       # Adam steps of the sample-quality classifier trained on
+        #                            the train split at start (0 = no score)
+        c.scorer_learning_rate = 1e-2  # its peak Adam LR (cosine decay)
+        return c
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        common.check_label_smoothing(config.task)
+        _check_options(config.task, config.data.batch_size)
+
+    def __init__(self, config, model, data):
+        super().__init__(config, model, data)
         t = config.task
         self.kind, self.k = t.loss, t.d_steps
         self.real_label = 1.0 - t.label_smoothing
         self.latent_dim = model.cfg.latent_dim
-        _check_options(t, config.data.batch_size)
-        self.num_classes = datasets["train"].data_info().get("num_classes", 0)
+        self.num_classes = data["train"].data_info().get("num_classes", 0)
         self.scorer = None
         if t.scorer_steps:
             if not self.num_classes:
@@ -243,20 +246,25 @@ class GANTask:
                                  "(num_classes); set task.scorer_steps=0 for no score")
             # Batches of its own size, so every data.batch_size (and d_steps) gets the same
             # scorer and scores compare across configs of the same data and seed.
-            data_cfg = config.data.copy_and_resolve_references()
-            data_cfg.batch_size = SCORER_BATCH_SIZE
+            scorer_data = data.split("train", batch_size=SCORER_BATCH_SIZE)
             # Deterministic, so a run resumed (or swept) in the same process reuses it.
-            key = (data_cfg.to_json_best_effort(sort_keys=True), self.num_classes,
+            key = (config.data.to_json_best_effort(sort_keys=True), self.num_classes,
                    t.scorer_steps, t.scorer_learning_rate, config.seed)
             if key not in _SCORERS:
                 _SCORERS.clear()  # keep one: it is small, but there is no need for more
-                _SCORERS[key] = train_scorer(
-                    data_lib.make_dataset(data_cfg, "train", config.seed), self.num_classes,
-                    t.scorer_steps, t.scorer_learning_rate, config.seed)
+                _SCORERS[key] = train_scorer(scorer_data, self.num_classes, t.scorer_steps,
+                                             t.scorer_learning_rate, config.seed)
             self.scorer = _SCORERS[key]
-        sample_key = jax.random.fold_in(jax.random.key(config.seed), _SAMPLE_KEY)
-        self.sample_z = jax.random.normal(sample_key, (t.sample_grid ** 2, self.latent_dim))
         self._generate = jax.jit(lambda p, s, z: self._apply(p, s, z, "generate", False)[0])
+
+    def fixed_noise(self, n: int) -> jax.Array:
+        """[n, latent_dim]: the same z for every sample grid of a seed."""
+        key = jax.random.fold_in(jax.random.key(self.config.seed), _SAMPLE_KEY)
+        return jax.random.normal(key, (n, self.latent_dim))
+
+    def generate(self, params, model_state, z) -> jax.Array:
+        """Images [n, H, W, C] in [0, 1] from noise z [n, latent_dim] (evaluation mode)."""
+        return self._generate(params, model_state, z)
 
     # ---- model application ---------------------------------------------------------------
     def _apply(self, params, model_state, x, method: str, train: bool):
@@ -369,24 +377,23 @@ class GANTask:
                 (loss, optax.tree.norm(grads), fakes))
 
     def make_train_step(self, tx: GANOptimizer, train_key, optim_cfg):
-        """(state, batch) -> (state, scalars): k discriminator updates, one generator
-        update; state as train.trainer.make_init_state, nonfinite_step kept like
-        train.trainer.make_train_step (first step whose losses or gradients are not
-        finite). Scalars: d_* are means over the k updates."""
+        """(TrainState, batch) -> (TrainState, scalars): k discriminator updates, one
+        generator update; the state advances like every train step's (TrainState.advance:
+        the first step whose losses or gradients are not finite is recorded). Scalars:
+        d_* are means over the k updates."""
         k, o = self.k, optim_cfg
 
-        def train_step(state, batch):
-            step = state["step"]
-            rng = jax.random.fold_in(train_key, step)
+        def train_step(state: TrainState, batch):
+            rng = jax.random.fold_in(train_key, state.step)
             real = batch["image"]
             m = real.shape[0] // k
             reals = real.reshape((k, m) + real.shape[1:])
-            params, opt_state = state["params"], state["opt_state"]
+            params, opt_state = state.params, state.opt_state
 
             # k discriminator updates, unrolled: k is small, and XLA:CPU runs convolutions
             # inside a lax.scan body ~20x slower than the same ops outside one.
             d_params, d_opt = params["discriminator"], opt_state["discriminator"]
-            model_state, outs = state["model_state"], []
+            model_state, outs = state.model_state, []
             for i in range(k):
                 d_params, d_opt, model_state, out = self.discriminator_update(
                     tx, o, {**params, "discriminator": d_params}, d_opt, model_state,
@@ -400,12 +407,10 @@ class GANTask:
 
             finite = (jnp.all(jnp.isfinite(d_obj)) & jnp.all(jnp.isfinite(d_norm))
                       & jnp.isfinite(g_obj) & jnp.isfinite(g_norm))
-            first_bad = jnp.where((state["nonfinite_step"] < 0) & ~finite, step,
-                                  state["nonfinite_step"])
-            new_state = {"step": step + 1,
-                         "params": {"generator": g_params, "discriminator": d_params},
-                         "opt_state": {"generator": g_opt, "discriminator": d_opt},
-                         "model_state": model_state, "nonfinite_step": first_bad}
+            new_state = state.advance(
+                finite, params={"generator": g_params, "discriminator": d_params},
+                opt_state={"generator": g_opt, "discriminator": d_opt},
+                model_state=model_state)
             scalars = {name: jnp.mean(v) for name, v in d_metrics.items()}
             scalars.update(loss=scalars["d_loss"], g_loss=g_obj, d_objective=jnp.mean(d_obj),
                            d_grad_norm=jnp.mean(d_norm), g_grad_norm=g_norm)
@@ -415,33 +420,6 @@ class GANTask:
             scalars["diversity_ratio"] = scalars["fake_diversity"] / scalars["real_diversity"]
             return new_state, scalars
         return train_step
-
-    # ---- after evaluations and after training ----------------------------------------------
-    def after_evaluation(self, step: int, params, model_state, workdir: str) -> None:
-        """samples_<step>.png: the fixed-noise sample grid (the same z every time)."""
-        images = self._generate(params, model_state, self.sample_z)
-        save_grid(images, self.config.task.sample_grid,
-                  os.path.join(workdir, f"samples_{step}.png"))
-
-    def report(self, params, model_state, workdir: str) -> dict:
-        """samples_final.png; the scorer's test accuracy and its score of the test images
-        vs as many generated images (fresh noise, the same for every run of a seed)."""
-        self.after_evaluation("final", params, model_state, workdir)
-        if self.scorer is None:
-            return {}
-        # The final test evaluation again, with other noise: the same metrics (loss_fn).
-        key = jax.random.fold_in(jax.random.key(self.config.seed), _SAMPLE_KEY + 1)
-        eval_step = jax.jit(lambda p, s, b, r: self.loss_fn(p, s, b, r, False)[1][0])
-        totals = None
-        for i, batch in enumerate(self.datasets["test"].eval_batches(
-                self.config.data.eval_batch_size)):
-            totals = common.add_metrics(totals, eval_step(params, model_state, batch,
-                                                          jax.random.fold_in(key, i)))
-        means = common.finalize(jax.device_get(totals))
-        means.update(self.derived_metrics(means))
-        return {"scorer/test_accuracy": means["scorer_accuracy"],
-                "scorer/real_test_score": means["real_score"],
-                "scorer/fake_test_score": means["fake_score"]}
 
 
 def _check_options(t, batch_size: int) -> None:
@@ -458,7 +436,6 @@ def _check_options(t, batch_size: int) -> None:
     for key in ("g_b1", "d_b1"):
         if not 0 <= t[key] < 1:
             raise ValueError(f"task.{key}={t[key]} must be in [0, 1)")
-    if t.sample_grid < 1 or t.scorer_steps < 0 or not t.scorer_learning_rate > 0:
-        raise ValueError(f"task.sample_grid={t.sample_grid} must be >= 1, task.scorer_steps="
-                         f"{t.scorer_steps} >= 0 (0 = no score) and task.scorer_learning_rate"
-                         f"={t.scorer_learning_rate} > 0")
+    if t.scorer_steps < 0 or not t.scorer_learning_rate > 0:
+        raise ValueError(f"task.scorer_steps={t.scorer_steps} must be >= 0 (0 = no score) and "
+                         f"task.scorer_learning_rate={t.scorer_learning_rate} > 0")

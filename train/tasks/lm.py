@@ -1,22 +1,31 @@
-"""Causal language modelling (GPT): next-token cross-entropy, perplexity, a text sample."""
+"""Causal language modelling (GPT): next-token cross-entropy, perplexity, bits per token.
+
+The text sample written after training is the `sample` evaluator (train/evaluators/text.py).
+"""
 from __future__ import annotations
 
-import os
-
-import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from models import decoding
 from train.data import text as text_data
 from train.tasks import common
+from train.tasks.base import Task
 
 
-class LanguageModelTask:
+class LanguageModelTask(Task):
     """batch {"tokens": int[B, L+1]} -> inputs tokens[:, :-1], targets tokens[:, 1:]."""
 
-    def __init__(self, config, model, datasets):
-        self.config, self.model, self.datasets = config, model, datasets
+    name = "lm"
+    default_evals = ("sample",)
+
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        return common.label_smoothing_config()
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        common.check_label_smoothing(config.task)
 
     def init_args(self, batch):
         return (batch["tokens"][:, :-1],), {}
@@ -38,23 +47,10 @@ class LanguageModelTask:
                 "bits_per_token": metrics["loss"] / np.log(2.0)}
 
     def report(self, params, model_state, workdir: str) -> dict:
-        """Unigram baseline perplexity and a sampled continuation (written to sample.txt)."""
-        out = {}
-        train_ds, val_ds = self.datasets["train"], self.datasets["validation"]
-        if hasattr(train_ds, "tokens") and hasattr(val_ds, "tokens"):
-            out["baseline/unigram_perplexity"] = float(text_data.unigram_perplexity(
-                train_ds.tokens, val_ds.tokens, train_ds.vocab_size))
-        t = self.config.task
-        tok = train_ds.tokenizer
-        prompt = tok.encode(t.sample_prompt)[None] if t.sample_prompt else np.array(
-            [[tok.bos_id]], np.int32)
-        n = min(t.sample_tokens, self.model.cfg.max_length - prompt.shape[1])
-        tokens, _ = decoding.generate(
-            self.model, params, jnp.asarray(prompt), rng=jax.random.key(self.config.seed),
-            max_new_tokens=n, temperature=t.sample_temperature, top_k=t.sample_top_k,
-            top_p=t.sample_top_p, eos_id=tok.eos_id)
-        sample = t.sample_prompt + tok.decode(np.asarray(tokens[0]))
-        with open(os.path.join(workdir, "sample.txt"), "w", encoding="utf-8") as f:
-            f.write(sample + "\n")
-        out["sample"] = sample
-        return out
+        """The add-one unigram baseline's validation perplexity (token-array datasets)."""
+        train_ds, val_ds = self.data["train"], self.data["validation"]
+        if not (isinstance(train_ds, text_data.LMDataset)
+                and isinstance(val_ds, text_data.LMDataset)):
+            return {}
+        return {"baseline/unigram_perplexity": float(text_data.unigram_perplexity(
+            train_ds.tokens, val_ds.tokens, train_ds.vocab_size))}

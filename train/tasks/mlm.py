@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from train.data.tokenizers import MASK, NUM_SPECIAL
 from train.tasks import common
+from train.tasks.base import Task
 
 
 def mask_tokens(rng, tokens, *, mask_probability: float, mask_token_fraction: float,
@@ -32,11 +34,30 @@ def mask_tokens(rng, tokens, *, mask_probability: float, mask_token_fraction: fl
     return jnp.where(selected, corrupted, tokens).astype(tokens.dtype), selected
 
 
-class MaskedLanguageModelTask:
+class MaskedLanguageModelTask(Task):
     """batch {"tokens": int[B, L+1]} (LM windows; the last token is dropped)."""
 
-    def __init__(self, config, model, datasets):
-        self.config, self.model, self.datasets = config, model, datasets
+    name = "mlm"
+
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        c = common.label_smoothing_config()
+        c.mask_probability = 0.15  # BERT: 15% of tokens, then 80% [MASK] / 10% random /
+        c.mask_token_fraction = 0.8  # 10% unchanged
+        c.random_token_fraction = 0.1
+        return c
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        t = config.task
+        common.check_label_smoothing(t)
+        if not 0.0 < t.mask_probability <= 1.0:
+            raise ValueError(f"task.mask_probability={t.mask_probability} must be in (0, 1]")
+        if min(t.mask_token_fraction, t.random_token_fraction) < 0 or (
+                t.mask_token_fraction + t.random_token_fraction > 1.0):
+            raise ValueError(f"task.mask_token_fraction={t.mask_token_fraction} and "
+                             f"task.random_token_fraction={t.random_token_fraction} must be "
+                             ">= 0 and sum to at most 1 (the rest stay unchanged)")
 
     def init_args(self, batch):
         return (batch["tokens"][:, :-1],), {}
@@ -58,6 +79,3 @@ class MaskedLanguageModelTask:
 
     def derived_metrics(self, metrics: dict) -> dict:
         return {"perplexity": common.perplexity(metrics["loss"])}
-
-    def report(self, params, model_state, workdir: str) -> dict:
-        return {}

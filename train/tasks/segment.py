@@ -14,8 +14,7 @@ p = softmax(logits), g = one-hot mask, w = pixel weights (0 for padded examples)
 over every pixel of the batch. task.dice_squared=True is V-Net's squared denominator;
 False is the plain sum (sum p + sum g: Sudre et al. 2017's soft Dice, without their class
 weights). eps (task.dice_eps, default 1) keeps D_k defined for a class absent from both
-target and prediction, where it gives D_k = 1 (nothing to penalize). The study notes do
-not define a Dice loss; this is the paper's.
+target and prediction, where it gives D_k = 1 (nothing to penalize).
 
 Metrics are (sum, weight) pairs (tasks/common.py), so the split-level numbers are exact:
 pixel accuracy; and per class k the intersection |pred = k and mask = k| and the union
@@ -28,14 +27,13 @@ classes, miou_foreground over classes 1..K-1 (background 0 excluded).
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from train.tasks import common
-from train.tasks.classify import apply_model
+from train.tasks.base import Task, apply_model
 
 
 def soft_dice_loss(logits, labels, weights, *, squared: bool = True, eps: float = 1.0):
@@ -85,30 +83,39 @@ def iou_and_dice(intersection, union) -> dict[str, float]:
     return out
 
 
-class SegmentationTask:
-    """Per-pixel classification of batch["image"] into batch["mask"]'s K classes."""
+class SegmentationTask(Task):
+    """Per-pixel classification of batch["image"] into batch["mask"]'s K classes. The
+    picture of test predictions is the `segmentation_plot` evaluator."""
 
-    def __init__(self, config, model, datasets):
-        self.config, self.model, self.datasets = config, model, datasets
+    name = "segment"
+    default_evals = ("segmentation_plot",)
+
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        c = common.label_smoothing_config()
+        c.dice_weight = 1.0        # objective: CE + dice_weight * soft Dice; 0 = CE only
+        c.dice_squared = True      # V-Net's sum p^2 + sum g^2 denominator; False: sum p + g
+        c.dice_eps = 1.0           # smoothing in numerator and denominator
+        return c
+
+    @classmethod
+    def validate_config(cls, config) -> None:
         t = config.task
-        train = datasets["train"]
-        self.num_classes = getattr(train, "num_mask_classes", None)
-        if self.num_classes is None:
-            raise ValueError(f"task.name='segment' needs a dataset with per-pixel masks "
-                             f"(batch['mask'] and num_mask_classes), e.g. "
-                             f"data.source='shapes'; data.source={config.data.source!r} "
-                             "has none")
-        model_classes = getattr(getattr(model, "cfg", None), "num_classes", self.num_classes)
-        if model_classes != self.num_classes:
-            raise ValueError(f"model.num_classes={model_classes} but the dataset's masks "
-                             f"have {self.num_classes} classes")
+        common.check_label_smoothing(t)
         if t.dice_weight < 0:
             raise ValueError(f"task.dice_weight={t.dice_weight} must be >= 0 (0 = "
                              "cross-entropy only)")
         if t.dice_eps <= 0:
             raise ValueError(f"task.dice_eps={t.dice_eps} must be > 0 (Dice smoothing)")
-        if t.report_examples < 0:
-            raise ValueError(f"task.report_examples={t.report_examples} must be >= 0")
+
+    def __init__(self, config, model, data):
+        super().__init__(config, model, data)
+        self.num_classes = data["train"].data_info().get("num_mask_classes")
+        if self.num_classes is None:
+            raise ValueError(f"task.name='segment' needs a dataset with per-pixel masks "
+                             f"(batch['mask'] and num_mask_classes), e.g. "
+                             f"data.source='shapes'; data.source={config.data.source!r} "
+                             "has none")
 
     def init_args(self, batch):
         return (batch["image"],), {}
@@ -151,55 +158,3 @@ class SegmentationTask:
         k = range(self.num_classes)
         return iou_and_dice([metrics[f"intersection_{c}"] for c in k],
                             [metrics[f"union_{c}"] for c in k])
-
-    def predict(self, params, model_state, images) -> np.ndarray:
-        """int [B, H, W] argmax classes (evaluation mode)."""
-        @jax.jit  # one compile instead of one per primitive
-        def classes(params, model_state, images):
-            logits, _ = apply_model(self.model, params, model_state, images,
-                                    jax.random.key(0), False)
-            return jnp.argmax(logits, axis=-1)
-        return np.asarray(classes(params, model_state, jnp.asarray(images)))
-
-    def report(self, params, model_state, workdir: str) -> dict:
-        n = self.config.task.report_examples
-        if n:
-            ds = self.datasets["test"]
-            batch = next(iter(ds.eval_batches(n)))
-            pred = self.predict(params, model_state, batch["image"])
-            names = getattr(ds, "mask_class_names", None) or (
-                ["background"] + [f"class {c}" for c in range(1, self.num_classes)])
-            plot_segmentations(batch["image"], batch["mask"], pred, names,
-                               os.path.join(workdir, "segmentation.png"))
-        return {}
-
-
-def plot_segmentations(images, masks, preds, class_names, path: str) -> None:
-    """One row per example: image | ground truth | prediction (+ its pixel accuracy)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
-
-    num = len(class_names)
-    colors = plt.get_cmap("tab10")(np.arange(num) % 10)
-    colors[0] = (0.1, 0.1, 0.1, 1.0)   # background: near black
-    cmap = ListedColormap(colors)
-    fig, axes = plt.subplots(len(images), 3, figsize=(6.6, 2.2 * len(images)),
-                             squeeze=False)
-    for row, (image, mask, pred) in enumerate(zip(images, masks, preds)):
-        accuracy = float(np.mean(mask == pred))
-        panels = ((np.clip(image, 0, 1), "image", {}),
-                  (mask, "ground truth", dict(cmap=cmap, vmin=0, vmax=num - 1)),
-                  (pred, f"prediction ({accuracy:.1%} px)",
-                   dict(cmap=cmap, vmin=0, vmax=num - 1)))
-        for ax, (panel, title, kwargs) in zip(axes[row], panels):
-            ax.imshow(panel, interpolation="nearest", **kwargs)
-            ax.set_title(title, fontsize=8)
-            ax.axis("off")
-    fig.legend(handles=[Patch(color=colors[k], label=class_names[k]) for k in range(num)],
-               loc="lower center", ncol=min(num, 5), fontsize=7)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -30,7 +30,8 @@ def _randomize(params, seed, scale=0.5):
 
 def _params(module, *args, seed):
     """Random parameters with the module's shapes (eval_shape: nothing is compiled)."""
-    return _randomize(jax.eval_shape(module.init, jax.random.key(0), *args)["params"], seed)
+    return _randomize(nn.unbox(jax.eval_shape(module.init, jax.random.key(0), *args)["params"]),
+                      seed)
 
 
 # ----------------------------------------------------------------------------------------
@@ -146,7 +147,7 @@ def test_sinusoidal_odd_features_error():
 def test_embed_lookup_and_tied_attend():
     emb = Embed(num_embeddings=7, features=4)
     ids = jnp.array([[0, 3], [6, 6]])
-    params = emb.init(jax.random.key(0), ids)["params"]
+    params = nn.unbox(emb.init(jax.random.key(0), ids)["params"])
     table = np.asarray(params["embedding"])
     assert table.shape == (7, 4)
     np.testing.assert_array_equal(emb.apply({"params": params}, ids), table[np.asarray(ids)])
@@ -166,7 +167,7 @@ def test_embed_rejects_float_ids():
 def test_learned_position_embedding_is_table_rows():
     pe = PositionEmbedding("learned", max_length=10, features=4)
     positions = jnp.array([[0, 9, 3], [5, 5, 1]])
-    params = pe.init(jax.random.key(0), positions)["params"]
+    params = nn.unbox(pe.init(jax.random.key(0), positions)["params"])
     table = np.asarray(params["embedding"])
     assert table.shape == (10, 4)
     np.testing.assert_array_equal(pe.apply({"params": params}, positions),

@@ -1,0 +1,146 @@
+"""The task contract: every hook the trainer calls, with its default.
+
+A task is the objective of a run: it turns a batch into a loss and (sum, weight) metrics
+(train/tasks/common.py) and says what its model is initialized with. Subclass `Task`,
+override what differs, and register the class in `train/tasks/__init__.TASKS`:
+
+  name                        the registry key, `config.task.name`
+  default_config()            the task's options: `config.task` is {"name", **these}
+  validate_config(config)     ValueError naming a bad `task.*` key (before anything
+                              compiles; gets the whole run config)
+  default_evals               evaluators a run of this task gets (train/evaluators/)
+  init_args(batch)            -> (args, kwargs) of model.init for a host batch [1, ...]
+  loss_fn(params, model_state, batch, rng, train[, step])
+                              -> (loss, (metrics, model_state)); jitted, traced once
+  derived_metrics(means)      extra metrics from split means (host side): perplexity, IoU
+  report(params, model_state, workdir)
+                              cheap after-training numbers without an evaluation loop
+                              (e.g. the unigram baseline); loops belong in evaluators
+Optional, for objectives that need more than one loss and one optimizer:
+  needs_step                  True: loss_fn(..., train=True, step=step) gets the step
+                              (schedules inside the objective, e.g. a KL warm-up)
+  make_optimizer(optim_cfg, num_steps)
+                              -> an object whose init(params) is the opt_state
+  make_train_step(tx, train_key, optim_cfg)
+                              -> (TrainState, batch) -> (TrainState, scalars); a GAN's
+                              phased updates. The default is `train_step` below.
+  model_params(params)        the parameters the model is applied with (a compressed
+                              run's adapted / fake-quantized ones); evaluators use it
+  after_evaluation(step, params, model_state, workdir)
+                              after each periodic validation pass
+
+Tasks with several models (a GAN's generator and discriminator; a student and its
+teacher) keep them in one params tree with one key per model and use the same hooks.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from train import optim
+from train.state import TrainState
+
+
+class Task:
+    """Defaults of every hook; see the module docstring."""
+
+    name: ClassVar[str] = ""
+    needs_step: ClassVar[bool] = False
+    default_evals: ClassVar[tuple[str, ...]] = ()
+
+    # ---- configuration ---------------------------------------------------------------
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        """The task's options (without `name`)."""
+        return ml_collections.ConfigDict()
+
+    @classmethod
+    def validate_config(cls, config: ml_collections.ConfigDict) -> None:
+        """Raise ValueError naming a bad `task.*` value and what is allowed."""
+
+    def __init__(self, config, model, data):
+        """config: the run config; model: the flax module; data: the run's datasets
+        (train.run_data.RunData, or a {split: dataset} dict in unit tests)."""
+        self.config, self.model, self.data = config, model, data
+
+    # ---- the objective ----------------------------------------------------------------
+    def init_args(self, batch) -> tuple[tuple, dict]:
+        raise NotImplementedError(f"{type(self).__name__} must define init_args")
+
+    def loss_fn(self, params, model_state, batch, rng, train: bool, **step_kwargs):
+        raise NotImplementedError(f"{type(self).__name__} must define loss_fn")
+
+    def derived_metrics(self, means: dict) -> dict:
+        return {}
+
+    def report(self, params, model_state, workdir: str) -> dict:
+        return {}
+
+    def model_params(self, params):
+        return params
+
+    def after_evaluation(self, step: int, params, model_state, workdir: str) -> None:
+        return None
+
+    # ---- optimization -------------------------------------------------------------------
+    def make_optimizer(self, optim_cfg, num_steps: int):
+        return optim.make_optimizer(optim_cfg, num_steps)
+
+    def make_train_step(self, tx, train_key, optim_cfg):
+        return train_step(self, tx, train_key, optim_cfg)
+
+    @classmethod
+    def has_own_train_step(cls) -> bool:
+        """Whether the task replaces the generic train step (a GAN's phased updates)."""
+        return cls.make_train_step is not Task.make_train_step
+
+
+def apply_model(model, params, model_state, inputs, rng, train: bool, *extra_inputs,
+                **kwargs):
+    """model.apply with the model's extra collections (batch_stats, ...) -> (outputs,
+    model_state); the collections are mutable (and updated) in training only."""
+    variables = {"params": params, **model_state}
+    rngs = {"dropout": rng}
+    if train and model_state:
+        out, updates = model.apply(variables, inputs, *extra_inputs, train=True, rngs=rngs,
+                                   mutable=list(model_state), **kwargs)
+        return out, {**model_state, **updates}
+    return model.apply(variables, inputs, *extra_inputs, train=train, rngs=rngs,
+                       **kwargs), model_state
+
+
+def train_step(task: Task, tx, train_key, optim_cfg):
+    """(TrainState, batch) -> (TrainState, scalars): loss, gradients, optimizer update.
+
+    The dropout key of step s is fold_in(train_key, s), so any step can be recomputed
+    from a checkpoint. Scalars: the task's metric means plus objective and grad_norm.
+    """
+    o = optim_cfg
+
+    def step_fn(state: TrainState, batch):
+        step = state.step
+        rng = jax.random.fold_in(train_key, step)
+        step_kwargs: dict[str, Any] = {"step": step} if task.needs_step else {}
+
+        def loss_of(params):
+            loss, (metrics, model_state) = task.loss_fn(params, state.model_state, batch,
+                                                        rng, True, **step_kwargs)
+            if o.l1 or o.l2:
+                loss = loss + optim.regularization_penalty(params, o.l1, o.l2,
+                                                           o.weight_decay_exclude)
+            return loss, (metrics, model_state)
+
+        (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+            state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        grad_norm = optax.tree.norm(grads)
+        new_state = state.advance(jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+                                  params=optax.apply_updates(state.params, updates),
+                                  opt_state=opt_state, model_state=model_state)
+        scalars = {k: s / jnp.maximum(w, 1.0) for k, (s, w) in metrics.items()}
+        return new_state, {**scalars, "objective": loss, "grad_norm": grad_norm}
+    return step_fn
