@@ -15,8 +15,8 @@ setup(
     packages=find_packages(include=["configs", "configs.*", "models", "models.*",
                                     "train", "train.*"]),
     install_requires=[
-        # Lower bounds: what pip installs on our CPU machines (jax 0.10.2, flax 0.12.8)
-        # and what the GPU machine ships (orbax-checkpoint 0.12.4).
+        # Lower bounds: the oldest versions the test suite and the benchmarks have been
+        # run with.
         "jax>=0.10.2",
         "flax>=0.12.8",
         "optax>=0.2.8",

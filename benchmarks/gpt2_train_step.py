@@ -8,7 +8,7 @@
 What is timed is built exactly as `train.trainer.train_and_evaluate` builds it for
 `configs/gpt.py:gpt2_small`: the run config from `configs.gpt.get_config("gpt2_small")`
 (AdamW, weight decay 0.1 with its exclusion mask, grad clip 1.0, warmup-cosine schedule),
-`LanguageModelTask.loss_fn`, `trainer.make_init_state` / `trainer.make_train_step`, and
+`LanguageModelTask.loss_fn`, `trainer.make_init_state` / `task.make_train_step`, and
 `jax.jit` with the trainer's shardings and `donate_argnums=0`. Only the model section is
 changed by the flags (variant, compute dtype, attention implementation, fused QKV, scan,
 remat) and the vocabulary is 50304 (GPT-2's 50257 padded to a multiple of 64, as the
@@ -16,14 +16,14 @@ PyTorch peer does); params stay float32. Batches are random tokens in [0, 50257)
 distinct ones placed on the device before timing and used in turn.
 
 Timing, the peer subprocess, the environment and the JSON/table plumbing are
-`benchmarks/harness.py`'s (shared by all benchmarks; .library/device/METHOD.md).
+`benchmarks/harness.py`'s (shared by all benchmarks; the method: benchmarks/README.md).
 
 MFU uses nanoGPT's count: flops per token = 6 N + 12 L H Q T, with N the parameters
 excluding the position embeddings, L layers, H heads, Q head dim, T sequence length;
 MFU = flops per token * tokens per second / --peak_flops (989e12: H100 dense bf16).
 
-`--peer=torch_peers.py` runs the PyTorch peer's `bench_gpt(B, T)` first (NVIDIA GPU only)
-and reports flaxlab ms / torch ms.
+`--peer=PATH` runs an optional PyTorch peer's `bench_gpt(B, T)` first (NVIDIA GPU only;
+the script's contract is in benchmarks/README.md) and reports flaxlab ms / torch ms.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import os
 import sys
 import time
 
-# Runnable as a plain script from any directory (the GPU machine has no editable install).
+# Runnable as a plain script from any directory, without `pip install -e .`.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
@@ -152,7 +152,7 @@ class Setup:
     """Everything `train_and_evaluate` builds before its loop, for one configuration."""
 
     def __init__(self, args, settings: dict):
-        from train import families, optim, sharding, trainer
+        from train import families, sharding, trainer
         from train.tasks import make_task
         from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -163,7 +163,7 @@ class Setup:
         self.model, self.model_cfg = families.build(c.model, "lm", vocab_size=args.vocab)
         # LanguageModelTask uses its datasets only in report() (after training).
         self.task = make_task(c, self.model, None)
-        self.tx = optim.make_optimizer(c.optim, c.train.num_steps)
+        self.tx = self.task.make_optimizer(c.optim, c.train.num_steps)
         init_key, train_key, _ = jax.random.split(jax.random.key(c.seed), 3)
         example = {"tokens": np.zeros((1, args.seq_len + 1), np.int32)}
         init_args, init_kwargs = self.task.init_args(example)
@@ -172,7 +172,7 @@ class Setup:
         self.abstract_state = jax.eval_shape(self.init_state)
         self.state_sh = sharding.param_sharding(self.abstract_state, mesh, c.sharding.strategy,
                                                 c.sharding.min_size_to_shard)
-        self.train_step = trainer.make_train_step(self.task, self.tx, train_key, c.optim)
+        self.train_step = self.task.make_train_step(self.tx, train_key, c.optim)
         self.p_train_step = jax.jit(self.train_step, in_shardings=(self.state_sh, self.batch_sh),
                                     out_shardings=(self.state_sh, replicated),
                                     donate_argnums=0)
@@ -237,7 +237,7 @@ def run_config(args, name: str) -> dict:
     print(f"[{name}] {settings} ...", flush=True)
     setup = Setup(args, settings)
     cfg = setup.model_cfg
-    total, no_pos = harness.count_params(setup.abstract_state["params"], exclude="positions")
+    total, no_pos = harness.count_params(setup.abstract_state.params, exclude="positions")
     fpt = flops_per_token(no_pos, cfg, args.seq_len)
     tokens = args.batch * args.seq_len
     result = {
@@ -281,7 +281,7 @@ def run_config(args, name: str) -> dict:
 
     # Warm-up; the first step's loss is the sanity check (random tokens: ~ln(vocab)).
     state, scalars, first, info = harness.warm_up(compiled, state, batches, args.warmup,
-                                                  probe=jax.tree.leaves(state["params"])[0])
+                                                  probe=jax.tree.leaves(state.params)[0])
     result.update(info)
     result["first_loss"] = float(first["loss"])
     state, scalars, window_ms = harness.time_windows(compiled, state, batches,
@@ -289,8 +289,8 @@ def run_config(args, name: str) -> dict:
                                                      start=args.warmup)
 
     result["last_loss"] = float(jax.device_get(scalars)["loss"])
-    result["nonfinite_step"] = int(state["nonfinite_step"])
-    result["steps_run"] = int(state["step"])
+    result["nonfinite_step"] = int(state.nonfinite_step)
+    result["steps_run"] = int(state.step)
     stats = harness.window_stats(window_ms)
     med = stats["ms_median"]
     result.update({

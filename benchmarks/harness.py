@@ -2,14 +2,15 @@
 
 A benchmark script (e.g. `gpt2_train_step.py`) builds its own step and configuration
 and uses this module for the parts that must be done the same way everywhere, so that
-numbers from different benchmarks are comparable (.library/device/METHOD.md):
+numbers from different benchmarks are comparable (the method is benchmarks/README.md's):
 
 * `lower_and_compile` compiles ahead of time and times lowering and compilation apart,
   so compilation never lands in a timed window;
 * `warm_up`, then `time_windows` + `window_stats`: windows of steps with no host
   synchronization inside, each closed by `jax.block_until_ready`; median / mean / min;
-* `run_peer` runs a function of the PyTorch peer (`/work/shared/peers/torch_peers.py`)
-  in a subprocess and parses its `NAME value unit` lines (`torch_gpt2_124M_step_ms 95.1
+* `run_peer` runs a function of an optional PyTorch peer script (`--peer=PATH`, a file
+  of your own that defines `bench_gpt` / `bench_rnn`; see benchmarks/README.md) in a
+  subprocess and parses its `NAME value unit` lines (`torch_gpt2_124M_step_ms 95.1
   ms ...`, `torch_cudnn_lstm_float32_step_ms 3.21 ms ...`);
 * `select` + `run_each`: several named configurations in one process (--compare);
 * `count_params`, `mfu`, `environment`, `new_report`, `write_json`, `table_header` /
@@ -38,7 +39,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-H100_BF16_PEAK = 989e12   # dense bf16 FLOP/s, H100 SXM (the peer's figure; H200 the same)
+H100_BF16_PEAK = 989e12   # dense bf16 FLOP/s of an H100 SXM (NVIDIA's datasheet figure)
 
 
 def bool_flag(text: str) -> bool:
@@ -63,7 +64,8 @@ def add_timing_flags(p: argparse.ArgumentParser) -> None:
 def add_peer_flags(p: argparse.ArgumentParser, what: str) -> None:
     """--peer (path to torch_peers.py; `what` it runs) / --peer_python / --peer_timeout."""
     p.add_argument("--peer", default="",
-                   help=f"path to torch_peers.py: run its {what} first (NVIDIA GPU only)")
+                   help=f"path to a PyTorch peer script: run its {what} first (NVIDIA GPU "
+                        "only; empty: no peer)")
     p.add_argument("--peer_python", default=sys.executable,
                    help="interpreter with PyTorch for the peer")
     p.add_argument("--peer_timeout", type=float, default=420.0, help="seconds")
@@ -337,8 +339,9 @@ def _version(pkg: str) -> str | None:
         return None
 
 
-def environment(peak_flops: float) -> dict:
-    """Device, library versions and XLA_FLAGS: what a number depends on besides the code."""
+def environment(peak_flops: float | None = None) -> dict:
+    """Device, library versions and XLA_FLAGS: what a number depends on besides the code
+    (and the peak FLOP/s an MFU was computed against, for benchmarks that report one)."""
     import flax
     import optax
     device = jax.devices()[0]
@@ -348,8 +351,9 @@ def environment(peak_flops: float) -> dict:
         "jaxlib": _version("jaxlib"),
         "flax": flax.__version__, "optax": optax.__version__,
         "python": platform.python_version(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "peak_flops": peak_flops,
     }
+    if peak_flops is not None:
+        env["peak_flops"] = peak_flops
     try:
         from jax._src.lib import cuda_versions  # noqa: PLC0415 -- private, best effort
         if cuda_versions is not None:

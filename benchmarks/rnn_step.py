@@ -3,10 +3,10 @@ backward + SGD update, lax.scan vs cuDNN, float32 and bfloat16, against the PyTo
 
     python benchmarks/rnn_step.py                 # 2 layers, B=64, T=256, I=512, H=1024
     python benchmarks/rnn_step.py --batch=4 --seq_len=16 --input=32 --hidden=64 --steps=3
-    python benchmarks/rnn_step.py --peer=.whl/torch_peers.py   # + the peer's cuDNN figures
+    python benchmarks/rnn_step.py --peer=PATH/torch_peers.py   # + the peer's cuDNN figures
 
-Each configuration (cell x dtype x implementation) times exactly the peer's step
-(`torch_peers.bench_rnn`): y = RNN(x) over a fixed random x [B, T, I], loss = mean(y^2) in
+Each configuration (cell x dtype x implementation) times exactly the step of the optional
+PyTorch peer's `bench_rnn` (its contract: benchmarks/README.md): y = RNN(x) over a fixed random x [B, T, I], loss = mean(y^2) in
 float32, gradients, params -= lr * grads; params in the compute dtype as the peer's
 `.to(dtype)` (--param_dtype=float32 for mixed precision). The step is jitted with the
 params donated; `--num_batches` distinct inputs sit on the device and are used in turn.
@@ -18,7 +18,7 @@ twice. The `kernel` column says what the compiled step really holds: `cudnn` whe
 calls the cuDNN RNN custom call, else `scan`.
 
 Timing, the peer subprocess, the environment and the JSON/table plumbing are
-benchmarks/harness.py's (.library/device/METHOD.md). TFLOP/s counts the matmuls only:
+benchmarks/harness.py's (the method: benchmarks/README.md). TFLOP/s counts the matmuls only:
 forward 2 B T sum_layers D (I_l + H) G H, training 3x forward (G gates, D directions).
 `--peer` runs `bench_rnn` for every cell and dtype first (JAX has not touched the GPU yet)
 and reports flaxlab ms / torch cuDNN ms (`/torch`) for the same cell and dtype.
@@ -31,7 +31,7 @@ import os
 import sys
 import warnings
 
-# Runnable as a plain script from any directory (the GPU machine has no editable install).
+# Runnable as a plain script from any directory, without `pip install -e .`.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
@@ -210,7 +210,7 @@ def main(argv=None) -> dict:
     report = harness.new_report(
         "rnn_step", argv, batch=args.batch, seq_len=args.seq_len, input=args.input,
         hidden=args.hidden, layers=args.layers, steps=args.steps, windows=args.windows,
-        warmup=args.warmup, environment=harness.environment(harness.H100_BF16_PEAK),
+        warmup=args.warmup, environment=harness.environment(),
         results=[])
     if peer is not None:
         report["peer"] = peer

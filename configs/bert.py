@@ -10,6 +10,7 @@ Variants:
            tokens carry a loss).
   tiny     a seconds-long smoke run (tests).
 """
+from configs.common import cadence, warmup_cosine
 from train.config import base_config, shrink_for_smoke_test
 
 
@@ -18,15 +19,9 @@ def get_config(variant: str = "default"):
         c = base_config("mlm", "mini", max_length=128)
         c.data.stdlib_text.seq_len = 128
         c.data.batch_size = 32
-        c.train.num_steps = 600
-        c.train.eval_every = 200
+        cadence(c, 600, 200)
         c.train.eval_max_batches = 8
-        c.optim.learning_rate = 2e-3
-        c.optim.weight_decay = 0.01
-        c.optim.grad_clip_norm = 1.0
-        c.optim.schedule.name = "warmup_cosine"
-        c.optim.schedule.warmup_steps = 50
-        c.checkpoint.every = 200
+        warmup_cosine(c, 2e-3, warmup_steps=50, weight_decay=0.01)
     elif variant == "tiny":
         c = base_config("mlm", "tiny", max_length=32)
         shrink_for_smoke_test(c, num_steps=10, batch_size=8, eval_batch_size=16, log_every=5,

@@ -19,6 +19,7 @@ Variants:
            93.1% among 4, 18.8% among 16.
   tiny     a seconds-long smoke run (tests).
 """
+from configs.common import cadence, warmup_cosine
 from train.config import base_config, shrink_for_smoke_test
 
 MODEL_VARIANTS = {"default": "clip_tiny", "siglip": "siglip_tiny", "align": "align_tiny",
@@ -35,14 +36,8 @@ def get_config(variant: str = "default"):
     c.data.shapes.exclude_heldout_from_train = True   # the zero-shot classes stay unseen
     c.data.batch_size = 128
     c.data.eval_batch_size = 128
-    c.optim.learning_rate = 1e-3
-    c.optim.weight_decay = 0.1
-    c.optim.grad_clip_norm = 1.0
-    c.optim.schedule.name = "warmup_cosine"
-    c.optim.schedule.warmup_steps = 100
-    c.train.num_steps = 1500
-    c.train.eval_every = 500
-    c.checkpoint.every = 500
+    warmup_cosine(c, 1e-3, warmup_steps=100, weight_decay=0.1)
+    cadence(c, 1500, 500)
     if variant == "tiny":
         shrink_for_smoke_test(c, num_steps=4, batch_size=16, eval_batch_size=32, log_every=2,
                               eval_every=2)

@@ -16,6 +16,7 @@ Variants:
   gpt2_small  GPT-2 small (12 layers, 768 wide, 1024 context) in bf16 with fused attention:
               the GPU benchmark shape.
 """
+from configs.common import cadence, warmup_cosine
 from train.config import base_config, shrink_for_smoke_test
 
 
@@ -24,22 +25,14 @@ def get_config(variant: str = "default"):
         c = base_config("lm", "mini", max_length=128, dropout_rate=0.0)
         c.data.stdlib_text.seq_len = 128
         c.data.batch_size = 32
-        c.train.num_steps = 600
-        c.train.eval_every = 200
+        cadence(c, 600, 200)
         c.train.eval_max_batches = 8
-        c.optim.learning_rate = 3e-3
-        c.optim.weight_decay = 0.01
-        c.optim.grad_clip_norm = 1.0
-        c.optim.schedule.name = "warmup_cosine"
-        c.optim.schedule.warmup_steps = 50
+        warmup_cosine(c, 3e-3, warmup_steps=50, weight_decay=0.01)
         c.optim.schedule.end_lr_fraction = 0.1
-        c.checkpoint.every = 200
     elif variant == "compress":
         c = get_config("default")
         c.compress.init_from = "runs/gpt"
-        c.train.num_steps = 200
-        c.train.eval_every = 200
-        c.checkpoint.every = 200
+        cadence(c, 200, 200)
         c.optim.learning_rate = 3e-4
         c.optim.schedule.name = "cosine"
     elif variant == "tiny":

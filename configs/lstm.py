@@ -27,6 +27,7 @@ Measured on 2 CPU cores shared with other jobs (wall times are upper bounds):
   forecast  test MSE 0.091 vs naive 1.651 and seasonal-naive 0.255 (MAE 0.239 vs 1.031 /
             0.407), 1000 steps -- PatchTST on the same split: 0.129.
 """
+from configs.common import cadence, series_forecasting, warmup_cosine
 from train.config import base_config, shrink_for_smoke_test
 
 VARIANTS = ("default", "luong", "classify", "imdb", "forecast", "tiny", "tiny_classify",
@@ -40,13 +41,8 @@ def _seq2seq(attention: str):
     c.data.batch_size = 64
     c.data.numbers_to_words.max_eval_examples = 1000
     c.evals.decode.max_examples = 500
-    c.optim.learning_rate = 2e-3
-    c.optim.grad_clip_norm = 1.0
-    c.optim.schedule.name = "warmup_cosine"
-    c.optim.schedule.warmup_steps = 100
-    c.train.num_steps = 2000
-    c.train.eval_every = 500
-    c.checkpoint.every = 500
+    warmup_cosine(c, 2e-3, warmup_steps=100)
+    cadence(c, 2000, 500)
     return c
 
 
@@ -56,14 +52,8 @@ def _classify(source: str):
     c.task.input_key = "tokens"
     c.data.source = source
     c.data.batch_size = 32
-    c.optim.learning_rate = 2e-3
-    c.optim.weight_decay = 0.01
-    c.optim.grad_clip_norm = 1.0
-    c.optim.schedule.name = "warmup_cosine"
-    c.optim.schedule.warmup_steps = 100
-    c.train.num_steps = 1500
-    c.train.eval_every = 250
-    c.checkpoint.every = 250
+    warmup_cosine(c, 2e-3, warmup_steps=100, weight_decay=0.01)
+    cadence(c, 1500, 250)
     c.checkpoint.best_metric, c.checkpoint.best_mode = "validation/accuracy", "max"
     c.train.early_stopping.update(metric="validation/accuracy", mode="max", patience=3)
     if source == "tfds":
@@ -77,16 +67,7 @@ def _classify(source: str):
 
 def _forecast():
     c = base_config("forecast", "tiny", family="rnn", hidden=64, num_layers=1)
-    c.data.source = "synthetic_series"
-    c.data.batch_size = 64
-    c.data.eval_batch_size = 256
-    c.optim.learning_rate = 2e-3
-    c.optim.grad_clip_norm = 1.0
-    c.optim.schedule.name = "warmup_cosine"
-    c.optim.schedule.warmup_steps = 50
-    c.train.num_steps = 1000
-    c.train.eval_every = 250
-    c.checkpoint.every = 250
+    series_forecasting(c, learning_rate=2e-3)
     return c
 
 

@@ -15,21 +15,13 @@ Variants:
            the test period is the 2008 crash, where "no change" is hard to beat).
   tiny     a seconds-long smoke run (tests).
 """
+from configs.common import cadence, series_forecasting
 from train.config import base_config, shrink_for_smoke_test
 
 
 def get_config(variant: str = "default"):
     c = base_config("forecast", "tiny", family="patchtst")
-    c.data.source = "synthetic_series"
-    c.data.batch_size = 64
-    c.data.eval_batch_size = 256
-    c.optim.learning_rate = 1e-3
-    c.optim.grad_clip_norm = 1.0
-    c.optim.schedule.name = "warmup_cosine"
-    c.optim.schedule.warmup_steps = 50
-    c.train.num_steps = 1000
-    c.train.eval_every = 250
-    c.checkpoint.every = 250
+    series_forecasting(c, learning_rate=1e-3)
     if variant == "default":
         pass
     elif variant == "goog":
@@ -39,10 +31,8 @@ def get_config(variant: str = "default"):
         c.data.batch_size = 32
         c.model.patch_len = 10
         c.model.stride = 5
-        c.model.dropout = 0.2
-        c.train.num_steps = 500
-        c.train.eval_every = 100
-        c.checkpoint.every = 100
+        c.model.encoder.dropout_rate = 0.2
+        cadence(c, 500, 100)
         c.train.early_stopping.patience = 3
     elif variant == "tiny":
         shrink_for_smoke_test(c, num_steps=4, batch_size=16, eval_batch_size=64, log_every=2,

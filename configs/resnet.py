@@ -11,15 +11,13 @@ Variants:
   tiny     a seconds-long smoke run (tests).
 Other sizes: --config.model.variant=resnet18 (..., resnet50, resnet101).
 """
+from configs.common import cadence, shapes_classification
 from train.config import base_config, select_best_by, shrink_for_smoke_test
 
 
 def get_config(variant: str = "default"):
     c = base_config("classify", "resnet_tiny", family="resnet")
-    c.data.source = "shapes"
-    c.data.shapes.exclude_heldout_from_train = False
-    c.data.batch_size = 64
-    c.data.eval_batch_size = 128
+    shapes_classification(c)
     c.optim.name = "sgd"
     c.optim.momentum = 0.9
     c.optim.nesterov = True
@@ -28,9 +26,7 @@ def get_config(variant: str = "default"):
     c.optim.schedule.name = "cosine"
     select_best_by(c, "validation/accuracy", "max")
     if variant == "default":
-        c.train.num_steps = 1500
-        c.train.eval_every = 500
-        c.checkpoint.every = 500
+        cadence(c, 1500, 500)
     elif variant == "tiny":
         shrink_for_smoke_test(c, num_steps=6, batch_size=16, eval_batch_size=64, log_every=3,
                               eval_every=3)

@@ -11,6 +11,7 @@ Variants:
            95.9 beam 4, exact match 86.8%; see README "Results" for the current default.
   tiny     a seconds-long smoke run (tests).
 """
+from configs.common import cadence, warmup_cosine
 from train.config import base_config, shrink_for_smoke_test
 
 
@@ -22,13 +23,8 @@ def get_config(variant: str = "default"):
         c.data.batch_size = 64
         c.data.numbers_to_words.max_eval_examples = 1000
         c.task.label_smoothing = 0.1
-        c.train.num_steps = 1000
-        c.train.eval_every = 500
-        c.optim.learning_rate = 1e-3
-        c.optim.grad_clip_norm = 1.0
-        c.optim.schedule.name = "warmup_cosine"
-        c.optim.schedule.warmup_steps = 100
-        c.checkpoint.every = 500
+        cadence(c, 1000, 500)
+        warmup_cosine(c, 1e-3, warmup_steps=100)
     elif variant == "tiny":
         c = base_config("seq2seq", "tiny", max_length=72)
         c.data.source = "numbers_to_words"

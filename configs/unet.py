@@ -24,6 +24,7 @@ Metrics (validation/..., test/...): pixel_accuracy, miou (mean IoU over the clas
 present, background included), miou_foreground (classes 1..4), iou_k, dice_k, mean_dice.
 The best checkpoint is chosen by validation/miou.
 """
+from configs.common import cadence, shapes_classification, warmup_cosine
 from train.config import base_config, select_best_by, shrink_for_smoke_test
 
 VARIANTS = ("default", "bilinear", "tiny")
@@ -33,19 +34,10 @@ def get_config(variant: str = "default"):
     if variant not in VARIANTS:
         raise ValueError(f"unknown unet variant {variant!r}; allowed: {', '.join(VARIANTS)}")
     c = base_config("segment", "tiny" if variant == "tiny" else "small", family="unet")
-    c.data.source = "shapes"
-    c.data.shapes.exclude_heldout_from_train = False  # every (color, shape) combination
-    c.data.batch_size = 32
-    c.data.eval_batch_size = 250
-    c.optim.learning_rate = 3e-3
-    c.optim.weight_decay = 1e-4
-    c.optim.grad_clip_norm = 1.0
-    c.optim.schedule.name = "warmup_cosine"
-    c.optim.schedule.warmup_steps = 50
+    shapes_classification(c, batch_size=32, eval_batch_size=250)  # masks of all 16
+    warmup_cosine(c, 3e-3, warmup_steps=50, weight_decay=1e-4)
     select_best_by(c, "validation/miou", "max")
-    c.train.num_steps = 400
-    c.train.eval_every = 200
-    c.checkpoint.every = 200
+    cadence(c, 400, 200)
     if variant == "bilinear":
         c.model.upsampling = "bilinear"
     elif variant == "tiny":

@@ -11,25 +11,17 @@ Variants:
   tiny     a seconds-long smoke run (tests).
 Any ViT size works as model.variant (e.g. --config.model.variant=S/16 with image_size 224).
 """
+from configs.common import cadence, shapes_classification, warmup_cosine
 from train.config import base_config, select_best_by, shrink_for_smoke_test
 
 
 def get_config(variant: str = "default"):
     c = base_config("classify", "tiny/4", family="vit", pool="gap")
-    c.data.source = "shapes"
-    c.data.shapes.exclude_heldout_from_train = False  # classification sees every class
-    c.data.batch_size = 64
-    c.data.eval_batch_size = 128
-    c.optim.learning_rate = 2e-3
-    c.optim.weight_decay = 1e-4
-    c.optim.grad_clip_norm = 1.0
-    c.optim.schedule.name = "warmup_cosine"
-    c.optim.schedule.warmup_steps = 100
+    shapes_classification(c)
+    warmup_cosine(c, 2e-3, warmup_steps=100, weight_decay=1e-4)
     select_best_by(c, "validation/accuracy", "max")
     if variant == "default":
-        c.train.num_steps = 3000
-        c.train.eval_every = 1000
-        c.checkpoint.every = 1000
+        cadence(c, 3000, 1000)
     elif variant == "tiny":
         shrink_for_smoke_test(c, num_steps=6, batch_size=16, eval_batch_size=64, log_every=3,
                               eval_every=3)

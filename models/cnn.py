@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from models import variants
-from models.layers import initializers
+from models.layers import initializers, partitioning
 
 
 # ----------------------------------------------------------------------------------------
@@ -64,6 +64,12 @@ def _check_common(cfg, choices: dict[str, tuple]):
         raise ValueError(f"model.bn_momentum must be in [0, 1), got {cfg.bn_momentum}")
 
 
+# Logical axes of conv kernels [kh, kw, in / groups, out] (models/layers/partitioning.py);
+# batch-norm statistics and scales carry none (the shape rule keeps them replicated).
+_CONV_AXES = (None, None, "conv_in", "conv_out")
+_IMAGE_ACTIVATION = ("batch", None, None, None)  # [batch, height, width, channels]
+
+
 class _Layers:
     """Conv / BN / Dense factories bound to a config (dtypes, init, hooks)."""
 
@@ -78,7 +84,8 @@ class _Layers:
         return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
                        padding=((pad, pad), (pad, pad)), feature_group_count=groups,
                        use_bias=False, dtype=self.dtype, param_dtype=self.pdtype,
-                       kernel_init=initializers.get(self.cfg.kernel_init),
+                       kernel_init=partitioning.boxed(initializers.get(self.cfg.kernel_init),
+                                                      _CONV_AXES),
                        conv_general_dilated=self.cfg.conv_general_dilated, name=name)
 
     def norm(self, zero_scale=False, name=None):
@@ -88,9 +95,12 @@ class _Layers:
                             scale_init=nn.initializers.zeros if zero_scale
                             else nn.initializers.ones, name=name)
 
-    def dense(self, features, kernel_init=None, name=None):
+    def dense(self, features, names=("conv_in", "conv_out"), kernel_init=None, name=None):
+        """Dense whose kernel axes are called `names` (squeeze-excite: like a 1x1 conv)."""
+        init = kernel_init or nn.initializers.lecun_normal()
         return nn.Dense(features, dtype=self.dtype, param_dtype=self.pdtype,
-                        kernel_init=kernel_init or nn.initializers.lecun_normal(),
+                        kernel_init=partitioning.boxed(init, names),
+                        bias_init=partitioning.boxed(nn.initializers.zeros_init(), names[-1:]),
                         dot_general=self.cfg.dot_general, name=name)
 
     def head(self, x, name="head"):
@@ -98,7 +108,8 @@ class _Layers:
         if self.cfg.num_classes == 0:
             return x.astype(jnp.float32)
         init = nn.initializers.zeros if self.cfg.head_zero_init else None
-        return self.dense(self.cfg.num_classes, init, name=name)(x).astype(jnp.float32)
+        return self.dense(self.cfg.num_classes, ("conv_in", "classes"), init,
+                          name=name)(x).astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------
@@ -225,6 +236,7 @@ class ResNet(nn.Module):
             for j in range(n):
                 strides = 2 if i > 0 and j == 0 else 1  # downsample entering stages 2..
                 x = ResidualBlock(cfg, width, strides, train, name=f"stage{i}_block{j}")(x)
+            x = partitioning.constrain(x, _IMAGE_ACTIVATION)  # each stage's output
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(L.dtype)  # global avg pool
         self.sow("intermediates", "pre_logits", x)
         return L.head(x)
@@ -413,6 +425,7 @@ class EfficientNet(nn.Module):
         for i, (e, k, s, c) in enumerate(blocks):
             x = MBConv(cfg, c, e, k, s, cfg.drop_path * i / len(blocks), train,
                        name=f"block{i}")(x)
+            x = partitioning.constrain(x, _IMAGE_ACTIVATION)
         if cfg.head_width:
             x = nn.silu(L.norm(name="head_bn")(L.conv(cfg.channels(cfg.head_width), 1,
                                                       name="head_conv")(x)))

@@ -80,7 +80,7 @@ class GANConfig:
         n = self.image_size
         if n < 8 or n & (n - 1):
             raise ValueError(f"model.image_size={n} must be a power of 2 >= 8 (the "
-                             "generator doubles a 4x4 start); e.g. data.image_size=32")
+                             "generator doubles a 4x4 start); e.g. data.shapes.image_size=32")
         for key in ("channels", "latent_dim", "g_width", "d_width"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"model.{key} must be positive, got {getattr(self, key)}")

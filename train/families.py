@@ -5,7 +5,8 @@ size variants, the fields the dataset provides instead of the config (vocabulary
 number of classes), and one builder per task it can be trained on. The `model` section of a
 run config is `family`, `variant`, then every other field of the dataclass, resolved from
 the variant -- so `--config.model.num_layers=6` works for any field, and an unknown key is
-an error rather than a silent no-op.
+an error rather than a silent no-op. A nested config dataclass is a nested section (a ViT's
+encoder: `--config.model.encoder.num_layers=6`), without the fields its parent derives.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import ml_collections
 
-from models import clip, cnn, patchtst, rnn, transformer, vit
+from models import clip, cnn, patchtst, rnn, transformer, variants, vit
 from models import vae as vae_models
 from models import unet as unet_models
 from models import gan as gan_models
@@ -93,9 +94,15 @@ def get_family(name: str) -> Family:
     return FAMILIES[name]
 
 
+def _builder_key(task: str) -> str:
+    """The builder a task's model comes from (Task.model_kind; default its name)."""
+    from train import tasks  # noqa: PLC0415 -- tasks import models; families only maps
+    return tasks.get_task_class(task).builder()
+
+
 def check_task(family_name: str, task: str) -> None:
     family = get_family(family_name)
-    if task not in family.builders:
+    if _builder_key(task) not in family.builders:
         raise ValueError(f"model.family={family_name!r} cannot be trained on task {task!r}; "
                          f"its tasks: {', '.join(family.builders)}")
 
@@ -135,7 +142,8 @@ def _from_section(config_cls, section: ml_collections.ConfigDict, **extra):
             continue
         value = section[field.name]
         if isinstance(value, ml_collections.ConfigDict):
-            value = _from_section(type(getattr(defaults, field.name)), value)
+            with variants.nested_errors(field.name):  # "model.encoder.d_model ..." errors
+                value = _from_section(type(getattr(defaults, field.name)), value)
         elif isinstance(value, list):
             value = tuple(value)
         fields[field.name] = value
@@ -172,4 +180,4 @@ def build(section: ml_collections.ConfigDict, task: str, **data_info) -> tuple[n
     """(flax module, its resolved config) for training `section` on `task`."""
     check_task(section.family, task)
     cfg = resolve(section, **data_info)
-    return get_family(section.family).builders[task](cfg), cfg
+    return get_family(section.family).builders[_builder_key(task)](cfg), cfg

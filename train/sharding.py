@@ -6,32 +6,76 @@ The mesh has two named axes, shape (data, fsdp):
           (batch_sharding, shard_batch).
   params: "replicate" copies every parameter to every device (pure data parallel);
           "fsdp" splits each large parameter along one axis over the `fsdp` devices and
-          replicates it over `data` (param_sharding).
+          replicates it over `data`.
+
+Which axis is split comes from logical axis names (GSPMD, Xu et al. 2021): the models
+name every kernel's axes (("embed", "mlp"), ...; models/layers/partitioning.py) and
+`sharding.rules` maps names to mesh axes, e.g. ("embed", "fsdp"), ("batch", ("data",
+"fsdp")). `state_sharding` gives every leaf of the train state (params, optimizer moments,
+pruning masks, LoRA base weights: anything that mirrors a parameter by path and shape) the
+sharding of its parameter; leaves without names (families not annotated, batch_stats,
+LoRA adapters, counters) keep the shape rule of `param_sharding`: the largest axis
+divisible by the fsdp size. `use_rules` makes the models' activation constraints live.
 
 jit with these in/out shardings does the rest: XLA inserts the all-gathers of FSDP
-parameters and the gradient reductions. Optimizer states have the parameters' shapes,
-so param_sharding(opt_state, ...) shards them the same way.
+parameters and the gradient reductions.
 
-    mesh = make_mesh(data=-1, fsdp=4)
-    p_sh = param_sharding(jax.eval_shape(init, rng), mesh, "fsdp")
-    params = jax.jit(init, out_shardings=p_sh)(rng)
+    mesh = mesh_from_config(cfg)
+    boxed = jax.eval_shape(model.init, rng, x)["params"]        # nn.LogicallyPartitioned
+    init = lambda: nn.unbox(model.init(rng, x))["params"]       # plain arrays
+    p_sh = state_sharding(jax.eval_shape(init), mesh, cfg, boxed)
+    params = jax.jit(init, out_shardings=p_sh)()
     step = jax.jit(train_step, in_shardings=(p_sh, batch_sharding(mesh)), ...)
-    step(params, shard_batch(host_batch, mesh))
+    with use_rules(mesh, cfg):
+        params = step(params, shard_batch(host_batch, mesh))
+
+Default rules versus the shape rule they replace (DEFAULT_RULES): every annotated kernel
+and table is split along its model-width axis "embed" (falling back to mlp, heads, kv,
+vocab, ... when d_model does not divide), where the shape rule took the largest divisible
+axis (the vocabulary of an embedding table, the hidden axis of an MLP kernel). The bytes
+per device and the all-gather volume are the same; the layout is the same for every
+kernel, which is what a later "tensor" axis on mlp/heads/vocab composes with. Leaves
+below min_size_to_shard stay replicated over the data-parallel axes either way, and
+activations are only pinned along their batch axis.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from models.layers import partitioning
+
 PyTree = Any
 
 AXES = ("data", "fsdp")
 STRATEGIES = ("replicate", "fsdp")
+
+# [logical name, mesh axes] in priority order (first applicable rule wins; a mesh axis
+# splits one dimension per array; rules that do not divide a dimension are skipped).
+# Today's data parallel / FSDP: examples over every device, each kernel over "fsdp".
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    # Token tables by row: a lookup in a table split along embed would come out split
+    # along embed and need an all-to-all back to the batch layout.
+    ("vocab", "fsdp"),
+    ("embed", "fsdp"),
+    ("mlp", "fsdp"),
+    ("heads", "fsdp"),
+    ("kv_heads", "fsdp"),
+    ("qkv", "fsdp"),
+    ("kv", "fsdp"),
+    ("position", "fsdp"),
+    ("classes", "fsdp"),
+    ("conv_in", "fsdp"),
+    ("conv_out", "fsdp"),
+)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -39,9 +83,12 @@ def default_config() -> ml_collections.ConfigDict:
 
     data: devices along the data axis; -1 means all devices not used by fsdp.
     fsdp: devices each large parameter is split over (1: no parameter sharding).
-    strategy: "replicate" or "fsdp" (see param_sharding).
+    strategy: "replicate" (parameters on every device) or "fsdp" (parameters split as
+      `rules` say; leaves without logical names: see param_sharding).
     min_size_to_shard: parameters with fewer elements stay replicated under "fsdp".
     num_devices: use the first N devices; 0 means all of jax.devices().
+    rules: [logical_name, mesh_axis | [mesh_axes] | None] pairs in priority order, for
+      parameters and activations (module docstring); default DEFAULT_RULES.
     """
     return ml_collections.ConfigDict({
         "num_devices": 0,
@@ -51,7 +98,36 @@ def default_config() -> ml_collections.ConfigDict:
         # 16K elements (64 KiB in f32): below this, gathering a parameter every step
         # costs more latency than the memory it saves.
         "min_size_to_shard": 2**14,
+        "rules": [[name, list(axes) if isinstance(axes, tuple) else axes]
+                  for name, axes in DEFAULT_RULES],
     })
+
+
+def rules_from_config(sharding_cfg: ml_collections.ConfigDict) -> tuple:
+    """sharding.rules as ((logical_name, mesh_axes), ...) tuples; checked (check_rules)."""
+    rules = sharding_cfg.get("rules", None)
+    rules = DEFAULT_RULES if rules is None else rules
+    check_rules(rules)
+    return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+                 for name, axes in rules)
+
+
+def check_rules(rules) -> None:
+    """Raises one ValueError naming the bad sharding.rules entry and what is allowed."""
+    allowed = (f"allowed: [logical_name, mesh_axes] with logical_name one of "
+               f"{', '.join(partitioning.AXIS_NAMES)} and mesh_axes one of {AXES}, a list "
+               "of them, or None")
+    for i, rule in enumerate(rules):
+        if not isinstance(rule, (list, tuple)) or len(rule) != 2:
+            raise ValueError(f"sharding.rules[{i}]={rule!r} is not a pair; {allowed}")
+        name, axes = rule
+        if name not in partitioning.AXIS_NAMES:
+            raise ValueError(f"sharding.rules[{i}]: unknown logical axis {name!r}; {allowed}")
+        listed = [] if axes is None else [axes] if isinstance(axes, str) else axes
+        if (not isinstance(listed, (list, tuple)) or any(a not in AXES for a in listed)
+                or len(set(listed)) != len(listed)):
+            raise ValueError(f"sharding.rules[{i}]: mesh axes {axes!r} for {name!r} are "
+                             f"not allowed; {allowed}")
 
 
 def resolve_mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
@@ -160,13 +236,98 @@ def param_sharding(params: PyTree, mesh: Mesh, strategy: str = "replicate",
         params)
 
 
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _path(keypath) -> tuple[str, ...]:
+    return tuple(_key_name(k) for k in keypath)
+
+
+def _is_box(x) -> bool:
+    return isinstance(x, nn.LogicallyPartitioned)
+
+
+def logical_names(boxed_params: PyTree) -> dict[tuple[str, ...], tuple[tuple, tuple]]:
+    """{path: (shape, names)} of every leaf of `boxed_params` that carries logical names.
+
+    Paths are those of the unboxed tree (tuples of key strings, no trailing "value").
+    """
+    table = {}
+    leaves = jax.tree_util.tree_flatten_with_path(boxed_params, is_leaf=_is_box)[0]
+    for keypath, leaf in leaves:
+        if _is_box(leaf):
+            table[_path(keypath)] = (tuple(leaf.value.shape), tuple(leaf.names))
+    return table
+
+
+def state_sharding(abstract_state: PyTree, mesh: Mesh,
+                   sharding_cfg: ml_collections.ConfigDict,
+                   logical_params: PyTree | None = None) -> PyTree:
+    """A NamedSharding for every leaf of `abstract_state` (arrays or ShapeDtypeStructs).
+
+    Args:
+      abstract_state: any pytree of plain arrays: a TrainState, its dict form, params.
+      mesh: the (data, fsdp) mesh.
+      sharding_cfg: strategy, min_size_to_shard and rules (default_config).
+      logical_params: the boxed parameters, `jax.eval_shape(model.init, ...)["params"]`
+        (nn.LogicallyPartitioned leaves); None: the shape rule everywhere.
+
+    A leaf whose path ends with a named parameter's path and has its shape (the
+    parameter itself, Adam's mu / nu, a pruning mask, LoRA's base copy) gets
+    `logical_to_spec` of the parameter's names under the rules. Under "replicate", and for
+    leaves under min_size_to_shard elements, the data-parallel axes are left out of the
+    rules (mesh axes of size 1 split nothing). Any other leaf gets the shape rule of
+    `param_sharding` (strategy and min_size_to_shard as configured).
+    """
+    strategy, min_size = sharding_cfg.strategy, sharding_cfg.min_size_to_shard
+    if strategy not in STRATEGIES:
+        raise ValueError(f"sharding.strategy must be one of {STRATEGIES}, got {strategy!r}")
+    rules = rules_from_config(sharding_cfg)
+    fsdp_size = mesh.shape["fsdp"] if strategy == "fsdp" else 1
+    mesh_shape = dict(mesh.shape)
+    no_data_parallel = {**mesh_shape, **{a: 1 for a in AXES}}
+    by_last: dict[str, list] = {}
+    for path, (shape, names) in (logical_names(logical_params) if logical_params is not None
+                                 else {}).items():
+        by_last.setdefault(path[-1], []).append((path, shape, names))
+
+    def spec(keypath, leaf) -> P:
+        path, shape = _path(keypath), tuple(leaf.shape)
+        matches = [(len(p), names) for p, s, names in by_last.get(path[-1] if path else "", [])
+                   if s == shape and path[-len(p):] == p]
+        if not matches:
+            return _fsdp_spec(shape, fsdp_size, min_size)
+        names = max(matches, key=lambda m: m[0])[1]
+        small = math.prod(shape) < min_size
+        axes = no_data_parallel if strategy == "replicate" or small else mesh_shape
+        return partitioning.logical_to_spec(names, shape, rules, axes)
+
+    return jax.tree_util.tree_map_with_path(
+        lambda keypath, leaf: NamedSharding(mesh, spec(keypath, leaf)), abstract_state)
+
+
+@contextlib.contextmanager
+def use_rules(mesh: Mesh, sharding_cfg: ml_collections.ConfigDict):
+    """Within the block the models' activation constraints (partitioning.constrain) map
+    logical names onto `mesh` through sharding.rules; outside they do nothing.
+
+    Wrap the jitted calls (the first call traces): `with use_rules(mesh, cfg): step(...)`.
+    """
+    with partitioning.axis_rules(rules_from_config(sharding_cfg), mesh):
+        yield
+
+
 def validate(sharding_cfg: ml_collections.ConfigDict, global_batch_size: int,
              num_devices: int | None = None) -> tuple[int, int]:
     """Checks a sharding config before anything is built; returns the (data, fsdp) shape.
 
     Raises:
-      ValueError: unknown strategy, mesh not matching num_devices, or a global batch
-        that does not split evenly over the devices.
+      ValueError: unknown strategy, bad rules, mesh not matching num_devices, or a global
+        batch that does not split evenly over the devices.
     """
     if sharding_cfg.strategy not in STRATEGIES:
         raise ValueError(f"sharding.strategy must be one of {STRATEGIES}, "
@@ -174,6 +335,7 @@ def validate(sharding_cfg: ml_collections.ConfigDict, global_batch_size: int,
     if sharding_cfg.min_size_to_shard < 0:
         raise ValueError(f"sharding.min_size_to_shard must be >= 0, "
                          f"got {sharding_cfg.min_size_to_shard}")
+    rules_from_config(sharding_cfg)
     if num_devices is None:
         num_devices = len(devices_for(sharding_cfg))
     shape = resolve_mesh_shape(sharding_cfg.data, sharding_cfg.fsdp, num_devices)

@@ -109,6 +109,22 @@ def test_config_errors_name_the_field():
         clip.make_config("clip_tiny", temperature=0.1)
     with pytest.raises(ValueError, match="logit_scale_init"):
         clip.make_config("clip_tiny", logit_scale_init=math.log(1000.0))
+    # Errors inside the nested towers name the full key.
+    with pytest.raises(ValueError, match=r"^model.vit.encoder.d_model \(30\) must be "
+                                         r"divisible by model.vit.encoder.num_heads \(4\)$"):
+        clip.make_config("clip_tiny", vit=dict(encoder=dict(d_model=30, num_heads=4)))
+    with pytest.raises(ValueError, match=r"^model.vit keys \['channels'\] are set by the "
+                                         "clip config itself"):
+        clip.make_config("clip_tiny", vit=dict(channels=1))
+
+
+def test_nested_overrides_update_the_variant_towers():
+    cfg = clip.make_config("clip_b16", vit=dict(pool="gap", encoder=dict(num_layers=3)))
+    assert (cfg.vit.pool, cfg.vit.patch_size, cfg.vit.encoder.d_model,
+            cfg.vit.encoder.num_layers) == ("gap", 16, 768, 3)     # B/16 kept, then updated
+    image = cfg.image_config                                       # the data fields copied
+    assert (image.image_size, image.num_classes, image.encoder.max_length) == (224, 0, 196)
+    assert cfg.replace(text=dict(num_layers=1)).text.num_layers == 1
 
 
 def test_mean_pooling_averages_real_tokens_only():

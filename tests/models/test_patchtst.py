@@ -83,6 +83,17 @@ def test_paper_patch_counts():
     assert patchtst.make_config("paper", lookback=336, pad_end=False).num_patches == 41
 
 
+def test_encoder_is_a_nested_transformer_config_patchtst_completes():
+    cfg = patchtst.make_config("paper", lookback=336, encoder=dict(num_layers=4))
+    enc = cfg.encoder
+    assert (enc.d_model, enc.num_heads, enc.num_layers, enc.mlp_dim,
+            enc.dropout_rate) == (128, 16, 4, 256, 0.2)               # variant + override
+    # The reference code's post-norm block; derived: no tables, max_length = N.
+    assert (enc.norm_position, enc.kernel_init) == ("post", "xavier_uniform")
+    assert (enc.vocab_size, enc.position, enc.max_length) == (1, "none", 42)
+    assert cfg.replace(pad_end=False).encoder.max_length == 41          # re-derived
+
+
 # ----------------------------------------------------------------------------------------
 # The forward pass.
 # ----------------------------------------------------------------------------------------
@@ -104,7 +115,7 @@ def test_forward_matches_hand_assembly():
                     for i in range(n)], 1)
     emb = (tok @ np.asarray(p["embedding"]["kernel"], np.float64) + p["embedding"]["bias"]
            + np.asarray(p["pos_embedding"], np.float64))
-    enc = T.TransformerStack(cfg.transformer_config, cfg.num_layers).apply(
+    enc = T.TransformerStack(cfg.encoder, cfg.encoder.num_layers).apply(
         {"params": p["encoder"]}, jnp.asarray(emb, jnp.float32))
     flat = np.asarray(enc, np.float64).transpose(0, 2, 1).reshape(B * C, -1)   # [D, N]
     y = flat @ np.asarray(p["head"]["kernel"], np.float64) + p["head"]["bias"]
@@ -137,8 +148,9 @@ def test_channel_independence():
 
 def test_channel_mixing_ablation_does_mix():
     model, p = _model_and_params(channel_independence=False)
-    assert p["embedding"]["kernel"].shape == (C * model.cfg.patch_len, model.cfg.d_model)
-    assert p["head"]["kernel"].shape == (model.cfg.d_model * model.cfg.num_patches, H * C)
+    d = model.cfg.encoder.d_model
+    assert p["embedding"]["kernel"].shape == (C * model.cfg.patch_len, d)
+    assert p["head"]["kernel"].shape == (d * model.cfg.num_patches, H * C)
     out = np.asarray(_fwd(model)(p, INPUTS))
     changed = np.asarray(_fwd(model)(p, INPUTS.at[..., 1].multiply(-1.0)))
     assert out.shape == (B, H, C) and np.abs(changed[..., 0] - out[..., 0]).max() > 1e-3
@@ -165,11 +177,13 @@ def test_revin_shift_and_scale_equivariance(affine):
 
 
 def test_bfloat16_compute_float32_output_and_train_mode():
-    model, p = _model_and_params(dtype="bfloat16", dropout=0.2, head_dropout=0.1)
+    model, p = _model_and_params(encoder=dict(dtype="bfloat16", dropout_rate=0.2),
+                                 head_dropout=0.1)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(p))    # param_dtype
     out = model.apply({"params": p}, INPUTS)
     assert out.shape == (B, H, C) and out.dtype == jnp.float32
-    ref = patchtst.PatchTST(model.cfg.replace(dtype="float32")).apply({"params": p}, INPUTS)
+    ref = patchtst.PatchTST(model.cfg.replace(encoder=dict(dtype="float32"))).apply(
+        {"params": p}, INPUTS)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0.1, atol=0.1)
     # train=True draws dropout masks from the "dropout" rng; eval is deterministic.
     drop = model.apply({"params": p}, INPUTS, train=True, rngs={"dropout": jax.random.key(1)})
@@ -203,12 +217,17 @@ def test_paper_parameter_count_by_hand():
     (dict(patch_len=40), r"model.patch_len \(40\) must be <= model.lookback \(32\)"),
     (dict(stride=0), "model.stride must be positive, got 0"),
     (dict(stride=-2), "model.stride must be positive, got -2"),
-    (dict(d_model=30, num_heads=4),
-     r"model.d_model \(30\) must be divisible by model.num_heads \(4\)"),
+    (dict(encoder=dict(d_model=30, num_heads=4)),
+     r"^model.encoder.d_model \(30\) must be divisible by model.encoder.num_heads \(4\)$"),
     (dict(head_dropout=1.0), r"model.head_dropout must be in \[0, 1\)"),
-    (dict(norm="batchnorm"), "model.norm='batchnorm' .* not supported"),
-    (dict(dtype="int8"), "model.dtype='int8' is not allowed"),
-    (dict(remat_policy="x"), "model.remat_policy='x' is not allowed"),
+    (dict(encoder=dict(norm="batchnorm")),
+     "^model.encoder.norm='batchnorm' is not allowed; allowed: layernorm, rmsnorm$"),
+    (dict(encoder=dict(dtype="int8")),
+     "^model.encoder.dtype='int8' is not allowed; allowed: float32, bfloat16, float16$"),
+    (dict(encoder=dict(remat_policy="x")), "^model.encoder.remat_policy='x' is not allowed"),
+    (dict(encoder=dict(max_length=4)),
+     r"model.encoder keys \['max_length'\] are set by the patchtst config itself"),
+    (dict(d_model=32), r"unknown patchtst config keys \['d_model'\]"),
 ])
 def test_config_errors(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -21,9 +21,10 @@ _jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_le
 IMAGES = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)
 
 
-def _cfg(**kw):
-    return vit.make_config("tiny/4", **{**dict(image_size=16, width=32, mlp_dim=64,
-                                               num_classes=5), **kw})
+def _cfg(encoder=(), **kw):
+    """tiny/4 at 16x16, width 32; `encoder` updates the nested TransformerConfig."""
+    return vit.make_config("tiny/4", **{**dict(image_size=16, num_classes=5), **kw},
+                           encoder={**dict(d_model=32, mlp_dim=64), **dict(encoder)})
 
 
 def _random_params(model, images, seed=0):
@@ -89,12 +90,12 @@ def test_patch_embedding_is_the_strided_convolution():
 def _reference(cfg, p, images):
     """Eqs. 1-4 assembled by hand around the shared encoder -> (head input, logits)."""
     tokens = vit.patchify(images, cfg.patch_size) @ p["embedding"]["kernel"].reshape(
-        -1, cfg.width) + p["embedding"]["bias"]                      # x_p E (+ bias)
+        -1, cfg.encoder.d_model) + p["embedding"]["bias"]            # x_p E (+ bias)
     if cfg.pool == "cls":
-        cls = jnp.broadcast_to(p["cls"], (images.shape[0], 1, cfg.width))
+        cls = jnp.broadcast_to(p["cls"], (images.shape[0], 1, cfg.encoder.d_model))
         tokens = jnp.concatenate([cls, tokens], axis=1)             # [x_class; x_p E]
     z0 = tokens + p["pos_embedding"]                                 # + E_pos  (eq. 1)
-    stack = T.TransformerStack(cfg.transformer_config, cfg.depth)    # eqs. 2, 3 + LN
+    stack = T.TransformerStack(cfg.encoder, cfg.encoder.num_layers)  # eqs. 2, 3 + LN
     zl = stack.apply({"params": p["encoder"]}, z0)
     y = zl[:, 0] if cfg.pool == "cls" else zl.mean(axis=1)           # eq. 4 / GAP
     if cfg.representation_size:
@@ -144,7 +145,7 @@ def test_features_without_head_and_head_zero_init():
 
 
 def test_dropout_is_active_in_training_only():
-    model = vit.ViT(_cfg(dropout=0.3))
+    model = vit.ViT(_cfg(encoder=dict(dropout_rate=0.3)))
     p = _random_params(model, IMAGES)
     ev = model.apply({"params": p}, IMAGES)
     np.testing.assert_array_equal(ev, model.apply({"params": p}, IMAGES, train=False))
@@ -173,15 +174,16 @@ def test_parameter_counts(variant, expected):
     cfg = vit.make_config(variant, num_classes=1000)
     shapes = jax.eval_shape(vit.ViT(cfg).init, jax.random.key(0),
                             jnp.zeros((1, 224, 224, 3)))["params"]
-    assert _count(shapes) == _formula(cfg.width, cfg.depth, cfg.mlp_dim, cfg.patch_size)
+    enc = cfg.encoder
+    assert _count(shapes) == _formula(enc.d_model, enc.num_layers, enc.mlp_dim, cfg.patch_size)
     assert _count(shapes) == expected  # timm's vit_{base,tiny}_patch{16,32}_224
-    assert shapes["encoder"]["layers_0"]["mlp"]["fc1"]["kernel"].shape == (cfg.width,
-                                                                           4 * cfg.width)
+    assert shapes["encoder"]["layers_0"]["mlp"]["fc1"]["kernel"].shape == (enc.d_model,
+                                                                           4 * enc.d_model)
 
 
 def test_gap_large_variant_shapes_and_scan():
-    cfg = vit.make_config("L/16", pool="gap", num_classes=0, scan_layers=True,
-                          remat_policy="full")
+    cfg = vit.make_config("L/16", pool="gap", num_classes=0,
+                          encoder=dict(scan_layers=True, remat_policy="full"))
     x = jnp.zeros((2, 224, 224, 3))
     shapes = jax.eval_shape(vit.ViT(cfg).init, jax.random.key(0), x)["params"]
     assert shapes["encoder"]["layers"]["mlp"]["fc1"]["kernel"].shape == (24, 1024, 4096)
@@ -195,18 +197,34 @@ def test_gap_large_variant_shapes_and_scan():
 # ----------------------------------------------------------------------------------------
 def test_variant_decoding():
     cfg = vit.make_config("S/32")
-    assert (cfg.width, cfg.depth, cfg.num_heads, cfg.mlp_dim, cfg.patch_size,
+    enc = cfg.encoder
+    assert (enc.d_model, enc.num_layers, enc.num_heads, enc.mlp_dim, cfg.patch_size,
             cfg.image_size) == (384, 12, 6, 1536, 32, 224)
     for size, (w, d, h) in {"Ti": (192, 12, 3), "S": (384, 12, 6), "B": (768, 12, 12),
                             "L": (1024, 24, 16)}.items():
-        c = vit.make_config(f"{size}/16")
-        assert (c.width, c.depth, c.num_heads, c.mlp_dim) == (w, d, h, 4 * w)
+        c = vit.make_config(f"{size}/16").encoder
+        assert (c.d_model, c.num_layers, c.num_heads, c.mlp_dim) == (w, d, h, 4 * w)
     assert vit.make_config("tiny/4").image_size == 32
     assert vit.make_config("B/16", image_size=384).num_patches == 24 * 24
 
 
+def test_encoder_is_a_nested_transformer_config_the_vit_completes():
+    cfg = vit.make_config("S/16", pool="gap", encoder=dict(dropout_rate=0.1))
+    enc = cfg.encoder
+    assert (enc.d_model, enc.num_layers, enc.dropout_rate) == (384, 12, 0.1)  # merged
+    # The reference code's block: pre-norm, exact GELU, LayerNorm eps 1e-6, Xavier kernels.
+    assert (enc.norm, enc.norm_position, enc.norm_epsilon, enc.activation,
+            enc.kernel_init) == ("layernorm", "pre", 1e-6, "gelu", "xavier_uniform")
+    # Derived: no token / position table, max_length = the 14 * 14 patch tokens.
+    assert (enc.vocab_size, enc.position, enc.max_length) == (1, "none", 196)
+    assert cfg.replace(pool="cls").encoder.max_length == 197        # re-derived
+    assert cfg.replace(encoder=dict(num_layers=3)).encoder == enc.replace(num_layers=3)
+    hook = functools.partial(jax.lax.dot_general)
+    assert vit.make_config("tiny/4", dot_general=hook).encoder.dot_general is hook
+
+
 def test_bf16_compute_with_f32_params_is_finite_float32():
-    model = vit.ViT(_cfg(dtype="bfloat16", pool="gap"))
+    model = vit.ViT(_cfg(encoder=dict(dtype="bfloat16"), pool="gap"))
     p = _random_params(model, IMAGES)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(p))
     logits, state = _fwd(model)(p, IMAGES)
@@ -239,11 +257,19 @@ def test_dot_general_hook_sees_every_matmul():
      "model.pool='max' is not allowed; allowed: cls, gap"),
     (lambda: vit.make_config("B/16", image_size=200),
      r"model.image_size \(200\) must be divisible by model.patch_size \(16\)"),
-    (lambda: vit.make_config("tiny/4", width=33),
-     r"model.width \(33\) must be divisible by model.num_heads \(2\)"),
-    (lambda: vit.make_config("tiny/4", dropout=1.0), r"model.dropout must be in \[0, 1\)"),
-    (lambda: vit.make_config("tiny/4", attention_impl="flash"),
-     "model.attention_impl='flash' is not allowed"),
+    (lambda: vit.make_config("B/16", width=768), r"unknown vit config keys \['width'\]"),
+    (lambda: vit.make_config("tiny/4", encoder=dict(d_model=33)),
+     r"^model.encoder.d_model \(33\) must be divisible by model.encoder.num_heads \(2\)$"),
+    (lambda: vit.make_config("tiny/4", encoder=dict(dropout_rate=1.0)),
+     r"^model.encoder.dropout_rate must be in \[0, 1\), got 1.0$"),
+    (lambda: vit.make_config("tiny/4", encoder=dict(attention_impl="flash")),
+     "^model.encoder.attention_impl='flash' is not allowed; allowed: reference, fused$"),
+    (lambda: vit.make_config("tiny/4", encoder=dict(depth=3)),
+     r"unknown vit.encoder config keys \['depth'\]; allowed: activation, "),
+    (lambda: vit.make_config("tiny/4", encoder=dict(max_length=8)),
+     r"model.encoder keys \['max_length'\] are set by the vit config itself"),
+    (lambda: _cfg().replace(encoder=dict(num_heads=5)),
+     r"model.encoder.d_model \(32\) must be divisible by model.encoder.num_heads \(5\)"),
     (lambda: jax.eval_shape(vit.ViT(_cfg()).init, jax.random.key(0),
                             jnp.zeros((1, 32, 32, 3))),
      r"images must be \[batch, 16, 16, 3\] \(model.image_size, model.channels\)"),

@@ -12,7 +12,9 @@ import pytest
 
 from configs import gan as gan_config
 from train import data as data_lib
+from train import config as config_lib
 from train import families, trainer
+from train.evaluators import images as image_evals
 from train.tasks import common, make_task
 from train.tasks import gan as gan_task
 
@@ -105,7 +107,7 @@ def test_inception_like_score_equals_numpy_and_its_closed_forms():
 
 def test_image_grid_layout():
     images = np.stack([np.full((2, 3, 1), v, np.float32) for v in (0.25, 0.5, 0.75)])
-    grid = gan_task.image_grid(images, rows=2)
+    grid = image_evals.image_grid(images, rows=2)
     assert grid.shape == (2 * 3 + 1, 2 * 4 + 1, 1)
     np.testing.assert_array_equal(grid[1:3, 1:4, 0], 0.25)
     np.testing.assert_array_equal(grid[1:3, 5:8, 0], 0.5)
@@ -126,6 +128,7 @@ def _tiny(**task):
 
 
 def _setup(c):
+    config_lib.validate(c)   # the task's options are checked with the config
     datasets = {s: data_lib.make_dataset(c.data, s, c.seed) for s in data_lib.SPLITS}
     model, _ = families.build(c.model, "gan", **datasets["train"].data_info())
     task = make_task(c, model, datasets)
@@ -157,7 +160,7 @@ def k1():
 def test_train_step_scalars_are_finite(k1):
     _, _, _, state, batch, step = k1
     new, scalars = step(state, batch)
-    assert int(new["step"]) == 1 and int(new["nonfinite_step"]) == -1
+    assert int(new.step) == 1 and int(new.nonfinite_step) == -1
     for name in ("loss", "d_loss", "g_loss", "d_real_accuracy", "d_fake_accuracy",
                  "fake_diversity", "real_diversity", "diversity_ratio", "d_grad_norm",
                  "g_grad_norm"):
@@ -173,30 +176,30 @@ def test_phases_leave_the_other_group_bit_identical(k1):
 
     @jax.jit
     def d_phase(state):
-        p, o = state["params"], state["opt_state"]
+        p, o = state.params, state.opt_state
         d, d_opt, ms, _ = task.discriminator_update(tx, c.optim, p, o["discriminator"],
-                                                    state["model_state"], batch["image"], rng)
-        return {**state, "params": {**p, "discriminator": d},
-                "opt_state": {**o, "discriminator": d_opt}, "model_state": ms}
+                                                    state.model_state, batch["image"], rng)
+        return state.replace(params={**p, "discriminator": d},
+                             opt_state={**o, "discriminator": d_opt}, model_state=ms)
 
     @jax.jit
     def g_phase(state):
-        p, o = state["params"], state["opt_state"]
+        p, o = state.params, state.opt_state
         g, g_opt, ms, _ = task.generator_update(tx, c.optim, p, o["generator"],
-                                                state["model_state"], 8, rng)
-        return {**state, "params": {**p, "generator": g},
-                "opt_state": {**o, "generator": g_opt}, "model_state": ms}
+                                                state.model_state, 8, rng)
+        return state.replace(params={**p, "generator": g},
+                             opt_state={**o, "generator": g_opt}, model_state=ms)
 
     after_d = d_phase(state)
-    _assert_same(after_d["params"]["generator"], state["params"]["generator"])
-    _assert_same(after_d["opt_state"]["generator"], state["opt_state"]["generator"])
-    assert _differs(after_d["params"]["discriminator"], state["params"]["discriminator"])
-    assert _differs(after_d["opt_state"]["discriminator"], state["opt_state"]["discriminator"])
+    _assert_same(after_d.params["generator"], state.params["generator"])
+    _assert_same(after_d.opt_state["generator"], state.opt_state["generator"])
+    assert _differs(after_d.params["discriminator"], state.params["discriminator"])
+    assert _differs(after_d.opt_state["discriminator"], state.opt_state["discriminator"])
     after_g = g_phase(after_d)
-    _assert_same(after_g["params"]["discriminator"], after_d["params"]["discriminator"])
-    _assert_same(after_g["opt_state"]["discriminator"], after_d["opt_state"]["discriminator"])
-    assert _differs(after_g["params"]["generator"], after_d["params"]["generator"])
-    assert _differs(after_g["opt_state"]["generator"], after_d["opt_state"]["generator"])
+    _assert_same(after_g.params["discriminator"], after_d.params["discriminator"])
+    _assert_same(after_g.opt_state["discriminator"], after_d.opt_state["discriminator"])
+    assert _differs(after_g.params["generator"], after_d.params["generator"])
+    assert _differs(after_g.opt_state["generator"], after_d.opt_state["generator"])
 
 
 def _adam_counts(opt_state):
@@ -214,11 +217,11 @@ def test_k_discriminator_updates_per_trainer_step(k1):
     state, batch, step = k1[3], k1[4], k1[5]
     for _ in range(2):
         state, _ = step(state, batch)
-    assert _adam_counts(state["opt_state"]) == {"generator": 2, "discriminator": 2}
+    assert _adam_counts(state.opt_state) == {"generator": 2, "discriminator": 2}
     c = _tiny(d_steps=2)   # 2 x 8 real images a step
     task, tx, state, batch = _setup(c)
     state, _ = jax.jit(task.make_train_step(tx, jax.random.key(5), c.optim))(state, batch)
-    assert _adam_counts(state["opt_state"]) == {"generator": 1, "discriminator": 2}
+    assert _adam_counts(state.opt_state) == {"generator": 1, "discriminator": 2}
 
 
 def test_nonfinite_step_records_the_first_bad_step(k1):
@@ -226,9 +229,9 @@ def test_nonfinite_step_records_the_first_bad_step(k1):
     state, _ = step(state, batch)
     bad = {**batch, "image": np.full_like(batch["image"], np.nan)}
     state, scalars = step(state, bad)
-    assert int(state["nonfinite_step"]) == 1 and not np.isfinite(scalars["d_loss"])
+    assert int(state.nonfinite_step) == 1 and not np.isfinite(scalars["d_loss"])
     state, _ = step(state, batch)
-    assert int(state["nonfinite_step"]) == 1   # the first bad step is kept
+    assert int(state.nonfinite_step) == 1   # the first bad step is kept
 
 
 @pytest.mark.parametrize("key,value,message", [

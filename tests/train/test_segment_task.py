@@ -94,8 +94,14 @@ def _task(table, dice_weight=0.5, **task_overrides):
     c = config_lib.base_config("segment", "tiny", family="unet")
     c.task.dice_weight = dice_weight
     c.task.update(task_overrides)
-    datasets = {"train": types.SimpleNamespace(num_mask_classes=K)}
+    SegmentationTask.validate_config(c)
+    datasets = {"train": _info(num_mask_classes=K)}
     return SegmentationTask(c, _FixedLogits(table), datasets)
+
+
+def _info(**data_info):
+    """A stand-in dataset: only data_info()."""
+    return types.SimpleNamespace(data_info=lambda: data_info)
 
 
 def _eval_batch(idx, labels, weights):
@@ -176,7 +182,7 @@ def test_bad_task_options_raise(overrides, words):
 def test_dataset_without_masks_is_refused():
     c = config_lib.base_config("segment", "tiny", family="unet")
     with pytest.raises(ValueError, match="per-pixel masks"):
-        SegmentationTask(c, None, {"train": types.SimpleNamespace(num_classes=16)})
+        SegmentationTask(c, None, {"train": _info(num_classes=16)})
 
 
 def test_unet_classes_come_from_the_masks_not_the_image_labels():

@@ -91,16 +91,17 @@ def test_tiny_configs_train_end_to_end(tmp_path, config_module, variant):
         for key in ("test/mse", "test/naive_mse", "test/seasonal_naive_mse", "test/mae"):
             assert summary[key] > 0, key
     if c.task.name == "seq2seq":
-        for key in ("test/bleu", "test/exact_match", "test/bleu_beam2", "validation/bleu"):
+        for key in ("decode/test_bleu", "decode/test_exact_match", "decode/test_bleu_beam2",
+                    "decode/validation_bleu"):
             assert 0.0 <= summary[key] <= 100.0
         assert (tmp_path / "decodes.txt").read_text().count("[test_beam2]") == 5
     if c.task.name == "classify":
         assert 0.0 <= summary["test/accuracy"] <= summary["test/top5_accuracy"] <= 1.0
     if config_module is clip:
         assert summary["zero_shot/num_classes"] == 16 and summary["zero_shot/chance"] == 1 / 16
-        for key in ("zero_shot/top1", "zero_shot/top1_among_heldout", "test/zero_shot_top1",
-                    "test/image_to_text_r@1", "test/text_to_image_r@5",
-                    "test/linear_probe_accuracy"):
+        for key in ("zero_shot/top1", "zero_shot/top1_among_heldout", "zero_shot/test_top1",
+                    "retrieval/image_to_text_r@1", "retrieval/text_to_image_r@5",
+                    "linear_probe/accuracy"):
             assert 0.0 <= summary[key] <= 1.0, key
         assert (tmp_path / "similarity_heatmap.png").stat().st_size > 10_000
     text = format_summary({**summary, "sample": "abc"})

@@ -167,7 +167,7 @@ def _unlocked_tiny():
     (lambda c: setattr(c.optim, "learning_rate", -0.1), "learning_rate"),
     (lambda c: setattr(c.data, "batch_size", 12), "data.batch_size=12 is not divisible by the 8"),
     (lambda c: setattr(c.model, "variant", "huge"), "unknown transformer variant 'huge'"),
-    (lambda c: setattr(c.task, "name", "seq2seq"), "unknown config key 'task.sample_prompt'"),
+    (lambda c: setattr(c.task, "name", "seq2seq"), "unknown config key 'evals.sample'"),
     (lambda c: setattr(c.model, "family", "mlp"), "model.family='mlp' is unknown"),
     (lambda c: setattr(c.model, "family", "resnet"), "cannot be trained on task 'lm'"),
     (lambda c: setattr(c.model, "num_heads", 3), "divisible by model.num_heads"),
@@ -203,11 +203,12 @@ def test_command_line_rejects_bad_overrides_before_compiling(tmp_path, flag, mes
 def test_mock_tfds_source_runs_one_step_end_to_end(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     c = tiny_config(num_steps=1, log_every=1, eval_every=1)
-    c.data.update(source="tfds", tfds_name="lm1b", seq_len=8, max_bytes=0)
-    c.data.tfds_splits.validation = "test"  # lm1b has no validation split
+    c.data.source = "tfds"
+    c.data.tfds.update(tfds_name="lm1b", seq_len=8, max_bytes=0)
+    c.data.tfds.tfds_splits.validation = "test"  # lm1b has no validation split
     c.model.max_length = 8
-    c.task.sample_tokens = 4
-    c.task.sample_prompt = ""
+    c.evals.sample.tokens = 4
+    c.evals.sample.prompt = ""
     with tfds.testing.mock_data(num_examples=64):
         summary = trainer.train_and_evaluate(c, str(tmp_path))
     assert summary["train/steps"] == 1 and np.isfinite(summary["validation/loss"])
@@ -259,8 +260,9 @@ def test_mock_tfds_images_train_a_classifier_end_to_end(tmp_path):
     from configs import resnet
     c = resnet.get_config("tiny")
     c.train.num_steps = 2
-    c.data.update(source="tfds_images", tfds_name="mnist", label_key="label", image_size=16)
-    c.data.tfds_splits.validation = "test"  # mnist has no validation split
+    c.data.source = "tfds_images"
+    c.data.tfds_images.update(tfds_name="mnist", label_key="label", image_size=16)
+    c.data.tfds_images.tfds_splits.validation = "test"  # mnist has no validation split
     with tfds.testing.mock_data(num_examples=64):
         summary = trainer.train_and_evaluate(c, str(tmp_path))
     assert summary["train/steps"] == 2 and 0.0 <= summary["test/accuracy"] <= 1.0

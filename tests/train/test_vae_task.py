@@ -29,13 +29,16 @@ def test_beta_warmup_and_temperature_annealing_schedules():
                              "temperature_start=1.0\\]"),
     ("temperature_start", 0.0, "task.temperature_start=0.0 is invalid"),
     ("kl_warmup_steps", -5, "task.kl_warmup_steps=-5"),
-    ("iwae_samples", -1, "task.iwae_samples"),
+    ("evals.iwae.samples", 0, "evals.iwae.samples=0 must be >= 1"),
+    ("evals.vae_pictures.images", 1, "evals.vae_pictures.images=1 must be >= 2"),
 ])
-def test_bad_task_values_raise(key, value, message):
+def test_bad_task_and_evaluator_values_raise(key, value, message):
     c = vae_configs.get_config("tiny")
-    c.task[key] = value
+    section, name = (c.task, key) if "." not in key else (
+        c.evals[key.split(".")[1]], key.split(".")[2])
+    section[name] = value
     with pytest.raises(ValueError, match=message):
-        vae_task.validate_task_config(c.task)
+        config_lib.validate(c)
 
 
 def test_unknown_config_variant_and_non_image_data_raise():
@@ -92,18 +95,18 @@ def test_train_objective_is_annealed_and_eval_is_the_discrete_elbo():
 def test_tiny_run_writes_pictures_and_a_finite_test_elbo(tmp_path):
     c = vae_configs.get_config("tiny")
     # MLP: compiling the conv tower's random initializers twice (trainer, then the fresh
-    # model of test/elbo_at_init) would triple this test's time; convs are covered in
+    # model of at_init/test_elbo) would triple this test's time; convs are covered in
     # tests/models/test_vae.py and by the configs' own runs.
     c.model.architecture = "mlp"
     summary = trainer.train_and_evaluate(c, str(tmp_path))
     assert summary["train/steps"] == 4
-    for key in ("test/elbo", "test/elbo_at_init", "test/kl", "test/nll_bound",
+    for key in ("test/elbo", "at_init/test_elbo", "test/kl", "iwae/nll_bound",
                 "validation/bits_per_dim"):
         assert np.isfinite(summary[key]), key
     np.testing.assert_allclose(summary["test/loss"], -summary["test/elbo"], rtol=1e-6)
-    assert summary["test/elbo"] > summary["test/elbo_at_init"]      # 4 steps already help
+    assert summary["test/elbo"] > summary["at_init/test_elbo"]      # 4 steps already help
     assert summary["test/kl"] >= 0.0
     # The importance-weighted bound is at least as tight as the ELBO (Burda et al.).
-    assert summary["test/nll_bound"] <= -summary["test/elbo"] + 1.0
+    assert summary["iwae/nll_bound"] <= -summary["test/elbo"] + 1.0
     for name in ("reconstructions.png", "samples.png", "interpolation.png"):
         assert (tmp_path / name).stat().st_size > 1000, name

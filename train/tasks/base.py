@@ -5,6 +5,7 @@ A task is the objective of a run: it turns a batch into a loss and (sum, weight)
 override what differs, and register the class in `train/tasks/__init__.TASKS`:
 
   name                        the registry key, `config.task.name`
+  model_kind                  which family builder makes its model (default: name)
   default_config()            the task's options: `config.task` is {"name", **these}
   validate_config(config)     ValueError naming a bad `task.*` key (before anything
                               compiles; gets the whole run config)
@@ -49,8 +50,16 @@ class Task:
     """Defaults of every hook; see the module docstring."""
 
     name: ClassVar[str] = ""
+    # The family builder the model comes from (train/families.py; "" = the task's own
+    # name): a new objective for an existing model, e.g. "lm" for any decoder task.
+    model_kind: ClassVar[str] = ""
     needs_step: ClassVar[bool] = False
     default_evals: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def builder(cls) -> str:
+        """The key of the model builder in train.families.FAMILIES[...].builders."""
+        return cls.model_kind or cls.name
 
     # ---- configuration ---------------------------------------------------------------
     @classmethod

@@ -1,6 +1,7 @@
 """LoRA (models/compress/lora.py): exact at init, adapters-only training, merge, ranks, counts."""
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +21,7 @@ def _tiny_gpt(scan_layers: bool):
     c.model.scan_layers = scan_layers
     model, _ = families.build(c.model, "lm", vocab_size=VOCAB)
     tokens = jax.random.randint(jax.random.key(1), (4, 17), 4, VOCAB)
-    params = jax.jit(model.init)(jax.random.key(0), tokens[:, :-1])["params"]
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens[:, :-1]))["params"]
     return model, params, tokens
 
 

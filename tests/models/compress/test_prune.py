@@ -2,6 +2,7 @@
 structured neurons/heads, report. References are float64 NumPy or closed forms."""
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -175,7 +176,8 @@ def test_n_m_on_a_tiny_gpt(scan):
     c.model.scan_layers = scan
     model, _ = families.build(c.model, "lm", vocab_size=260)
     # The real tree (paths, shapes) from model.init, filled with N(0, 1) without running it.
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0),
+                                     jnp.zeros((1, 8), jnp.int32)))
     r = np.random.default_rng(0)
     params = jax.tree.map(lambda s: r.normal(size=s.shape).astype(s.dtype), shapes["params"])
     pruned, masks = prune.n_m(params, n=2, m=4)

@@ -11,34 +11,93 @@ from train.data import seq2seq, shapes, text
 from train.data.tfds_source import ClassificationDataset
 
 
+SPLIT3 = {"train": "train", "validation": "validation", "test": "test"}
+
+
 def test_default_config_keys_and_values():
     c = data.default_config()
     assert c.to_dict() == {
-        "source": "stdlib_text", "seq_len": 256, "batch_size": 32, "eval_batch_size": 64,
-        "train_fraction": 0.9, "validation_fraction": 0.05, "test_fraction": 0.05,
-        "max_bytes": 3_000_000, "max_number": 999_999, "max_input_len": 8,
-        "max_target_len": 72, "max_eval_examples": 0, "tfds_name": "lm1b",
-        "tfds_splits": {"train": "train", "validation": "validation", "test": "test"},
-        "text_key": "text", "label_key": "", "data_dir": None, "image_size": 32,
-        "max_caption_len": 48,
-        "heldout_classes": ("red square", "green cross", "blue triangle", "yellow circle"),
-        "exclude_heldout_from_train": True,
-        "shapes_split_sizes": {"train": 50_000, "validation": 2_000, "test": 2_000,
-                               "zero_shot": 2_000},
-        "image_key": "image", "caption_key": "",
-        "lookback": 96, "horizon": 24,
-        "series_split_fractions": {"train": 0.7, "validation": 0.1, "test": 0.2},
-        "series_eval_stride": 1, "series_length": 20_000, "series_channels": 5,
-        "series_data_seed": 0, "real_series": "goog",
-        "text_classes": ("argparse.py", "asyncio/base_events.py", "difflib.py", "doctest.py",
-                         "inspect.py", "ipaddress.py", "logging/__init__.py", "mailbox.py",
-                         "optparse.py", "pydoc.py", "subprocess.py", "tarfile.py"),
-        "text_class_bytes": 56_000,
-        "text_split_fractions": {"train": 0.7, "validation": 0.1, "test": 0.2}}
+        "source": "stdlib_text", "batch_size": 32, "eval_batch_size": 64,
+        "stdlib_text": {"seq_len": 256, "train_fraction": 0.9, "validation_fraction": 0.05,
+                        "test_fraction": 0.05, "max_bytes": 3_000_000},
+        "numbers_to_words": {"max_number": 999_999, "max_input_len": 8, "max_target_len": 72,
+                             "train_fraction": 0.9, "validation_fraction": 0.05,
+                             "test_fraction": 0.05, "max_eval_examples": 0},
+        "tfds": {"tfds_name": "lm1b", "tfds_splits": SPLIT3, "data_dir": None,
+                 "label_key": "", "max_eval_examples": 0, "text_key": "text",
+                 "seq_len": 256, "max_bytes": 3_000_000},
+        "shapes": {"image_size": 32, "max_caption_len": 48,
+                   "heldout_classes": ("red square", "green cross", "blue triangle",
+                                       "yellow circle"),
+                   "exclude_heldout_from_train": True,
+                   "shapes_split_sizes": {"train": 50_000, "validation": 2_000, "test": 2_000,
+                                          "zero_shot": 2_000}},
+        "tfds_images": {"tfds_name": "mnist", "tfds_splits": SPLIT3, "data_dir": None,
+                        "label_key": "", "max_eval_examples": 0, "image_key": "image",
+                        "caption_key": "", "image_size": 32, "max_caption_len": 48},
+        "synthetic_series": {"lookback": 96, "horizon": 24,
+                             "series_split_fractions": {"train": 0.7, "validation": 0.1,
+                                                        "test": 0.2},
+                             "series_eval_stride": 1, "series_length": 20_000,
+                             "series_channels": 5, "series_data_seed": 0},
+        "real_series": {"lookback": 96, "horizon": 24,
+                        "series_split_fractions": {"train": 0.7, "validation": 0.1,
+                                                   "test": 0.2},
+                        "series_eval_stride": 1, "real_series": "goog"},
+        "text_classification": {
+            "seq_len": 256,
+            "text_classes": ("argparse.py", "asyncio/base_events.py", "difflib.py",
+                             "doctest.py", "inspect.py", "ipaddress.py",
+                             "logging/__init__.py", "mailbox.py", "optparse.py", "pydoc.py",
+                             "subprocess.py", "tarfile.py"),
+            "text_class_bytes": 56_000,
+            "text_split_fractions": {"train": 0.7, "validation": 0.1, "test": 0.2}}}
+    # One registry: every source has its section, and each default validates.
+    assert tuple(data.SOURCES) == (
+        "stdlib_text", "numbers_to_words", "tfds", "shapes", "tfds_images",
+        "synthetic_series", "real_series", "text_classification")
     for source in data.SOURCES:
         c.source = source
         data.validate(c)
-    c.data_dir = "/some/dir"  # placeholder(str) accepts a path
+    c.tfds.data_dir = "/some/dir"  # placeholder(str) accepts a path
+
+
+def test_only_the_selected_source_section_is_validated():
+    c = data.default_config()
+    c.shapes.image_size = 8          # invalid for shapes, unused by stdlib_text
+    data.validate(c)
+    c.source = "shapes"
+    with pytest.raises(ValueError, match=r"^data.shapes.image_size=8 is invalid: "
+                                         r"expected an integer >= 16$"):
+        data.validate(c)
+
+
+def test_run_config_checks_data_keys_against_every_section():
+    """train.config.validate: all sections are in the reference, so switching the source
+    of any config works, and a flat (pre-section) key is an unknown key."""
+    import configs.gpt as gpt
+    from train import config as run_config
+
+    c = gpt.get_config("tiny")
+    c.data.source = "shapes"
+    run_config.validate(c)
+    c.data.shapes.image_size = 8
+    with pytest.raises(ValueError, match=r"^data.shapes.image_size=8 is invalid"):
+        run_config.validate(c)
+    c = gpt.get_config("tiny")
+    c.data.seq_len = 64
+    with pytest.raises(ValueError, match=r"^unknown config key 'data.seq_len'; allowed here: "
+                                         r"batch_size, eval_batch_size, numbers_to_words"):
+        run_config.validate(c)
+
+
+def test_make_dataset_reads_its_source_section():
+    c = data.default_config()
+    c.stdlib_text.seq_len = 16
+    c.tfds.seq_len = 99              # another source's seq_len: ignored
+    ds = data.make_dataset(c, "validation", seed=0)
+    assert ds.batch(0)["tokens"].shape == (32, 17)
+    assert ds.num_eval_windows == (150_000 - 1) // 16
 
 
 def test_stdlib_text_datasets():
@@ -57,9 +116,11 @@ def test_numbers_to_words_datasets():
     c = data.default_config()
     c.source = "numbers_to_words"
     c.batch_size = 4
-    c.max_eval_examples = 5
+    c.numbers_to_words.max_eval_examples = 5
     ds = data.make_dataset(c, "validation", seed=0)
     assert isinstance(ds, seq2seq.Seq2SeqDataset) and ds.vocab_size == 260
+    # What the seq2seq task reads from the dataset instead of the config.
+    assert (ds.max_input_len, ds.max_target_len) == (8, 72)
     b = ds.batch(0)
     assert b["inputs"].shape == (4, 8) and b["targets"].shape == (4, 72)
     assert ds.data_info() == {"vocab_size": 260}
@@ -74,7 +135,7 @@ def test_shapes_datasets():
     for split in data.SHAPES_SPLITS:
         ds = data.make_dataset(c, split, seed=0)
         assert isinstance(ds, shapes.ShapesDataset)
-        assert ds.num_examples == c.shapes_split_sizes[split]
+        assert ds.num_examples == c.shapes.shapes_split_sizes[split]
         assert ds.batch(0)["image"].shape == (4, 32, 32, 3)
         assert ds.data_info()["num_classes"] == 16
 
@@ -86,49 +147,65 @@ def test_make_dataset_rejects_unknown_split():
         data.make_dataset(data.default_config(), "zero_shot", seed=0)
 
 
-def _with(**changes):
+def _with(source="stdlib_text", **changes):
+    """The default config with ``source`` selected and ``changes`` in its section
+    (``batch_size`` / ``eval_batch_size`` are the shared keys)."""
     c = data.default_config()
+    c.source = source
     for k, v in changes.items():
-        c[k] = v
+        if k in ("batch_size", "eval_batch_size"):
+            c[k] = v
+        else:
+            c[source][k] = v
     return c
 
 
 @pytest.mark.parametrize("changes,message", [
-    ({"source": "wikipedia"}, r"data.source='wikipedia'.*stdlib_text"),
-    ({"seq_len": 0}, r"data.seq_len=0 .*>= 1"),
-    ({"batch_size": -2}, r"data.batch_size=-2"),
-    ({"eval_batch_size": 0}, r"data.eval_batch_size=0"),
-    ({"max_eval_examples": -1}, r"data.max_eval_examples=-1"),
-    ({"train_fraction": 0.8}, r"data.test_fraction=.*sum to 1"),
-    ({"validation_fraction": 1.5}, r"data.validation_fraction=1.5 .*\[0, 1\]"),
-    ({"train_fraction": 0.0, "validation_fraction": 0.95}, r"data.train_fraction=0.0"),
-    ({"max_bytes": 0}, r"data.max_bytes=0"),
-    ({"seq_len": 100_000}, r"data.seq_len=100000 .*validation split"),
-    ({"source": "numbers_to_words", "max_number": 10**7}, r"data.max_number=10000000"),
-    ({"source": "numbers_to_words", "max_input_len": 6}, r"data.max_input_len=6 .*>= 7"),
-    ({"source": "numbers_to_words", "max_target_len": 64}, r"data.max_target_len=64 .*>= 65"),
-    ({"source": "tfds", "tfds_name": ""}, r"data.tfds_name=''"),
-    ({"source": "tfds", "text_key": ""}, r"data.text_key=''"),
-    ({"source": "tfds", "max_bytes": -1}, r"data.max_bytes=-1"),
-    ({"source": "tfds", "label_key": "label", "seq_len": 1}, r"data.seq_len=1 .*>= 2"),
-    ({"source": "shapes", "image_size": 8}, r"data.image_size=8 .*>= 16"),
-    ({"source": "shapes", "max_caption_len": 40}, r"data.max_caption_len=40 .*>= 44"),
+    ({"source": "wikipedia"}, r"^data.source='wikipedia' is invalid: .*stdlib_text"),
+    ({"batch_size": -2}, r"^data.batch_size=-2"),
+    ({"eval_batch_size": 0}, r"^data.eval_batch_size=0"),
+    ({"seq_len": 0}, r"^data.stdlib_text.seq_len=0 .*>= 1"),
+    ({"train_fraction": 0.8}, r"^data.stdlib_text.test_fraction=.*sum to 1"),
+    ({"validation_fraction": 1.5}, r"^data.stdlib_text.validation_fraction=1.5 .*\[0, 1\]"),
+    ({"train_fraction": 0.0, "validation_fraction": 0.95},
+     r"^data.stdlib_text.train_fraction=0.0"),
+    ({"max_bytes": 0}, r"^data.stdlib_text.max_bytes=0"),
+    ({"seq_len": 100_000}, r"^data.stdlib_text.seq_len=100000 .*validation split"),
+    ({"source": "numbers_to_words", "max_eval_examples": -1},
+     r"^data.numbers_to_words.max_eval_examples=-1"),
+    ({"source": "numbers_to_words", "train_fraction": 0.8},
+     r"^data.numbers_to_words.test_fraction=.*sum to 1"),
+    ({"source": "numbers_to_words", "max_number": 10**7},
+     r"^data.numbers_to_words.max_number=10000000"),
+    ({"source": "numbers_to_words", "max_input_len": 6},
+     r"^data.numbers_to_words.max_input_len=6 .*>= 7"),
+    ({"source": "numbers_to_words", "max_target_len": 64},
+     r"^data.numbers_to_words.max_target_len=64 .*>= 65"),
+    ({"source": "tfds", "tfds_name": ""}, r"^data.tfds.tfds_name=''"),
+    ({"source": "tfds", "text_key": ""}, r"^data.tfds.text_key=''"),
+    ({"source": "tfds", "max_bytes": -1}, r"^data.tfds.max_bytes=-1"),
+    ({"source": "tfds", "max_eval_examples": -1}, r"^data.tfds.max_eval_examples=-1"),
+    ({"source": "tfds", "label_key": "label", "seq_len": 1}, r"^data.tfds.seq_len=1 .*>= 2"),
+    ({"source": "tfds", "tfds_splits": {"train": "train", "validation": 3, "test": "test"}},
+     r"^data.tfds.tfds_splits.validation=3"),
+    ({"source": "shapes", "image_size": 8}, r"^data.shapes.image_size=8 .*>= 16"),
+    ({"source": "shapes", "max_caption_len": 40}, r"^data.shapes.max_caption_len=40 .*>= 44"),
     ({"source": "shapes", "heldout_classes": ("red squares",)},
-     r"data.heldout_classes=.*'red squares' is not one of"),
+     r"^data.shapes.heldout_classes=.*'red squares' is not one of"),
     ({"source": "shapes", "heldout_classes": ("red square", 3)},
-     r"data.heldout_classes=.*tuple of class names"),
+     r"^data.shapes.heldout_classes=.*tuple of class names"),
     ({"source": "shapes", "heldout_classes": ("red square", "red square")},
-     r"data.heldout_classes=.*duplicates"),
+     r"^data.shapes.heldout_classes=.*duplicates"),
     ({"source": "shapes", "heldout_classes": ("red circle", "green circle", "blue circle",
                                                "yellow circle")},
-     r"data.heldout_classes=.*every class with 'circle'"),
+     r"^data.shapes.heldout_classes=.*every class with 'circle'"),
     ({"source": "shapes", "shapes_split_sizes": {"train": 0, "validation": 1, "test": 1,
                                                   "zero_shot": 1}},
-     r"data.shapes_split_sizes.train=0"),
-    ({"source": "tfds_images", "image_key": ""}, r"data.image_key=''"),
-    ({"source": "tfds_images", "image_size": -1}, r"data.image_size=-1 .*>= 0"),
+     r"^data.shapes.shapes_split_sizes.train=0"),
+    ({"source": "tfds_images", "image_key": ""}, r"^data.tfds_images.image_key=''"),
+    ({"source": "tfds_images", "image_size": -1}, r"^data.tfds_images.image_size=-1 .*>= 0"),
     ({"source": "tfds_images", "caption_key": "c", "max_caption_len": 2},
-     r"data.max_caption_len=2 .*>= 3"),
+     r"^data.tfds_images.max_caption_len=2 .*>= 3"),
 ])
 def test_validate_names_the_key(changes, message):
     with pytest.raises(ValueError, match=message):

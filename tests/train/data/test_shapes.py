@@ -155,7 +155,7 @@ def test_heldout_classes_by_split():
         assert set(np.concatenate([ds.batch(t)["label"] for t in range(5)])) == set(range(16))
     cfg = _shapes_cfg(heldout_classes=())
     data.make_dataset(cfg, "train", seed=0)
-    with pytest.raises(ValueError, match="data.heldout_classes=.*zero_shot"):
+    with pytest.raises(ValueError, match="^data.shapes.heldout_classes=.*zero_shot"):
         data.make_dataset(cfg, "zero_shot", seed=0)
 
 
@@ -236,7 +236,7 @@ def _shapes_cfg(**changes):
     c = data.default_config()
     c.source = "shapes"
     c.batch_size = 128
-    c.shapes_split_sizes.update(validation=500, test=500, zero_shot=500)
+    c.shapes.shapes_split_sizes.update(validation=500, test=500, zero_shot=500)
     for k, v in changes.items():
-        c[k] = v
+        c.shapes[k] = v
     return c

@@ -17,7 +17,7 @@ def _cfg(**changes):
     c = data.default_config()
     c.source = "text_classification"
     for k, v in changes.items():
-        c[k] = v
+        c.text_classification[k] = v
     return c
 
 
@@ -137,24 +137,30 @@ def test_short_windows_and_class_names():
 
 
 def test_default_text_classification_config():
-    c = data.default_config()
+    c = data.default_config().text_classification
+    assert c.seq_len == 256
     assert c.text_classes == tc.DEFAULT_CLASSES and len(c.text_classes) == 12
     assert c.text_class_bytes == 56_000
     assert c.text_split_fractions.to_dict() == {"train": 0.7, "validation": 0.1, "test": 0.2}
 
 
 @pytest.mark.parametrize("changes,message", [
-    ({"seq_len": 1}, r"data.seq_len=1 .*>= 2"),
-    ({"seq_len": 3000}, r"data.seq_len=3000 .*expected <= 2801: the validation segment"),
-    ({"text_classes": ("argparse.py",)}, r"data.text_classes=.*at least 2 distinct"),
-    ({"text_classes": ("argparse.py", "argparse.py")}, r"data.text_classes=.*distinct"),
-    ({"text_classes": ("argparse.py", 3)}, r"data.text_classes=.*tuple of stdlib-relative"),
+    ({"seq_len": 1}, r"^data.text_classification.seq_len=1 .*>= 2"),
+    ({"seq_len": 3000},
+     r"^data.text_classification.seq_len=3000 .*expected <= 2801: the validation segment"),
+    ({"text_classes": ("argparse.py",)},
+     r"^data.text_classification.text_classes=.*at least 2 distinct"),
+    ({"text_classes": ("argparse.py", "argparse.py")},
+     r"^data.text_classification.text_classes=.*distinct"),
+    ({"text_classes": ("argparse.py", 3)},
+     r"^data.text_classification.text_classes=.*tuple of stdlib-relative"),
     ({"text_classes": ("argparse.py", "no_such_module.py")},
-     r"data.text_classes=.*'no_such_module.py' is not a file"),
-    ({"text_class_bytes": 0}, r"data.text_class_bytes=0 .*>= 1"),
-    ({"text_class_bytes": 10**7}, r"data.text_class_bytes=10000000 .*expected <= "),
+     r"^data.text_classification.text_classes=.*'no_such_module.py' is not a file"),
+    ({"text_class_bytes": 0}, r"^data.text_classification.text_class_bytes=0 .*>= 1"),
+    ({"text_class_bytes": 10**7},
+     r"^data.text_classification.text_class_bytes=10000000 .*expected <= "),
     ({"text_split_fractions": {"train": 0.7, "validation": 0.3, "test": 0.0}},
-     r"data.text_split_fractions.test=0.0"),
+     r"^data.text_classification.text_split_fractions.test=0.0"),
 ])
 def test_text_classification_validation_names_the_key(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -19,7 +19,8 @@ def mock():
 
 def _cfg(**changes):
     c = data.default_config()
-    c.update(source="tfds_images", batch_size=4, **changes)
+    c.update(source="tfds_images", batch_size=4)
+    c.tfds_images.update(**changes)
     return c
 
 
@@ -28,7 +29,7 @@ def _cfg(**changes):
     ("cifar10", 16, (16, 16, 3))])
 def test_classification(mock, name, image_size, shape):
     c = _cfg(tfds_name=name, label_key="label", image_size=image_size)
-    c.tfds_splits.validation = "test"  # neither has a validation split
+    c.tfds_images.tfds_splits.validation = "test"  # neither has a validation split
     ds = data.make_dataset(c, "train", seed=0)
     src = tfds.data_source(name, split="train")
     assert ds.images.shape == (NUM, *shape) and ds.num_classes == 10

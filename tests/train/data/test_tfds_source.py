@@ -39,8 +39,8 @@ def test_lm_stream_is_eos_separated_examples(mock):
 
 def test_make_dataset_lm(mock):
     c = data.default_config()
-    c.source, c.seq_len, c.batch_size = "tfds", 8, 3
-    c.tfds_splits.validation = "test"  # lm1b has no validation split
+    c.source, c.tfds.seq_len, c.batch_size = "tfds", 8, 3
+    c.tfds.tfds_splits.validation = "test"  # lm1b has no validation split
     ds = data.make_dataset(c, "train", seed=0)
     assert ds.vocab_size == 260
     b = ds.batch(0)["tokens"]
@@ -53,8 +53,8 @@ def test_make_dataset_lm(mock):
 
 def test_make_dataset_classification(mock):
     c = data.default_config()
-    c.update(source="tfds", tfds_name="imdb_reviews", label_key="label", seq_len=16,
-             batch_size=5)
+    c.update(source="tfds", batch_size=5)
+    c.tfds.update(tfds_name="imdb_reviews", label_key="label", seq_len=16)
     ds = data.make_dataset(c, "train", seed=0)
     assert isinstance(ds, tfds_source.ClassificationDataset) and ds.num_classes == 2
     src = tfds.data_source("imdb_reviews", split="train")

@@ -10,7 +10,7 @@ def _series_cfg(source="synthetic_series", **changes):
     c = data.default_config()
     c.source = source
     for k, v in changes.items():
-        c[k] = v
+        c[source][k] = v
     return c
 
 
@@ -184,34 +184,42 @@ def test_real_series_missing_sample_data_is_a_clear_error(monkeypatch):
 
 def test_default_series_config():
     c = data.default_config()
-    assert (c.lookback, c.horizon, c.series_eval_stride) == (96, 24, 1)
-    assert c.series_split_fractions.to_dict() == {"train": 0.7, "validation": 0.1,
-                                                  "test": 0.2}
-    assert (c.series_length, c.series_channels, c.series_data_seed, c.real_series) == (
-        20_000, 5, 0, "goog")
-    c.update(source="synthetic_series", series_channels=7, series_length=3000,
-             series_eval_stride=24, batch_size=8)
+    for s in (c.synthetic_series, c.real_series):
+        assert (s.lookback, s.horizon, s.series_eval_stride) == (96, 24, 1)
+        assert s.series_split_fractions.to_dict() == {"train": 0.7, "validation": 0.1,
+                                                      "test": 0.2}
+    syn = c.synthetic_series
+    assert (syn.series_length, syn.series_channels, syn.series_data_seed) == (20_000, 5, 0)
+    assert c.real_series.real_series == "goog"
+    c.update(source="synthetic_series", batch_size=8)
+    syn.update(series_channels=7, series_length=3000, series_eval_stride=24)
     ds = data.make_dataset(c, "validation", seed=0)
     assert ds.batch(0)["inputs"].shape == (8, 96, 7)
     assert ds.num_eval_windows == len(range(0, 300 - 24 + 1, 24))
 
 
 @pytest.mark.parametrize("changes,message", [
-    ({"lookback": 0}, r"data.lookback=0 .*>= 1"),
-    ({"horizon": -1}, r"data.horizon=-1"),
-    ({"series_eval_stride": 0}, r"data.series_eval_stride=0"),
-    ({"series_length": 1}, r"data.series_length=1 .*>= 2"),
-    ({"series_channels": 0}, r"data.series_channels=0"),
-    ({"series_data_seed": -1}, r"data.series_data_seed=-1"),
+    ({"lookback": 0}, r"^data.synthetic_series.lookback=0 .*>= 1"),
+    ({"horizon": -1}, r"^data.synthetic_series.horizon=-1"),
+    ({"series_eval_stride": 0}, r"^data.synthetic_series.series_eval_stride=0"),
+    ({"series_length": 1}, r"^data.synthetic_series.series_length=1 .*>= 2"),
+    ({"series_channels": 0}, r"^data.synthetic_series.series_channels=0"),
+    ({"series_data_seed": -1}, r"^data.synthetic_series.series_data_seed=-1"),
     ({"series_split_fractions": {"train": 0.7, "validation": 0.0, "test": 0.3}},
-     r"data.series_split_fractions.validation=0.0 .*\(0, 1\]"),
+     r"^data.synthetic_series.series_split_fractions.validation=0.0 .*\(0, 1\]"),
     ({"series_split_fractions": {"train": 0.7, "validation": 0.2, "test": 0.2}},
-     r"data.series_split_fractions=.*sum to 1"),
-    ({"series_length": 150}, r"data.lookback=96 .*train split of the 150-step"),
-    ({"series_length": 200}, r"data.horizon=24 .*validation split of the 200-step"),
-    ({"source": "real_series", "real_series": "aapl"}, r"data.real_series='aapl'.*goog"),
-    ({"source": "real_series", "lookback": 800}, r"data.lookback=800 .*1047-step"),
-    ({"source": "real_series", "horizon": 200}, r"data.horizon=200 .*validation split"),
+     r"^data.synthetic_series.series_split_fractions=.*sum to 1"),
+    ({"series_length": 150},
+     r"^data.synthetic_series.lookback=96 .*train split of the 150-step"),
+    ({"series_length": 200},
+     r"^data.synthetic_series.horizon=24 .*validation split of the 200-step"),
+    ({"source": "real_series", "real_series": "aapl"},
+     r"^data.real_series.real_series='aapl'.*goog"),
+    ({"source": "real_series", "lookback": 800}, r"^data.real_series.lookback=800 .*1047-step"),
+    ({"source": "real_series", "horizon": 200},
+     r"^data.real_series.horizon=200 .*validation split"),
+    ({"source": "real_series", "series_eval_stride": 0},
+     r"^data.real_series.series_eval_stride=0"),
 ])
 def test_series_validation_names_the_key(changes, message):
     with pytest.raises(ValueError, match=message):

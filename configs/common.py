@@ -1,0 +1,58 @@
+"""Blocks the experiment configs share: the step cadence, the optimizer recipe, the
+shapes-classification and forecasting setups, and adding an evaluator.
+
+Each helper sets values of an existing `base_config(...)` (it never adds keys, except
+`add_eval`, which adds a registered evaluator's section with its defaults).
+"""
+from __future__ import annotations
+
+from train.evaluators import get_evaluator_class
+
+
+def cadence(c, num_steps: int, every: int) -> None:
+    """num_steps, and a validation pass and a checkpoint every `every` steps."""
+    c.train.num_steps = num_steps
+    c.train.eval_every = every
+    c.checkpoint.every = every
+
+
+def warmup_cosine(c, learning_rate: float, warmup_steps: int, grad_clip_norm: float = 1.0,
+                  weight_decay: float | None = None) -> None:
+    """The default recipe: linear warm-up to `learning_rate`, cosine decay, gradient
+    clipping by global norm (and weight decay when given)."""
+    c.optim.learning_rate = learning_rate
+    c.optim.grad_clip_norm = grad_clip_norm
+    c.optim.schedule.name = "warmup_cosine"
+    c.optim.schedule.warmup_steps = warmup_steps
+    if weight_decay is not None:
+        c.optim.weight_decay = weight_decay
+
+
+def shapes_classification(c, batch_size: int = 64, eval_batch_size: int = 128) -> None:
+    """Classify the embedded shapes: every one of the 16 color x shape classes is in
+    train / validation / test (no held-out zero-shot classes)."""
+    c.data.source = "shapes"
+    c.data.shapes.exclude_heldout_from_train = False
+    c.data.batch_size = batch_size
+    c.data.eval_batch_size = eval_batch_size
+
+
+def series_forecasting(c, learning_rate: float) -> None:
+    """Forecast the generated seasonal series: batches of 64 windows, 1000 steps,
+    warm-up + cosine (50 steps), evaluations every 250 steps."""
+    c.data.source = "synthetic_series"
+    c.data.batch_size = 64
+    c.data.eval_batch_size = 256
+    warmup_cosine(c, learning_rate, warmup_steps=50)
+    cadence(c, 1000, 250)
+
+
+def add_eval(c, name: str, **options) -> None:
+    """Add evaluator `name` (train/evaluators) with its defaults, then `options`."""
+    section = get_evaluator_class(name).default_config()
+    for key, value in options.items():
+        if key not in section:
+            raise ValueError(f"evals.{name} has no option {key!r}; allowed: "
+                             f"{', '.join(sorted(section.keys()))}")
+        section[key] = value
+    c.evals[name] = section
