@@ -1,12 +1,12 @@
 """Blocks the experiment configs share: the step cadence, the optimizer recipe, the
 shapes-classification and forecasting setups, and adding an evaluator.
 
-Each helper sets values of an existing `base_config(...)` (it never adds keys, except
-`add_eval`, which adds a registered evaluator's section with its defaults).
+Each helper sets values of an existing `base_config(...)`; `add_eval` (from train.config)
+adds a registered evaluator's section with its defaults.
 """
 from __future__ import annotations
 
-from train.evaluators import get_evaluator_class
+from train.config import add_eval  # noqa: F401 -- the configs' evaluator helper
 
 
 def cadence(c, num_steps: int, every: int) -> None:
@@ -45,14 +45,3 @@ def series_forecasting(c, learning_rate: float) -> None:
     c.data.eval_batch_size = 256
     warmup_cosine(c, learning_rate, warmup_steps=50)
     cadence(c, 1000, 250)
-
-
-def add_eval(c, name: str, **options) -> None:
-    """Add evaluator `name` (train/evaluators) with its defaults, then `options`."""
-    section = get_evaluator_class(name).default_config()
-    for key, value in options.items():
-        if key not in section:
-            raise ValueError(f"evals.{name} has no option {key!r}; allowed: "
-                             f"{', '.join(sorted(section.keys()))}")
-        section[key] = value
-    c.evals[name] = section

@@ -14,6 +14,8 @@ Variants:
            vs naive 0.135 and seasonal-naive 0.178 (MAE 0.226 is worse than naive's 0.185:
            the test period is the 2008 crash, where "no change" is hard to beat).
   tiny     a seconds-long smoke run (tests).
+The transformer's fields are under model.encoder (e.g. --config.model.encoder.num_layers=3);
+patching, RevIN and the head under model (patch_len, stride, revin, head_dropout, ...).
 """
 from configs.common import cadence, series_forecasting
 from train.config import base_config, shrink_for_smoke_test

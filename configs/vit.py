@@ -10,6 +10,9 @@ Variants:
            ViT without convolutions' inductive bias needs more steps than the ResNet).
   tiny     a seconds-long smoke run (tests).
 Any ViT size works as model.variant (e.g. --config.model.variant=S/16 with image_size 224).
+The transformer's fields are under model.encoder (e.g. --config.model.encoder.num_layers=4,
+--config.model.encoder.dropout_rate=0.1); the image-side ones (patch_size, pool, ...) are
+directly under model.
 """
 from configs.common import cadence, shapes_classification, warmup_cosine
 from train.config import base_config, select_best_by, shrink_for_smoke_test

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from models import cnn, transformer, variants, vit
+from models.layers import partitioning
 
 IMAGE_TOWERS = ("vit", "resnet", "efficientnet")
 TEXT_POOLING = ("eot", "cls", "mean")
@@ -157,8 +158,10 @@ class ClipModel(nn.Module):
         text_cfg = cfg.text_config
         self.image_tower = _image_tower(cfg)
         self.text_tower = TextTower(text_cfg, cfg.text_causal, cfg.text_pooling, cfg.eos_id)
+        # Projections [tower features, embed_dim]: the tower's width is the named axis.
         dense = lambda name: nn.Dense(cfg.embed_dim, use_bias=False,  # noqa: E731
-                                      kernel_init=nn.initializers.lecun_normal(),
+                                      kernel_init=partitioning.boxed(
+                                          nn.initializers.lecun_normal(), ("embed", None)),
                                       dot_general=text_cfg.dot_general, name=name)
         self.image_projection = dense("image_projection")
         self.text_projection = dense("text_projection")

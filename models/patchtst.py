@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from models import transformer, variants
+from models.layers import partitioning
 
 
 def num_patches(lookback: int, patch_len: int, stride: int, pad_end: bool) -> int:
@@ -196,12 +197,16 @@ class PatchTST(nn.Module):
             tokens = patches.reshape(b * c, n, cfg.patch_len)            # a batch of series
         else:
             tokens = patches.transpose(0, 2, 1, 3).reshape(b, n, c * cfg.patch_len)
-        dense = lambda feat, name: nn.Dense(  # noqa: E731
-            feat, dtype=dtype, param_dtype=pdtype, dot_general=cfg.dot_general, name=name,
-            kernel_init=enc.init)
-        h = dense(enc.d_model, "embedding")(tokens.astype(dtype))       # x_p W_p, [., N, D]
+        def dense(feat, names, name):
+            return nn.Dense(
+                feat, dtype=dtype, param_dtype=pdtype, dot_general=cfg.dot_general,
+                name=name, kernel_init=partitioning.boxed(enc.init, names),
+                bias_init=partitioning.boxed(nn.initializers.zeros_init(), names[-1:]))
+        h = dense(enc.d_model, (None, "embed"), "embedding")(tokens.astype(dtype))  # [., N, D]
         # W_pos ~ U(-0.02, 0.02): the reference code's learned ("zeros", learn_pe) table.
-        pos = self.param("pos_embedding", _uniform_init(0.02), (n, enc.d_model), pdtype)
+        pos = self.param("pos_embedding",
+                         partitioning.boxed(_uniform_init(0.02), ("position", "embed")),
+                         (n, enc.d_model), pdtype)
         h = h + pos.astype(dtype)
         h = nn.Dropout(enc.dropout_rate)(h, deterministic=not train)
         # No padding tokens, so no mask; bidirectional (causal=False).
@@ -214,10 +219,11 @@ class PatchTST(nn.Module):
         h = h.transpose(0, 2, 1).reshape(h.shape[0], enc.d_model * n)
         h = nn.Dropout(cfg.head_dropout)(h, deterministic=not train)
         if cfg.channel_independence:
-            y = dense(cfg.horizon, "head")(h).astype(jnp.float32)       # [B*C, H]
+            # The flattened [D * N] features are named (and split) like the model width.
+            y = dense(cfg.horizon, ("embed", None), "head")(h).astype(jnp.float32)  # [B*C, H]
             y = y.reshape(b, c, cfg.horizon).transpose(0, 2, 1)          # [B, H, C]
         else:
-            y = dense(cfg.horizon * c, "head")(h).astype(jnp.float32)
+            y = dense(cfg.horizon * c, ("embed", None), "head")(h).astype(jnp.float32)
             y = y.reshape(b, cfg.horizon, c)
 
         if cfg.revin:

@@ -33,7 +33,7 @@ from jax import lax
 
 from models import variants
 from models.layers import initializers, partitioning
-from models.layers.attention import IMPLEMENTATIONS, MultiHeadAttention, padding_mask
+from models.layers.attention import IMPLEMENTATIONS, MultiHeadAttention
 from models.layers.embedding import POSITION_KINDS, Embed, PositionEmbedding
 from models.layers.mlp import ACTIVATIONS, MlpBlock, get_activation
 from models.layers.normalization import NORMS, make_norm
@@ -513,7 +513,3 @@ def unstack_layers(tree):
             out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], tree["layers"])
     return out
 
-
-def padding_mask_from_tokens(tokens, pad_id: int = 0):
-    """Convenience: key mask [B, 1, 1, L] that hides `pad_id` tokens."""
-    return padding_mask(None, tokens != pad_id)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from models import transformer, variants
+from models.layers import partitioning
 
 POOLS = ("cls", "gap")
 
@@ -177,9 +178,11 @@ class PatchEmbedding(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
         c = images.shape[-1]
-        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+        kernel = self.param("kernel", partitioning.boxed(nn.initializers.lecun_normal(),
+                                                         (None, None, None, "embed")),
                             (self.patch, self.patch, c, self.features), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        bias = self.param("bias", partitioning.boxed(nn.initializers.zeros, ("embed",)),
+                          (self.features,), self.param_dtype)
         x = patchify(images.astype(self.dtype), self.patch)
         w = kernel.reshape(-1, self.features).astype(self.dtype)
         y = self.dot_general(x, w, (((2,), (0,)), ((), ())))
@@ -210,11 +213,15 @@ class ViT(nn.Module):
         if cfg.pool == "cls":
             # Eq. 1: a learnable token z_0^0 = x_class prepended to the patch sequence; its
             # final state is the image representation (eq. 4). Zero init as in the reference.
-            cls = self.param("cls", nn.initializers.zeros, (1, 1, width), pdtype)
+            cls = self.param("cls", partitioning.boxed(nn.initializers.zeros,
+                                                       (None, None, "embed")),
+                             (1, 1, width), pdtype)
             x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (x.shape[0], 1,
                                                                       width)), x], 1)
         # Eq. 1: E_pos has one row per token (the class token included), 1-D and learned.
-        pos = self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
+        pos = self.param("pos_embedding",
+                         partitioning.boxed(nn.initializers.normal(stddev=0.02),
+                                            (None, "position", "embed")),
                          (1, cfg.num_tokens, width), pdtype)
         x = nn.Dropout(enc.dropout_rate)(x + pos.astype(dtype), deterministic=not train)
         # The stack's final LayerNorm is the LN of eq. 4 (applied to every token; for "gap"
@@ -225,7 +232,8 @@ class ViT(nn.Module):
         x = x[:, 0] if cfg.pool == "cls" else jnp.mean(x, axis=1)
         if cfg.representation_size:
             x = nn.Dense(cfg.representation_size, dtype=dtype, param_dtype=pdtype,
-                         kernel_init=enc.init,
+                         kernel_init=partitioning.boxed(enc.init, ("embed", None)),
+                         bias_init=partitioning.boxed(nn.initializers.zeros_init(), (None,)),
                          dot_general=cfg.dot_general, name="representation")(x)
             x = jnp.tanh(x)
         self.sow("intermediates", "pre_logits", x)
@@ -233,5 +241,8 @@ class ViT(nn.Module):
             return x.astype(jnp.float32)
         head_init = nn.initializers.zeros if cfg.head_zero_init else enc.init
         logits = nn.Dense(cfg.num_classes, dtype=dtype, param_dtype=pdtype,
-                          kernel_init=head_init, dot_general=cfg.dot_general, name="head")(x)
+                          kernel_init=partitioning.boxed(head_init, ("embed", "classes")),
+                          bias_init=partitioning.boxed(nn.initializers.zeros_init(),
+                                                       ("classes",)),
+                          dot_general=cfg.dot_general, name="head")(x)
         return logits.astype(jnp.float32)

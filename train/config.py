@@ -83,6 +83,17 @@ def base_config(task: str, variant: str, family: str = "transformer",
     return c
 
 
+def add_eval(c: ml_collections.ConfigDict, name: str, **options) -> None:
+    """Add evaluator `name` (train/evaluators) with its defaults, then `options`."""
+    section = evaluators_lib.get_evaluator_class(name).default_config()
+    for key, value in options.items():
+        if key not in section:
+            raise ValueError(f"evals.{name} has no option {key!r}; allowed: "
+                             f"{', '.join(sorted(section.keys()))}")
+        section[key] = value
+    c.evals[name] = section
+
+
 def shrink_for_smoke_test(c: ml_collections.ConfigDict, *, num_steps: int, batch_size: int,
                           eval_batch_size: int, log_every: int, eval_every: int) -> None:
     """Make `c` a seconds-long run (the configs' "tiny" variants, used by tests): few

@@ -16,7 +16,8 @@ Rules are (logical_name, mesh_axes) pairs in priority order, mesh_axes a mesh ax
 tuple of them, or None (replicated). As in flax's `logical_to_mesh_axes`, the first rule
 that applies to a dimension wins and a mesh axis shards at most one dimension of an array;
 unlike flax, a rule whose mesh axes do not divide the dimension is skipped (a later rule
-may still shard it), and mesh axes of size 1 are dropped, so a spec never needs padding.
+may still shard it), and so is one left with no mesh axis once those of size 1 (which
+split nothing) are dropped. A spec therefore never needs padding.
 
 Parameter axes keep apart what a later tensor / expert mesh axis splits differently:
   embed     model width d_model (every kernel has it; the default FSDP axis)
@@ -98,15 +99,15 @@ def logical_to_spec(names: Names, shape: Sequence[int], rules: Rules,
         dim = names.index(name)
         if decided[dim]:
             continue
-        axes = tuple(a for a in _mesh_axes(entry) if mesh_shape.get(a, 1) > 1)
         if entry is None:  # an explicit "replicated" rule settles this dimension
             decided[dim] = True
             continue
-        if used.intersection(axes) or shape[dim] % math.prod(mesh_shape[a] for a in axes):
-            continue  # mesh axis taken, or it does not divide: a later rule may apply
-        if axes:
-            spec[dim] = axes[0] if len(axes) == 1 else axes
-            used.update(axes)
+        axes = tuple(a for a in _mesh_axes(entry) if mesh_shape.get(a, 1) > 1)
+        if (not axes or used.intersection(axes)
+                or shape[dim] % math.prod(mesh_shape[a] for a in axes)):
+            continue  # nothing to split over, axis taken, or no even split: try later rules
+        spec[dim] = axes[0] if len(axes) == 1 else axes
+        used.update(axes)
         decided[dim] = True
     return P(*spec) if any(s is not None for s in spec) else P()
 
@@ -120,12 +121,16 @@ _CONTEXT = threading.local()
 def axis_rules(rules: Rules, mesh: jax.sharding.Mesh):
     """Within the block, `constrain` maps logical names to `mesh` through `rules`.
 
-    Enter it around the jit *calls* (tracing happens at the first call).
+    Enter it around the jit *calls* (tracing happens at the first call). It also makes
+    `mesh` the abstract mesh of the context: jax keys its trace cache on that, so a
+    function traced outside the block is traced again inside (the rules themselves are
+    not part of the key: one set of rules per mesh).
     """
     previous = getattr(_CONTEXT, "value", None)
     _CONTEXT.value = (tuple((name, entry) for name, entry in rules), mesh)
     try:
-        yield
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            yield
     finally:
         _CONTEXT.value = previous
 

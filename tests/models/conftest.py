@@ -2,6 +2,7 @@
 cached jitted forward passes (train mode returns the updated batch statistics)."""
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +16,7 @@ def _random_variables(model, x, seed=0, kernel_gain=1.0):
     """Variables of `model` on input `x`: kernels N(0, gain^2 / fan_in), norm scales near
     1, running variances in [0.5, 1.5], biases and running means small; so a float64
     reference sees non-trivial values in every leaf."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), x))  # plain arrays
     r = np.random.default_rng(seed)
 
     def leaf(path, s):

@@ -2,6 +2,7 @@
 the end-of-text or [CLS] token, padding invariance, and the configurations."""
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +21,7 @@ def _texts():
 
 def _init(cfg, images, texts):
     model = clip.ClipModel(cfg)
-    variables = model.init(jax.random.key(0), images, texts)
+    variables = nn.unbox(model.init(jax.random.key(0), images, texts))  # plain, as trained
     return model, variables
 
 

@@ -7,6 +7,7 @@ N(0, 0.1^2), running variances in [0.5, 1.5]), not the init, whose zero residual
 zero head and unit running variances would hide mistakes.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,7 +156,8 @@ def test_resnet_parameter_counts_match_torchvision(variant, params, stats):
     """torchvision counts conv kernels (no bias), BN weight + bias and the fc layer; its
     BN running_mean + running_var buffers are our batch_stats (mean + var)."""
     cfg = cnn.make_resnet_config(variant, num_classes=1000)
-    v = jax.eval_shape(cnn.ResNet(cfg).init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+    v = nn.unbox(jax.eval_shape(cnn.ResNet(cfg).init, jax.random.key(0),
+                                jnp.zeros((1, 224, 224, 3))))
     assert _count(v["params"]) == params
     bn_channels = sum(int(np.prod(s.shape)) for path, s in
                       jax.tree_util.tree_leaves_with_path(v["params"])
@@ -243,8 +245,8 @@ def test_efficientnet_parameter_counts_and_structure():
     """B0 with a 1000-class head: 5,288,548 parameters (timm efficientnet_b0, Keras'
     trainable count); 16 MBConv blocks; depthwise kernels [k, k, 1, C]."""
     cfg = cnn.make_efficientnet_config("b0", num_classes=1000)
-    v = jax.eval_shape(cnn.EfficientNet(cfg).init, jax.random.key(0),
-                       jnp.zeros((1, 224, 224, 3)))
+    v = nn.unbox(jax.eval_shape(cnn.EfficientNet(cfg).init, jax.random.key(0),
+                                jnp.zeros((1, 224, 224, 3))))
     p = v["params"]
     assert _count(p) == 5_288_548 and _count(v["batch_stats"]) == 42_016
     blocks = [k for k in p if k.startswith("block")]
@@ -300,7 +302,8 @@ def test_hooks_see_every_conv_and_matmul():
                       "tiny", num_classes=3, conv_general_dilated=conv_hook,
                       dot_general=dot_hook))):
         convs.clear(), dots.clear()
-        p = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+        p = nn.unbox(jax.eval_shape(model.init, jax.random.key(0),
+                                    jnp.zeros((1, 32, 32, 3)))["params"])
         kernels = [path for path, _ in jax.tree_util.tree_leaves_with_path(p)
                    if path[-1].key == "kernel"]
         n_dense = sum(path[-2].key in ("head", "reduce", "expand") for path in kernels)

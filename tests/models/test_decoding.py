@@ -7,6 +7,7 @@ shape means one compilation per reference).
 """
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,8 +34,8 @@ def _run(fn, model, *args, **static):
 def _random_params(model, *args, seed=0, **kwargs):
     """Random N(0, 0.2^2) kernels/embeddings, N(0, 0.1^2) biases, 1 + N(0, 0.1^2) scales:
     a model whose greedy outputs vary (the 0.02-std init emits one token forever)."""
-    shapes = jax.eval_shape(functools.partial(model.init, **kwargs), jax.random.key(0),
-                            *args)["params"]
+    shapes = nn.unbox(jax.eval_shape(functools.partial(model.init, **kwargs),
+                                     jax.random.key(0), *args)["params"])
     r = np.random.default_rng(seed)
 
     def leaf(path, s):

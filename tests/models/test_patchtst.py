@@ -6,6 +6,7 @@ table or a channel leak changes the numbers.
 """
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +27,7 @@ def _cfg(**kw):
 def _random_params(model, x, seed=0):
     """Params with the model's shapes: N(0, 0.2^2) kernels/tables, N(0, 0.1^2) biases,
     norm scales and RevIN weights 1 + N(0, 0.1^2)."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), x)["params"])
     r = np.random.default_rng(seed)
 
     def leaf(path, s):

@@ -7,6 +7,7 @@ token forever and attention nearly uniform, which would hide mistakes.
 """
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,8 +27,8 @@ def _random_params(model, *args, seed=11, **kwargs):
     seq2seq case below greedily emit 2-5 distinct tokens per row, in sequences that differ
     from those of a decoder restarted at every step (many seeds settle on one token forever,
     which would let a stale or reset decoder state pass unnoticed)."""
-    shapes = jax.eval_shape(functools.partial(model.init, **kwargs), jax.random.key(0),
-                            *args)["params"]
+    shapes = nn.unbox(jax.eval_shape(functools.partial(model.init, **kwargs),
+                                     jax.random.key(0), *args)["params"])
     r = np.random.default_rng(seed)
 
     def leaf(path, s):

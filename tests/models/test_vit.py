@@ -9,6 +9,7 @@ token, zero head and 0.02-std tables hide mistakes).
 """
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,7 +31,7 @@ def _cfg(encoder=(), **kw):
 def _random_params(model, images, seed=0):
     """Params with the model's shapes: N(0, 0.2^2) kernels/tables, N(0, 0.1^2) biases,
     LayerNorm scales 1 + N(0, 0.1^2)."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), images)["params"])
     r = np.random.default_rng(seed)
 
     def leaf(path, s):
@@ -139,7 +140,7 @@ def test_features_without_head_and_head_zero_init():
     feats, _ = _fwd(feats_model)(p, IMAGES)
     assert feats.shape == (2, 32) and feats.dtype == jnp.float32 and "head" not in p
     assert vit.make_config("B/16", representation_size=768).feature_dim == 768
-    init = vit.ViT(_cfg()).init(jax.random.key(0), IMAGES)["params"]
+    init = nn.unbox(vit.ViT(_cfg()).init(jax.random.key(0), IMAGES)["params"])
     assert not np.any(np.asarray(init["head"]["kernel"]))  # logits start at exactly 0
     assert abs(float(np.std(init["pos_embedding"])) - 0.02) < 0.005
 
@@ -172,8 +173,8 @@ def _formula(width, depth, mlp, patch, image=224, channels=3, classes=1000, cls=
     ("B/16", 86_567_656), ("Ti/16", 5_717_416), ("B/32", 88_224_232)])
 def test_parameter_counts(variant, expected):
     cfg = vit.make_config(variant, num_classes=1000)
-    shapes = jax.eval_shape(vit.ViT(cfg).init, jax.random.key(0),
-                            jnp.zeros((1, 224, 224, 3)))["params"]
+    shapes = nn.unbox(jax.eval_shape(vit.ViT(cfg).init, jax.random.key(0),
+                                     jnp.zeros((1, 224, 224, 3)))["params"])
     enc = cfg.encoder
     assert _count(shapes) == _formula(enc.d_model, enc.num_layers, enc.mlp_dim, cfg.patch_size)
     assert _count(shapes) == expected  # timm's vit_{base,tiny}_patch{16,32}_224
@@ -185,7 +186,7 @@ def test_gap_large_variant_shapes_and_scan():
     cfg = vit.make_config("L/16", pool="gap", num_classes=0,
                           encoder=dict(scan_layers=True, remat_policy="full"))
     x = jnp.zeros((2, 224, 224, 3))
-    shapes = jax.eval_shape(vit.ViT(cfg).init, jax.random.key(0), x)["params"]
+    shapes = nn.unbox(jax.eval_shape(vit.ViT(cfg).init, jax.random.key(0), x)["params"])
     assert shapes["encoder"]["layers"]["mlp"]["fc1"]["kernel"].shape == (24, 1024, 4096)
     assert _count(shapes) == _formula(1024, 24, 4096, 16, classes=0, cls=False)
     out = jax.eval_shape(lambda p: vit.ViT(cfg).apply({"params": p}, x), shapes)

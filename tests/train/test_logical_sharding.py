@@ -127,8 +127,9 @@ def _check_fsdp_layout(state, setup):
         assert layer["self_attention"]["out"]["kernel"].sharding.spec == P(None, None, "fsdp")
         assert layer["self_attention"]["query"]["kernel"].sharding.spec == P("fsdp", None,
                                                                              None)
-        # (vocab 64, embed 32): the shape rule took vocab, the rules take embed.
-        assert params["embed"]["tokens"]["embedding"].sharding.spec == P(None, "fsdp")
+        # (vocab 64, embed 32): split by rows (vocab before embed), as the shape rule did.
+        assert params["embed"]["tokens"]["embedding"].sharding.spec == P("fsdp", None)
+        assert params["embed"]["positions"]["embedding"].sharding.spec == P(None, "fsdp")
         assert layer["mlp"]["fc1"]["bias"].sharding.spec == P()      # 64 < 256 elements
         assert mu["decoder"]["layers_0"]["mlp"]["fc1"]["kernel"].sharding.spec == P(
             "fsdp", None)
@@ -149,20 +150,21 @@ def test_activation_constraints_only_inside_rules():
     model, init_args, loss_fn, batches = _gpt_setup()
     params = partitioning.unboxed_init(model, jax.random.key(0), *init_args)["params"]
     x = jnp.zeros((BATCH, LENGTH), jnp.int32)
-    forward = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
-    assert "@Sharding" not in jax.jit(forward).lower(params, x).as_text()
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    count = lambda x: forward.lower(params, x).as_text().count("sdy.sharding_constraint")  # noqa
+    assert count(x) == 0
     cfg = _config((2, 4), "fsdp")
     mesh = sharding.mesh_from_config(cfg)
     with sharding.use_rules(mesh, cfg):
-        text = jax.jit(forward).lower(params, x).as_text()
-    # per layer: q, k, v, attention output, mlp hidden, block output (2 layers), the
-    # embedding output and the logits; only their batch axis is pinned.
-    assert text.count("@Sharding") == 2 * 6 + 2
-    # A batch the mesh does not divide is left to propagation (no constraint at all).
-    with sharding.use_rules(mesh, cfg):
-        text = jax.jit(forward).lower(params, x[:3]).as_text()
-    assert "@Sharding" not in text
-    assert partitioning.current_rules() is None
+        # Traced again although traced above (the context mesh is in jax's cache key).
+        # Per layer: q, k, v, attention output, mlp hidden, block output (2 layers); the
+        # embedding output and the logits. Only the batch axis is pinned.
+        assert count(x) == 2 * 6 + 2
+        text = forward.lower(params, x).as_text()
+        assert 'sdy.sharding_constraint %' in text and '[{"data", "fsdp"}, {?}, {?}]' in text
+        # A batch the mesh does not divide is left to propagation: no constraint at all.
+        assert count(x[:3]) == 0
+    assert partitioning.current_rules() is None and count(x) == 0
 
 
 def test_logical_to_spec_priority_divisibility_and_replication():
@@ -232,7 +234,7 @@ def test_bad_rules_raise_one_clear_error():
         with pytest.raises(ValueError, match=match):
             sharding.validate(cfg, global_batch_size=64, num_devices=8)
     check([["embd", "fsdp"]], r"sharding.rules\[0\]: unknown logical axis 'embd'; allowed: "
-                              r"\[logical_name, mesh_axes\] with logical_name one of batch")
+                              r"\[logical_name, mesh_axes\] with logical_name one of embed, mlp")
     check([["batch", ["data", "fsdp"]], ["mlp", "tensor"]],
           r"sharding.rules\[1\]: mesh axes 'tensor' for 'mlp' are not allowed.*'data', 'fsdp'")
     check([["mlp", ["fsdp", "fsdp"]]], r"rules\[0\]: mesh axes \['fsdp', 'fsdp'\]")

@@ -167,7 +167,7 @@ def _unlocked_tiny():
     (lambda c: setattr(c.optim, "learning_rate", -0.1), "learning_rate"),
     (lambda c: setattr(c.data, "batch_size", 12), "data.batch_size=12 is not divisible by the 8"),
     (lambda c: setattr(c.model, "variant", "huge"), "unknown transformer variant 'huge'"),
-    (lambda c: setattr(c.task, "name", "seq2seq"), "unknown config key 'evals.sample'"),
+    (lambda c: setattr(c.task, "name", "mlm"), "config key task.mask_probability is missing"),
     (lambda c: setattr(c.model, "family", "mlp"), "model.family='mlp' is unknown"),
     (lambda c: setattr(c.model, "family", "resnet"), "cannot be trained on task 'lm'"),
     (lambda c: setattr(c.model, "num_heads", 3), "divisible by model.num_heads"),

@@ -73,9 +73,7 @@ class SegmentationPlot(Evaluator):
                                     False)
             return jnp.argmax(logits, axis=-1)
         pred = np.asarray(classes(params, model_state, jnp.asarray(batch["image"])))
-        num_classes = model.cfg.num_classes
-        names = getattr(ds, "mask_class_names", None) or (
-            ["background"] + [f"class {c}" for c in range(1, num_classes)])
+        names = ds.mask_class_names   # the datasets with masks name their classes
         name = "segmentation.png" if final else f"segmentation_{step}.png"
         plot_segmentations(batch["image"], batch["mask"], pred, names,
                            os.path.join(self.ctx.workdir, name))

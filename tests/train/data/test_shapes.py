@@ -1,6 +1,5 @@
 """ShapesDataset: determinism, captions vs pixels, held-out classes, eval pass, speed."""
 import re
-import time
 
 import numpy as np
 import pytest
@@ -220,16 +219,6 @@ def test_eval_pass_covers_split_once():
     assert w.dtype == np.float32 and batches[-1]["image"].shape == (32, 32, 32, 3)
     other_seed = list(_ds("validation", seed=9, num_examples=70).eval_batches(32))
     _same(batches[1], other_seed[1])  # fixed order and content, whatever the run seed
-
-
-def test_speed_report():
-    ds = shapes.ShapesDataset("train", 128, seed=0)
-    ds.batch(0)
-    t0 = time.perf_counter()
-    for t in range(1, 21):
-        ds.batch(t)
-    ms = (time.perf_counter() - t0) / 20 * 1e3
-    print(f"\nshapes: {ms:.1f} ms per training batch of 128 at 32x32")  # reported, not asserted
 
 
 def _shapes_cfg(**changes):
