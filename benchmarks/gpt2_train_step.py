@@ -170,8 +170,12 @@ class Setup:
         self.init_state = trainer.make_init_state(self.model, self.tx, init_key, init_args,
                                                   init_kwargs)
         self.abstract_state = jax.eval_shape(self.init_state)
-        self.state_sh = sharding.param_sharding(self.abstract_state, mesh, c.sharding.strategy,
-                                                c.sharding.min_size_to_shard)
+        logical_params = jax.eval_shape(lambda: self.model.init(
+            {"params": init_key, "dropout": init_key}, *init_args, **init_kwargs))["params"]
+        self.state_sh = sharding.state_sharding(self.abstract_state, mesh, c.sharding,
+                                                logical_params)
+        # The trainer traces its step inside the sharding rules (activation constraints).
+        self.rules = lambda: sharding.use_rules(mesh, c.sharding)
         self.train_step = self.task.make_train_step(self.tx, train_key, c.optim)
         self.p_train_step = jax.jit(self.train_step, in_shardings=(self.state_sh, self.batch_sh),
                                     out_shardings=(self.state_sh, replicated),
@@ -262,7 +266,8 @@ def run_config(args, name: str) -> dict:
         assert jax.tree.structure(new_state) == jax.tree.structure(setup.abstract_state)
         # Lowering (no compilation) also checks the jit shardings and donation, and shows
         # which attention kernel the step would use on this backend.
-        lowered = setup.p_train_step.lower(setup.abstract_state, setup.abstract_batch)
+        with setup.rules():
+            lowered = setup.p_train_step.lower(setup.abstract_state, setup.abstract_batch)
         result["trace_s"] = time.perf_counter() - t0
         result["attention_kernel"] = attention_kernel(lowered.as_text(), settings)
         result.update(dry_run=True, scalars=sorted(scalars))
@@ -272,7 +277,9 @@ def run_config(args, name: str) -> dict:
     state = jax.jit(setup.init_state, out_shardings=setup.state_sh)()
     jax.block_until_ready(state)
 
-    lowered, compiled, times = harness.lower_and_compile(setup.p_train_step, state, batches[0])
+    with setup.rules():
+        lowered, compiled, times = harness.lower_and_compile(setup.p_train_step, state,
+                                                             batches[0])
     result.update(times)
     result["attention_kernel"] = attention_kernel(harness.hlo_text(lowered, compiled),
                                                   settings)

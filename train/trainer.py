@@ -91,14 +91,18 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
     stop_after_steps: stop (with a checkpoint) after this many steps of *this* invocation,
       as a preemption would; used by tests to prove resume == uninterrupted.
     """
-    # ---- Workdir and config -------------------------------------------------------------
     config_lib.validate(config)
     os.makedirs(workdir, exist_ok=True)
     _check_workdir_config(config, workdir)
-    t_cfg, num_steps = config.train, config.train.num_steps
-
-    # ---- Mesh ---------------------------------------------------------------------------
     mesh = sharding.mesh_from_config(config.sharding)
+    # Every jitted model call traces inside the rules: the models' activation constraints
+    # (logical axis names) map onto this mesh through config.sharding.rules.
+    with sharding.use_rules(mesh, config.sharding):
+        return _train_and_evaluate(config, workdir, mesh, stop_after_steps)
+
+
+def _train_and_evaluate(config, workdir: str, mesh, stop_after_steps: int | None) -> dict:
+    t_cfg, num_steps = config.train, config.train.num_steps
     batch_sh = sharding.batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
 
@@ -127,8 +131,11 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
         make_init_state(model, tx, init_key, init_args, init_kwargs), plain_init, base_tx,
         tx, init_key, resuming=ckpt.latest_step() is not None)
     abstract_state = jax.eval_shape(init_state, *init_inputs)
-    state_sh = sharding.param_sharding(abstract_state, mesh, config.sharding.strategy,
-                                       config.sharding.min_size_to_shard)
+    # Logical axis names of the params (nn.with_logical_partitioning boxes) -> shardings of
+    # every state leaf that mirrors a param; the shape rule for the rest.
+    logical_params = jax.eval_shape(lambda: model.init(
+        {"params": init_key, "dropout": init_key}, *init_args, **init_kwargs))["params"]
+    state_sh = sharding.state_sharding(abstract_state, mesh, config.sharding, logical_params)
     state = jax.jit(init_state, out_shardings=state_sh)(*init_inputs)
     n_params, n_bytes = _param_count_and_bytes(state.params)
     logging.info("model %s/%s for %s: %d parameters, %.2f MB", config.model.family,

@@ -137,6 +137,9 @@ def test_nan_stops_with_clear_error_and_keeps_good_checkpoints(tmp_path, monkeyp
 @pytest.mark.parametrize("mesh", [dict(num_devices=8), dict(fsdp=4, strategy="fsdp",
                                                             min_size_to_shard=0)])
 def test_data_parallel_and_fsdp_equal_one_device(tmp_path, mesh):
+    """Through the trainer, with config.sharding's default logical-axis rules (the
+    state's shardings from the params' logical names, activation constraints inside
+    train.sharding.use_rules): the same run as one device."""
     assert jax.device_count() == 8
     one = tiny_config(num_steps=6, eval_every=100)
     one.sharding.num_devices = 1

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax.core import meta as flax_meta
 
 from models import cnn
 from train import optim
@@ -164,8 +165,8 @@ def train_scorer(train_ds, num_classes: int, steps: int, learning_rate: float, s
     model = cnn.ResNet(cnn.make_resnet_config("resnet_tiny", num_classes=num_classes,
                                               stem="imagenet"))
     first = train_ds.batch(0)
-    variables = jax.jit(model.init)(jax.random.fold_in(jax.random.key(seed), _SCORER_KEY),
-                                    first["image"][:1])  # jit: one compile, not one per op
+    variables = flax_meta.unbox(jax.jit(model.init)(  # jit: one compile, not one per op
+        jax.random.fold_in(jax.random.key(seed), _SCORER_KEY), first["image"][:1]))
     cfg = optim.default_config()
     cfg.name, cfg.learning_rate, cfg.schedule.name = "adam", learning_rate, "cosine"
     tx = optim.make_optimizer(cfg, steps)
