@@ -6,7 +6,10 @@ adds a registered evaluator's section with its defaults.
 """
 from __future__ import annotations
 
-from train.config import add_eval  # noqa: F401 -- the configs' evaluator helper
+from train.config import add_eval
+
+__all__ = ["add_eval", "cadence", "series_forecasting", "shapes_classification",
+           "warmup_cosine"]
 
 
 def cadence(c, num_steps: int, every: int) -> None:

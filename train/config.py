@@ -23,7 +23,6 @@ A run config (an `ml_collections.ConfigDict`) has these sections; every config f
 """
 from __future__ import annotations
 
-import dataclasses
 from numbers import Integral, Real
 
 import ml_collections

@@ -30,6 +30,9 @@ Optional, for objectives that need more than one loss and one optimizer:
   after_evaluation(step, params, model_state, workdir)
                               after each periodic validation pass
 
+`CrossEntropyTask` is a Task with the `label_smoothing` option, for classifier-style
+losses; subclasses extend its default_config / validate_config through super().
+
 Tasks with several models (a GAN's generator and discriminator; a student and its
 teacher) keep them in one params tree with one key per model and use the same hooks.
 """
@@ -106,6 +109,24 @@ class Task:
     def has_own_train_step(cls) -> bool:
         """Whether the task replaces the generic train step (a GAN's phased updates)."""
         return cls.make_train_step is not Task.make_train_step
+
+
+class CrossEntropyTask(Task):
+    """A task whose loss is a cross-entropy: it has the `label_smoothing` option (epsilon
+    of uniform label smoothing, Szegedy et al. 2016; 0 = off)."""
+
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        c = super().default_config()
+        c.label_smoothing = 0.0
+        return c
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        super().validate_config(config)
+        if not 0.0 <= config.task.label_smoothing < 1.0:
+            raise ValueError(f"task.label_smoothing={config.task.label_smoothing} must be in "
+                             "[0, 1)")
 
 
 def apply_model(model, params, model_state, inputs, rng, train: bool, *extra_inputs,

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from train.tasks import common
-from train.tasks.base import Task, apply_model
+from train.tasks.base import CrossEntropyTask, apply_model
 
 INPUT_KEYS = ("image", "tokens")
 
@@ -23,20 +23,20 @@ def topk_correct(logits, labels, k: int):
     return jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
 
 
-class ClassificationTask(Task):
+class ClassificationTask(CrossEntropyTask):
     """batch {input_key: [B, ...], "label": int[B]} -> logits [B, num_classes]."""
 
     name = "classify"
 
     @classmethod
     def default_config(cls) -> ml_collections.ConfigDict:
-        c = common.label_smoothing_config()
+        c = super().default_config()
         c.input_key = "image"      # batch key fed to the model ("image" | "tokens")
         return c
 
     @classmethod
     def validate_config(cls, config) -> None:
-        common.check_label_smoothing(config.task)
+        super().validate_config(config)
         if config.task.input_key not in INPUT_KEYS:
             raise ValueError(f"task.input_key={config.task.input_key!r}; allowed: "
                              f"{', '.join(INPUT_KEYS)}")

@@ -9,23 +9,9 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
-
-
-def label_smoothing_config() -> ml_collections.ConfigDict:
-    """The option of every cross-entropy task."""
-    c = ml_collections.ConfigDict()
-    c.label_smoothing = 0.0        # epsilon of uniform label smoothing (Szegedy et al.)
-    return c
-
-
-def check_label_smoothing(task_cfg) -> None:
-    if not 0.0 <= task_cfg.label_smoothing < 1.0:
-        raise ValueError(f"task.label_smoothing={task_cfg.label_smoothing} must be in "
-                         "[0, 1)")
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0

@@ -58,7 +58,7 @@ from models import cnn
 from train import optim
 from train.state import TrainState
 from train.tasks import common
-from train.tasks.base import Task
+from train.tasks.base import CrossEntropyTask
 
 LOSSES = ("non_saturating", "minimax")
 SCORER_BATCH_SIZE = 64  # the scorer's training batch, whatever data.batch_size is
@@ -204,7 +204,7 @@ class GANOptimizer(NamedTuple):
                 "discriminator": self.discriminator.init(params["discriminator"])}
 
 
-class GANTask(Task):
+class GANTask(CrossEntropyTask):
     """Needs a model with methods generate(z, train) -> images [B, H, W, C] in [0, 1] and
     discriminate(images, train) -> logits [B], params {"generator", "discriminator"}
     (models/gan.py), and batches {"image": [B, H, W, C] in [0, 1], "label"} (the labels
@@ -215,7 +215,7 @@ class GANTask(Task):
 
     @classmethod
     def default_config(cls) -> ml_collections.ConfigDict:
-        c = common.label_smoothing_config()  # one-sided here: real targets 1 - eps
+        c = super().default_config()  # label_smoothing: one-sided here: real targets 1 - eps
         c.loss = "non_saturating"  # generator: "non_saturating" -log D(G(z)) | "minimax"
         c.d_steps = 1              # k discriminator updates per generator update, each on
         #                            data.batch_size / k real images (Goodfellow et al. k=1)
@@ -230,7 +230,7 @@ class GANTask(Task):
 
     @classmethod
     def validate_config(cls, config) -> None:
-        common.check_label_smoothing(config.task)
+        super().validate_config(config)
         _check_options(config.task, config.data.batch_size)
 
     def __init__(self, config, model, data):

@@ -5,27 +5,18 @@ The text sample written after training is the `sample` evaluator (train/evaluato
 from __future__ import annotations
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from train.data import text as text_data
 from train.tasks import common
-from train.tasks.base import Task
+from train.tasks.base import CrossEntropyTask
 
 
-class LanguageModelTask(Task):
+class LanguageModelTask(CrossEntropyTask):
     """batch {"tokens": int[B, L+1]} -> inputs tokens[:, :-1], targets tokens[:, 1:]."""
 
     name = "lm"
     default_evals = ("sample",)
-
-    @classmethod
-    def default_config(cls) -> ml_collections.ConfigDict:
-        return common.label_smoothing_config()
-
-    @classmethod
-    def validate_config(cls, config) -> None:
-        common.check_label_smoothing(config.task)
 
     def init_args(self, batch):
         return (batch["tokens"][:, :-1],), {}

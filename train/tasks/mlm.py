@@ -11,7 +11,7 @@ import ml_collections
 
 from train.data.tokenizers import MASK, NUM_SPECIAL
 from train.tasks import common
-from train.tasks.base import Task
+from train.tasks.base import CrossEntropyTask
 
 
 def mask_tokens(rng, tokens, *, mask_probability: float, mask_token_fraction: float,
@@ -34,14 +34,14 @@ def mask_tokens(rng, tokens, *, mask_probability: float, mask_token_fraction: fl
     return jnp.where(selected, corrupted, tokens).astype(tokens.dtype), selected
 
 
-class MaskedLanguageModelTask(Task):
+class MaskedLanguageModelTask(CrossEntropyTask):
     """batch {"tokens": int[B, L+1]} (LM windows; the last token is dropped)."""
 
     name = "mlm"
 
     @classmethod
     def default_config(cls) -> ml_collections.ConfigDict:
-        c = common.label_smoothing_config()
+        c = super().default_config()
         c.mask_probability = 0.15  # BERT: 15% of tokens, then 80% [MASK] / 10% random /
         c.mask_token_fraction = 0.8  # 10% unchanged
         c.random_token_fraction = 0.1
@@ -50,7 +50,7 @@ class MaskedLanguageModelTask(Task):
     @classmethod
     def validate_config(cls, config) -> None:
         t = config.task
-        common.check_label_smoothing(t)
+        super().validate_config(config)
         if not 0.0 < t.mask_probability <= 1.0:
             raise ValueError(f"task.mask_probability={t.mask_probability} must be in (0, 1]")
         if min(t.mask_token_fraction, t.random_token_fraction) < 0 or (

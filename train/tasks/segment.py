@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 
 from train.tasks import common
-from train.tasks.base import Task, apply_model
+from train.tasks.base import CrossEntropyTask, apply_model
 
 
 def soft_dice_loss(logits, labels, weights, *, squared: bool = True, eps: float = 1.0):
@@ -83,7 +83,7 @@ def iou_and_dice(intersection, union) -> dict[str, float]:
     return out
 
 
-class SegmentationTask(Task):
+class SegmentationTask(CrossEntropyTask):
     """Per-pixel classification of batch["image"] into batch["mask"]'s K classes. The
     picture of test predictions is the `segmentation_plot` evaluator."""
 
@@ -92,7 +92,7 @@ class SegmentationTask(Task):
 
     @classmethod
     def default_config(cls) -> ml_collections.ConfigDict:
-        c = common.label_smoothing_config()
+        c = super().default_config()
         c.dice_weight = 1.0        # objective: CE + dice_weight * soft Dice; 0 = CE only
         c.dice_squared = True      # V-Net's sum p^2 + sum g^2 denominator; False: sum p + g
         c.dice_eps = 1.0           # smoothing in numerator and denominator
@@ -101,7 +101,7 @@ class SegmentationTask(Task):
     @classmethod
     def validate_config(cls, config) -> None:
         t = config.task
-        common.check_label_smoothing(t)
+        super().validate_config(config)
         if t.dice_weight < 0:
             raise ValueError(f"task.dice_weight={t.dice_weight} must be >= 0 (0 = "
                              "cross-entropy only)")

@@ -6,13 +6,12 @@ Greedy and beam decoding scored by exact match and BLEU is the `decode` evaluato
 from __future__ import annotations
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import sacrebleu
 
 from train.data.tokenizers import BOS, PAD
 from train.tasks import common
-from train.tasks.base import Task
+from train.tasks.base import CrossEntropyTask
 
 
 def shift_right(targets, bos_id: int = BOS):
@@ -28,19 +27,11 @@ def bleu_and_exact_match(hypotheses: list[str], references: list[str]) -> dict:
     return {"bleu": float(bleu), "exact_match": exact}
 
 
-class Seq2SeqTask(Task):
+class Seq2SeqTask(CrossEntropyTask):
     """batch {"inputs": int[B, S], "targets": int[B, T]} (EOS-terminated, PAD-padded)."""
 
     name = "seq2seq"
     default_evals = ("decode",)
-
-    @classmethod
-    def default_config(cls) -> ml_collections.ConfigDict:
-        return common.label_smoothing_config()
-
-    @classmethod
-    def validate_config(cls, config) -> None:
-        common.check_label_smoothing(config.task)
 
     def init_args(self, batch):
         return (batch["inputs"], shift_right(batch["targets"])), {}
