@@ -174,7 +174,8 @@ def _train_and_evaluate(config, workdir: str, mesh, stop_after_steps: int | None
 
     # Evaluators apply the model to model-form params (a compressed run's adapted ones)
     # through the task without its training-time transform.
-    p_model_eval_step = make_eval_step(compression_lib.uncompressed_task(task))
+    inner_task = compression_lib.uncompressed_task(task)
+    p_model_eval_step = p_eval_step if inner_task is task else make_eval_step(inner_task)
 
     def init_variables():
         plain = jax.jit(plain_init)()

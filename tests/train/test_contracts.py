@@ -50,31 +50,36 @@ def _toy_config(num_steps: int, every: int):
 
 
 def test_toy_task_and_evaluator_train_end_to_end(toys, tmp_path):
-    c = _toy_config(num_steps=30, every=10)
+    c = _toy_config(num_steps=20, every=10)
     summary = trainer.train_and_evaluate(c, str(tmp_path))
     # Copying the visible token is learnable in a few steps; chance is 1/260.
     assert summary["validation/accuracy"] > 0.5
-    # The evaluator ran at 10 and 20 and at the end (30, once), under its own name.
-    assert [r["step"] for r in _records(tmp_path, "calls")] == [10, 20, 30]
-    assert [r["final"] for r in _records(tmp_path, "calls")] == [0.0, 0.0, 1.0]
-    assert summary["calls/step"] == 30 and summary["calls/final"] == 1.0
+    # The evaluator ran at 10 and at the end (20, once), under its own name.
+    assert [r["step"] for r in _records(tmp_path, "calls")] == [10, 20]
+    assert [r["final"] for r in _records(tmp_path, "calls")] == [0.0, 1.0]
+    assert summary["calls/step"] == 20 and summary["calls/final"] == 1.0
     # Its evaluation is the trainer's: the same loop, params and loss as validation/loss.
     assert summary["calls/loss"] == pytest.approx(summary["validation/loss"], rel=1e-6)
     with open(tmp_path / "summary.json", encoding="utf-8") as f:
-        assert json.load(f)["calls/step"] == 30
+        assert json.load(f)["calls/step"] == 20
 
 
-@pytest.mark.parametrize("num_steps,every,steps", [
-    (10, 3, [3, 6, 9, 10]),   # N, 2N, ... and the end
-    (10, 5, [5, 10]),         # the end coincides with 2N: once
-    (4, 0, [4]),              # 0: at the end only
-    (4, -1, []),              # -1: off
-])
-def test_evaluator_schedule(toys, tmp_path, num_steps, every, steps):
-    c = _toy_config(num_steps, every)
+def test_evaluator_schedules(toys, tmp_path, monkeypatch):
+    """One 10-step run, four copies of the toy evaluator on four schedules."""
+    _, calls = toys
+    schedules = {"every3": (3, [3, 6, 9, 10]),   # N, 2N, ... and the end
+                 "every5": (5, [5, 10]),         # the end coincides with 2N: once
+                 "at_end": (0, [10]),            # 0: at the end only
+                 "off": (-1, [])}                # -1: off
+    c = _toy_config(num_steps=10, every=-1)
+    del c.evals["calls"]
+    for name, (every, _) in schedules.items():
+        monkeypatch.setitem(evaluators.EVALUATORS, name, type(name, (calls,), {"name": name}))
+        add_eval(c, name, every=every)
     summary = trainer.train_and_evaluate(c, str(tmp_path))
-    assert [r["step"] for r in _records(tmp_path, "calls")] == steps
-    assert ("calls/step" in summary) == bool(steps)
+    for name, (_, steps) in schedules.items():
+        assert [r["step"] for r in _records(tmp_path, name)] == steps, name
+        assert (f"{name}/step" in summary) == bool(steps), name
 
 
 def test_unknown_evaluator_and_bad_schedule_are_refused(toys):

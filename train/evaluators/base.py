@@ -43,6 +43,8 @@ class EvalContext:
     # (the trainer's own initialization, before any compression transform).
     init_variables: Callable[[], tuple]
     eval_key: Any = None                # the run's evaluation PRNG key
+    # Compiled functions evaluators share within a run (e.g. the CLIP encoders), by name.
+    shared: dict = dataclasses.field(default_factory=dict)
 
 
 class Evaluator:

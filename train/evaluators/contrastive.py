@@ -23,13 +23,19 @@ from train.evaluators.base import Evaluator, check_positive
 from train.tasks import contrastive_losses as losses
 
 
-def encoders(model, params, model_state):
-    """Jitted (encode_image, encode_text, image_features) of the trained model."""
-    variables = {"params": params, **model_state}
-
+def compiled_encoders(model):
+    """Jitted (variables, x) -> encode_image / encode_text / image_features of `model`."""
     def encode(method):
-        return jax.jit(lambda x: model.apply(variables, x, method=method))
+        return jax.jit(lambda variables, x: model.apply(variables, x, method=method))
     return encode(model.encode_image), encode(model.encode_text), encode(model.image_features)
+
+
+def encoders(model, params, model_state, compiled=None):
+    """(encode_image, encode_text, image_features): x -> embeddings with these params;
+    compiled: compiled_encoders(model) to reuse (one compilation per run)."""
+    variables = {"params": params, **model_state}
+    compiled = compiled or compiled_encoders(model)
+    return tuple(lambda x, f=f: f(variables, x) for f in compiled)
 
 
 def embed_split(ds, batch_size: int, encode_image, encode_text):
@@ -48,7 +54,10 @@ class _ImageText(Evaluator):
     """Shared: the encoders and the embedded test split."""
 
     def _encoders(self, params, model_state):
-        return encoders(self.ctx.model, params, model_state)
+        shared = self.ctx.shared
+        if "clip_encoders" not in shared:  # the four evaluators compile them once
+            shared["clip_encoders"] = compiled_encoders(self.ctx.model)
+        return encoders(self.ctx.model, params, model_state, shared["clip_encoders"])
 
     def _embed(self, split: str, encode_image, encode_text):
         return embed_split(self.ctx.data[split], self.ctx.config.data.eval_batch_size,
