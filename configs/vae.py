@@ -17,7 +17,7 @@ on a 2-core CPU shared with other jobs (wall times inflated by that, up to 3x):
   beta     default with beta=4                     4557.5  -12094.5  63.1    -4632.4  2m17s
   mlp      MLP (512, 256) Gaussian VAE             4253.8  -45056.5  99.1    -4269.7  1m06s
   ae       conv autoencoder (no KL; loss=-recon)   recon 4883.4 (at init -4549.0)     3m01s
-  * -test/nll_bound: the importance-weighted bound (16 samples), tighter than the ELBO.
+  * -iwae/nll_bound: the importance-weighted bound (16 samples), tighter than the ELBO.
 
 Reconstructions keep count, position, color and size (edges are soft: crosses and
 squares come out rounded); prior samples are mostly blobs of the right colors on the

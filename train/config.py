@@ -194,7 +194,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"compress.* with task.name={task!r} is not supported: the task "
                          "brings its own train step, which the compression transforms do "
                          "not reach")
-    optim.validate(config.optim, max(t.num_steps, 1))
+    optim.validate(config.optim, optim.schedule_steps(config.optim, t.num_steps))
     compression.validate(config.compress, t.num_steps)
     sharding.validate(config.sharding, config.data.batch_size)
     num_devices = len(sharding.devices_for(config.sharding))

@@ -308,6 +308,12 @@ def _check_regexes(key: str, patterns) -> None:
             raise ValueError(f"{key}: invalid regex {p!r}: {e}") from None
 
 
+def schedule_steps(optim_cfg: ml_collections.ConfigDict, num_steps: int) -> int:
+    """The total steps the schedule is built for: num_steps, or for an evaluate-only run
+    (0 steps, the optimizer never steps) the shortest length the schedule allows."""
+    return num_steps if num_steps > 0 else optim_cfg.schedule.warmup_steps + 1
+
+
 def validate(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> None:
     """Raises ValueError naming the offending key ("optim.<key>") and what is allowed.
 

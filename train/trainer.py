@@ -113,7 +113,7 @@ def _train_and_evaluate(config, workdir: str, mesh, stop_after_steps: int | None
     model, _ = families.build(config.model, config.task.name, **data.info,
                               **compression.model_code(for_export=False))
     task = compression.wrap_task(make_task(config, model, data))
-    base_tx = task.make_optimizer(config.optim, max(num_steps, 1))  # 0 steps: evaluate only
+    base_tx = task.make_optimizer(config.optim, optim.schedule_steps(config.optim, num_steps))
     tx = compression.wrap_optimizer(base_tx)
 
     # ---- Checkpoint ---------------------------------------------------------------------

@@ -269,3 +269,17 @@ def test_mock_tfds_images_train_a_classifier_end_to_end(tmp_path):
     with tfds.testing.mock_data(num_examples=64):
         summary = trainer.train_and_evaluate(c, str(tmp_path))
     assert summary["train/steps"] == 2 and 0.0 <= summary["test/accuracy"] <= 1.0
+
+
+def test_evaluate_only_run_of_a_warmup_config_is_valid(tmp_path):
+    """0 steps (post-training compression of a trained run): the optimizer never steps,
+    so a warm-up longer than the run is no error; its schedule is built for warmup + 1."""
+    (tmp_path / "checkpoints").mkdir()
+    c = gpt.get_config("default")
+    assert c.optim.schedule.warmup_steps == 50
+    c.train.num_steps = 0
+    c.compress.init_from = str(tmp_path)
+    c.compress.quantize.mode = "ptq"
+    config_lib.validate(c)
+    assert trainer.optim.schedule_steps(c.optim, 0) == 51
+    assert trainer.optim.schedule_steps(c.optim, 600) == 600
