@@ -48,14 +48,18 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from train import config as config_lib
+from train.evaluators import EVALUATORS
 from train.metrics_log import format_duration, quiet_library_logs, write_json
 from train.sweep_plots import plot_pareto, plot_results
 
 # Metrics whose larger values are better (matched against the metric's name); any other
 # metric (loss, perplexity, bits_per_token, ...) is sorted smallest first.
-HIGHER_IS_BETTER = ("accuracy", "bleu", "exact_match", "f1", "per_second")
-# results.md shows these metrics (results.csv has every numeric key of summary.json).
-KEY_METRIC_PREFIXES = ("validation/", "test/", "compressed/validation/")
+HIGHER_IS_BETTER = ("accuracy", "bleu", "exact_match", "f1", "per_second", "top1", "top5",
+                    "r@", "miou", "mean_dice", "score", "skill")
+# results.md shows these metrics (results.csv has every numeric key of summary.json):
+# the splits', the compressed form's and every evaluator's (`<name>/<metric>`).
+KEY_METRIC_PREFIXES = ("validation/", "test/", "compressed/validation/") + tuple(
+    f"{name}/" for name in EVALUATORS)
 KEY_METRICS = ("train/steps_per_second", "params/count", "params/bytes", "compressed/bytes",
                "compressed/fraction_of_float", "compressed/sparsity")
 

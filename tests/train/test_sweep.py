@@ -246,7 +246,11 @@ def test_a_preempted_run_stops_the_sweep(base, tmp_path, monkeypatch):
     ("validation/loss", "auto", "min"), ("test/perplexity", "auto", "min"),
     ("validation/accuracy", "auto", "max"), ("test/bleu", "auto", "max"),
     ("test/exact_match", "auto", "max"), ("validation/accuracy", "min", "min"),
-    ("validation/loss", "max", "max")])
+    ("validation/loss", "max", "max"), ("decode/test_bleu", "auto", "max"),
+    ("zero_shot/top1_among_heldout", "auto", "max"), ("retrieval/image_to_text_r@1", "auto",
+                                                      "max"),
+    ("validation/miou", "auto", "max"), ("validation/fake_score", "auto", "max"),
+    ("validation/dice_loss", "auto", "min"), ("iwae/nll_bound", "auto", "min")])
 def test_sort_direction(metric, mode, direction):
     assert sweep.sort_direction(metric, mode) == direction
 
