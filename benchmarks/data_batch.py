@@ -51,11 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=DEFAULT_OUT, help="JSON results path ('' = none)")
     args = p.parse_args(argv)
-    for key in ("batch", "steps", "windows"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key} must be >= 1")
-    if args.warmup < 0:
-        p.error("--warmup must be >= 0")
+    harness.require_at_least(p, args, ("batch", "steps", "windows"))
+    harness.require_at_least(p, args, ("warmup",), low=0)
     return args
 
 

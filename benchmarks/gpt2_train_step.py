@@ -105,11 +105,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.out is None:
         args.out = "" if args.dry_run else DEFAULT_OUT
-    for key in ("batch", "seq_len", "vocab", "steps", "windows", "num_batches"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key} must be >= 1")
-    if args.warmup < 1:
-        p.error("--warmup must be >= 1 (the first step is the sanity check)")
+    harness.require_at_least(p, args, ("batch", "seq_len", "vocab", "steps", "windows",
+                                       "num_batches"))
+    harness.require_at_least(p, args, ("warmup",),
+                             why=" (the first step is the sanity check)")
     return args
 
 

@@ -61,6 +61,14 @@ def add_timing_flags(p: argparse.ArgumentParser) -> None:
                    help="distinct random batches on the device, used in turn")
 
 
+def require_at_least(p: argparse.ArgumentParser, args, keys: Sequence[str], low: int = 1,
+                     why: str = "") -> None:
+    """p.error (exit 2, one line) unless every flag in `keys` is >= low."""
+    for key in keys:
+        if getattr(args, key) < low:
+            p.error(f"--{key} must be >= {low}{why}")
+
+
 def add_peer_flags(p: argparse.ArgumentParser, what: str) -> None:
     """--peer (path to torch_peers.py; `what` it runs) / --peer_python / --peer_timeout."""
     p.add_argument("--peer", default="",

@@ -76,10 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     harness.add_peer_flags(p, "bench_rnn (every cell and dtype)")
     p.add_argument("--out", default=DEFAULT_OUT, help="JSON results path ('' = none)")
     args = p.parse_args(argv)
-    for key in ("batch", "seq_len", "input", "hidden", "layers", "steps", "windows",
-                "num_batches", "warmup", "unroll"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key} must be >= 1")
+    harness.require_at_least(p, args, ("batch", "seq_len", "input", "hidden", "layers",
+                                       "steps", "windows", "num_batches", "warmup", "unroll"))
     return args
 
 

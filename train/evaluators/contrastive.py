@@ -30,11 +30,9 @@ def compiled_encoders(model):
     return encode(model.encode_image), encode(model.encode_text), encode(model.image_features)
 
 
-def encoders(model, params, model_state, compiled=None):
-    """(encode_image, encode_text, image_features): x -> embeddings with these params;
-    compiled: compiled_encoders(model) to reuse (one compilation per run)."""
+def bind(compiled, params, model_state):
+    """compiled_encoders(...) bound to these params: x -> embeddings, each."""
     variables = {"params": params, **model_state}
-    compiled = compiled or compiled_encoders(model)
     return tuple(lambda x, f=f: f(variables, x) for f in compiled)
 
 
@@ -57,7 +55,7 @@ class _ImageText(Evaluator):
         shared = self.ctx.shared
         if "clip_encoders" not in shared:  # the four evaluators compile them once
             shared["clip_encoders"] = compiled_encoders(self.ctx.model)
-        return encoders(self.ctx.model, params, model_state, shared["clip_encoders"])
+        return bind(shared["clip_encoders"], params, model_state)
 
     def _embed(self, split: str, encode_image, encode_text):
         return embed_split(self.ctx.data[split], self.ctx.config.data.eval_batch_size,
