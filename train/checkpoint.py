@@ -11,18 +11,23 @@ A checkpoint at step N is a directory `<directory>/<N>/` holding two orbax items
 
 Orbax writes each step into a temporary directory and renames it on commit, so a
 crash mid-save never leaves a half-written step behind; what can still go wrong is a
-damaged committed step (deleted or truncated files), a checkpoint from a different
-model, and a diverged (NaN) state. Each of those is a clear error here:
+damaged committed step (a flipped bit, deleted or truncated files, a step half-deleted
+by a kill during orbax's cleanup of old steps), a checkpoint from a different model,
+and a diverged (NaN) state. Each of those is a clear error here:
 
   save()    raises NonFiniteStateError if any floating leaf is NaN/Inf, before
             writing anything, so the previous good checkpoints stay the newest.
+            Records a fingerprint of every array (two 32-bit sums of its bit
+            pattern, computed on device: `fingerprints`) in `meta`.
+  all_steps() lists only complete steps (every file restore reads is present).
   restore() compares the saved tree metadata (paths, shapes, dtypes) with the
             template first and raises CheckpointMismatchError naming every differing
-            path: orbax itself would silently cast dtypes. Unreadable files raise
-            CorruptCheckpointError naming the step and directory. There is no silent
-            fallback to an older step: the error lists the other steps, and the
-            caller may pass `step=` explicitly (a resumed run on a quietly older
-            step would repeat work and could desynchronise `meta`).
+            path: orbax itself would silently cast dtypes. Unreadable files and
+            arrays whose fingerprint differs from the recorded one raise
+            CorruptCheckpointError naming the step, directory and paths.
+  restore_newest_intact()  the newest step that restores and verifies, with the
+            steps it skipped and why: the caller (the trainer) logs them and moves
+            them aside, never deleting them.
 
 Usage in a trainer:
 
@@ -53,6 +58,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from train import errors
+
 log = logging.getLogger(__name__)
 
 
@@ -69,18 +76,27 @@ logging.getLogger("absl").addFilter(_NoUnrankedSaveWarning())
 PyTree = Any
 
 _MAX_LISTED = 20  # differing paths listed in a mismatch error before "... and N more"
+_FINGERPRINTS = "array_fingerprints"  # the key of meta that holds them
 
 
-class NonFiniteStateError(ValueError):
+class NonFiniteStateError(errors.NonFiniteError, ValueError):
     """save() was given a state with NaN/Inf floating leaves; nothing was written."""
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(errors.CheckpointError, ValueError):
     """The saved checkpoint's tree (paths, shapes, dtypes) differs from the template's."""
 
 
-class CorruptCheckpointError(RuntimeError):
-    """A committed checkpoint step could not be read (missing or truncated files)."""
+class CorruptCheckpointError(errors.CheckpointError, RuntimeError):
+    """A committed checkpoint step could not be read (missing or truncated files) or an
+    array differs from the fingerprint recorded when it was saved."""
+
+
+# Files every complete step has (orbax 0.12 layout): its checkpoint metadata, the state's
+# tree metadata and the meta item. A step half-deleted by a kill during orbax's cleanup of
+# old steps lacks some of them; missing array data is caught by restore + fingerprints.
+_STEP_FILES = ("_CHECKPOINT_METADATA", os.path.join("state", "_METADATA"),
+               os.path.join("meta", "metadata"))
 
 
 def _path_str(path) -> str:
@@ -100,6 +116,41 @@ def _flat(tree: PyTree) -> dict[str, Any]:
 def _finite_flags(leaves: list[jax.Array]) -> jax.Array:
     """bool[len(leaves)]: whether every element of each leaf is finite (one transfer)."""
     return jnp.stack([jnp.isfinite(x).all() for x in leaves])
+
+
+def _as_words(x: jax.Array) -> jax.Array:
+    """x's bit pattern as a flat uint32 vector (one word per element of <= 32 bits, two
+    for 64-bit elements); typed PRNG keys by their key data."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.reshape(-1).astype(jnp.uint32)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, unsigned)
+    return bits.reshape(-1).astype(jnp.uint32)
+
+
+@jax.jit
+def _fingerprint_leaves(leaves: list[jax.Array]) -> jax.Array:
+    """uint32[len(leaves), 2]: per leaf, sum(w) and sum((2i+1) * w) mod 2**32 over its
+    words w_i. Integer sums are exact in any reduction order (so on any mesh), any single
+    flipped bit changes the first (by +-2**k), a swap of two words the second."""
+    rows = []
+    for x in leaves:
+        w = _as_words(x)
+        odd = 2 * jnp.arange(w.size, dtype=jnp.uint32) + 1
+        rows.append(jnp.stack([jnp.sum(w, dtype=jnp.uint32),
+                               jnp.sum(w * odd, dtype=jnp.uint32)]))
+    return jnp.stack(rows) if rows else jnp.zeros((0, 2), jnp.uint32)
+
+
+def fingerprints(state: PyTree) -> dict[str, list[int]]:
+    """{path: [sum, weighted sum]} of every array leaf of `state` (computed on device;
+    only 8 bytes a leaf come to the host)."""
+    arrays = {p: x for p, x in _flat(state).items() if hasattr(x, "dtype")}
+    values = np.asarray(jax.device_get(_fingerprint_leaves(
+        [jnp.asarray(x) for x in arrays.values()])))
+    return {p: [int(a), int(b)] for p, (a, b) in zip(arrays, values)}
 
 
 def nonfinite_paths(state: PyTree) -> list[str]:
@@ -197,6 +248,9 @@ class Checkpointer:
             preservation_policy=policies.AnyPreservationPolicy(preserve),
             best_fn=best_fn,
             best_mode=best_mode,
+            # The directory appears with the first save: opening a workdir to look at
+            # its checkpoints (a refused start included) writes nothing.
+            create=False,
         )
         self._manager = ocp.CheckpointManager(
             self.directory, options=options,
@@ -207,11 +261,19 @@ class Checkpointer:
     # -- queries ---------------------------------------------------------------------
 
     def all_steps(self) -> list[int]:
-        """Committed steps on disk, ascending."""
-        return sorted(self._manager.all_steps())
+        """Committed, complete steps on disk, ascending (not a step half-deleted by a
+        kill during orbax's cleanup: it lacks files every restore reads)."""
+        return sorted(s for s in self._manager.all_steps() if self._complete(s))
+
+    def _complete(self, step: int) -> bool:
+        if "://" in self.directory:  # remote storage: trust orbax's commit protocol
+            return True
+        root = os.path.join(self.directory, str(step))
+        return all(os.path.exists(os.path.join(root, f)) for f in _STEP_FILES)
 
     def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def best_step(self) -> int | None:
         """Step with the best `best_metric`; None without best_metric or metrics."""
@@ -260,6 +322,7 @@ class Checkpointer:
             json.dumps(meta)  # fail here, not in orbax's background write thread
         except TypeError as e:
             raise ValueError(f"meta must be JSON-serializable: {e}") from e
+        meta[_FINGERPRINTS] = fingerprints(state)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   meta=ocp.args.JsonSave(meta))
         return self._manager.save(step, args=args, metrics=self._ranking_metrics(step, metrics),
@@ -305,10 +368,9 @@ class Checkpointer:
         if diffs:
             listing = _listing(diffs, sep="\n  ")
             raise CheckpointMismatchError(
-                f"Checkpoint step {step} in {self.directory} does not fit the model "
-                f"({len(diffs)} differences):\n  {listing}\n"
-                "This workdir belongs to a different model or config; use a fresh workdir "
-                "or the config that wrote it.")
+                f"checkpoint step {step} in {self.directory} does not fit the model "
+                f"({len(diffs)} differences; it belongs to a different model: use a fresh "
+                f"workdir or the config that wrote it):\n  {listing}")
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(jax.tree.map(_abstract, template)),
             meta=ocp.args.JsonRestore())
@@ -316,7 +378,49 @@ class Checkpointer:
             restored = self._manager.restore(step, args=args)
         except Exception as e:  # tensorstore/IO errors come in many types
             raise self._corrupt(step, steps, e) from e
-        return restored["state"], dict(restored["meta"] or {})
+        meta = dict(restored["meta"] or {})
+        self._verify(step, steps, restored["state"], meta.pop(_FINGERPRINTS, None))
+        return restored["state"], meta
+
+    def restore_newest_intact(self, template: PyTree, step: int | None = None
+                              ) -> tuple[PyTree, dict, int, list[tuple[int, str]]]:
+        """(state, meta, step, skipped): the newest complete step that restores and
+        verifies (or exactly `step` when given), and [(step, why)] of the newer ones that
+        did not. Raises CorruptCheckpointError when no step is intact (or `step` is not),
+        CheckpointMismatchError at once for a checkpoint of another model (older steps
+        would not fit either), FileNotFoundError when there is no checkpoint."""
+        steps = self.all_steps()
+        if step is not None:
+            if step not in steps:
+                raise errors.CheckpointError(
+                    f"checkpoint.restore_step={step}: no complete checkpoint of that step "
+                    f"in {self.directory}; available steps: {steps}")
+            state, meta = self.restore(template, step)
+            return state, meta, step, []
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        skipped = []
+        for candidate in reversed(steps):
+            try:
+                state, meta = self.restore(template, candidate)
+                return state, meta, candidate, skipped
+            except CorruptCheckpointError as e:
+                skipped.append((candidate, errors.first_line(e)))
+        raise CorruptCheckpointError(
+            f"no intact checkpoint in {self.directory}: "
+            + "; ".join(f"step {s}: {why}" for s, why in skipped))
+
+    def _verify(self, step: int, steps: list[int], state: PyTree, recorded) -> None:
+        """CorruptCheckpointError unless every array matches its recorded fingerprint."""
+        if recorded is None:  # written before fingerprints existed: nothing to compare
+            log.warning("checkpoint step %d in %s has no fingerprints; not verified",
+                        step, self.directory)
+            return
+        actual = fingerprints(state)
+        bad = sorted(p for p in actual if recorded.get(p) != actual[p])
+        if bad:
+            raise self._corrupt(step, steps, f"{len(bad)} arrays differ from the "
+                                f"fingerprints recorded at save: {_listing(bad, ', ')}")
 
     def restore_raw(self, step: int | None = None) -> PyTree:
         """The state at `step` (default latest) as saved, without a template: nested
@@ -332,11 +436,15 @@ class Checkpointer:
             lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
             self._saved_state_metadata(step, steps),
             is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(template))
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(template),
+                                  meta=ocp.args.JsonRestore())
         try:
-            return self._manager.restore(step, args=args)["state"]
+            restored = self._manager.restore(step, args=args)
         except Exception as e:  # tensorstore/IO errors come in many types
             raise self._corrupt(step, steps, e) from e
+        self._verify(step, steps, restored["state"],
+                     dict(restored["meta"] or {}).get(_FINGERPRINTS))
+        return restored["state"]
 
     def _saved_state_metadata(self, step: int, steps: list[int]) -> PyTree:
         """The saved state's tree of ArrayMetadata (shape, dtype); never loads arrays."""
@@ -349,15 +457,11 @@ class Checkpointer:
         return getattr(metadata, "tree", metadata)  # TreeMetadata wraps the plain tree
 
     def _corrupt(self, step: int, steps: list[int], cause) -> CorruptCheckpointError:
-        older = [s for s in steps if s < step]
-        hint = (f"Restore an older step explicitly with restore(template, step={older[-1]}) "
-                f"or delete {self.directory}/{step}." if older else
-                "No older step to fall back to.")
-        if isinstance(cause, Exception):
-            cause = f"{type(cause).__name__}: {cause}"
+        if isinstance(cause, Exception):  # tensorstore messages run to many lines
+            cause = f"{type(cause).__name__}: {errors.first_line(cause, 200)}"
         return CorruptCheckpointError(
-            f"Checkpoint step {step} in {self.directory} is corrupt or incomplete ({cause}). "
-            f"Available steps: {steps}. {hint}")
+            f"checkpoint step {step} in {self.directory} is corrupt or incomplete ({cause}); "
+            f"available steps: {steps}")
 
     # -- lifecycle -------------------------------------------------------------------
 
