@@ -127,8 +127,10 @@ def _to_section(config, skip: tuple[str, ...]) -> ml_collections.ConfigDict:
         if dataclasses.is_dataclass(value):
             section[field.name] = _to_section(value, field.metadata.get("derived", ()))
         elif isinstance(value, tuple):
-            section[field.name] = list(value)  # ConfigDict/JSON friendly; the dataclass
-        else:                                  # turns it back into a tuple
+            # A tuple, so --config.model.<field>="(8, 16)" overrides it (ml_collections
+            # overrides tuples, not lists); config.json stores it as a JSON list.
+            section[field.name] = tuple(value)
+        else:
             section[field.name] = _placeholder(hints[field.name]) if value is None else value
     return section
 

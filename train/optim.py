@@ -34,6 +34,14 @@ def default_config() -> ml_collections.ConfigDict:
     """Every key of the `optim` section with its default; configs override from here."""
     c = ml_collections.ConfigDict()
     c.name = "adamw"              # one of OPTIMIZERS
+    # Two differ from PyTorch's class of the same name (README, "Numerics"):
+    #   nadam: optax.nadam, Dozat 2016 with a constant momentum b1. PyTorch's NAdam decays
+    #     it, mu_t = b1 (1 - 0.5 * 0.96^(0.004 t)) (momentum_decay=0.004): another update
+    #     from the first step on.
+    #   rmsprop with momentum: optax's buffer accumulates lr_t * g / (sqrt(v) + eps) (the
+    #     LR before the momentum); PyTorch's accumulates g / (sqrt(v) + eps) and the
+    #     update is the current lr times it. Equal for a constant LR; under a schedule
+    #     optax's buffer keeps each past step's LR.
     c.learning_rate = 1e-3        # peak / base LR; schedules and layer_lr scale it
     c.b1 = 0.9                    # adam, adamw, nadam: first-moment decay
     c.b2 = 0.999                  # adam, adamw, nadam: second-moment decay
@@ -50,7 +58,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.weight_decay = 0.0
     # Param-path regexes never decayed (and never L1/L2-penalized): biases, norm scales,
     # embeddings.
-    c.weight_decay_exclude = ["(^|/)bias$", "(^|/)scale$", "embed"]
+    # Sequences are tuples: --config.optim.weight_decay_exclude="('bias', 'scale')".
+    c.weight_decay_exclude = ("(^|/)bias$", "(^|/)scale$", "embed")
     c.grad_clip_norm = 0.0        # clip the global gradient norm to this; 0 = off
     # Explicit penalties added to the LOSS by the trainer, see regularization_penalty:
     # l1 * sum|w| + l2 * sum w^2 (no 0.5 factor), over params not in weight_decay_exclude.
@@ -58,9 +67,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.l2 = 0.0
     # Discriminative learning rates (ULMFiT): [(regex, multiplier), ...]; a param gets
     # lr * multiplier of the FIRST regex its path matches, 1.0 when none matches.
-    c.layer_lr = []
+    c.layer_lr = ()
     # Regexes of params that are never updated (zero updates, no optimizer state).
-    c.freeze = []
+    c.freeze = ()
 
     s = c.schedule = ml_collections.ConfigDict()
     s.name = "constant"           # one of SCHEDULES
@@ -229,6 +238,7 @@ def _base_optimizer(cfg: ml_collections.ConfigDict,
     if cfg.name == "adam":
         return optax.adam(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
     if cfg.name == "nadam":
+        # Dozat 2016 with constant momentum: no PyTorch-style momentum decay (see above).
         return optax.nadam(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
     if cfg.name == "adamw":
         return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
@@ -236,7 +246,8 @@ def _base_optimizer(cfg: ml_collections.ConfigDict,
                            mask=_unmatched_mask(cfg.weight_decay_exclude))
     if cfg.name == "rmsprop":
         # PyTorch's RMSprop: v starts at 0, eps outside the sqrt, no bias correction.
-        # (optax applies momentum after the LR; identical for a constant LR.)
+        # Momentum: optax scales by the LR *before* the momentum trace (the buffer holds
+        # lr * g / (sqrt(v) + eps)), PyTorch after it; identical for a constant LR only.
         return optax.rmsprop(lr, decay=cfg.decay, eps=cfg.eps, initial_scale=0.0,
                              eps_in_sqrt=False, momentum=momentum)
     raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {cfg.name!r}")

@@ -98,8 +98,8 @@ def default_config() -> ml_collections.ConfigDict:
         # 16K elements (64 KiB in f32): below this, gathering a parameter every step
         # costs more latency than the memory it saves.
         "min_size_to_shard": 2**14,
-        "rules": [[name, list(axes) if isinstance(axes, tuple) else axes]
-                  for name, axes in DEFAULT_RULES],
+        # Pairs as tuples, so --config.sharding.rules="(('embed', 'fsdp'), ...)" works.
+        "rules": tuple(DEFAULT_RULES),
     })
 
 

@@ -9,7 +9,8 @@ it, `get_sweep(variant)` of the config file, in one of three forms:
 
   "k1=a,b;k2=c,d"           --sweep: axes split by ';', values by ','; each value is parsed
                             with the type of the field it replaces: int, float (1e-3), bool
-                            (true/false), str (so a string cannot hold ',' or ';').
+                            (true/false), str (so a string cannot hold ',' or ';'), tuple as
+                            a Python literal in parentheses: "model.widths=(8,16),(16,32)".
   [(key, [values]), ...]    the same axes as Python values. A value may also be a dict of
                             linked overrides forming one grid point together (the key is then
                             just a label): ("optimizer", [{"optim.name": "sgd",
@@ -29,6 +30,7 @@ sweep goes on; the exit status is 1 unless every run finished.
 """
 from __future__ import annotations
 
+import ast
 import copy
 import csv
 import hashlib
@@ -99,8 +101,10 @@ def _coerce(key: str, value, config: ml_collections.ConfigDict):
     if optional and (value is None or (isinstance(value, str)
                                        and value.strip().lower() == "none")):
         return None
+    if kind is tuple and isinstance(value, list):  # get_sweep() may write lists
+        value = tuple(value)
     if isinstance(value, str) and kind is not str:
-        if kind in (list, tuple, dict):
+        if kind in (list, dict):
             raise ValueError(f"sweep key {key!r} holds {_TYPE_NAMES.get(kind, kind)}; "
                              "sweep it from get_sweep() in the config file, not --sweep")
         value = _parse_text(key, value, kind)
@@ -119,6 +123,9 @@ def _coerce(key: str, value, config: ml_collections.ConfigDict):
 def _parse_text(key: str, text: str, kind: type):
     t = text.strip()
     try:
+        if kind is tuple:
+            value = ast.literal_eval(t)
+            return tuple(value) if isinstance(value, (tuple, list)) else (value,)
         if kind is bool and t.lower() in ("true", "false", "1", "0", "yes", "no"):
             return t.lower() in ("true", "1", "yes")
         if kind is int:
@@ -127,10 +134,21 @@ def _parse_text(key: str, text: str, kind: type):
                 return int(t) if t.lstrip("+-").isdigit() else int(number)
         if kind is float:
             return float(t)
-    except ValueError:
+    except (ValueError, SyntaxError):
         pass
     raise ValueError(f"sweep value {text!r} for {key} is not "
                      f"{_TYPE_NAMES.get(kind, kind.__name__)}")
+
+
+def _top_level_split(text: str) -> list[str]:
+    """`text` split at the commas outside parentheses and brackets: "(8,16),(16,32)"."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch in "([") - (ch in ")]")
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
 
 
 def _axes_from_text(spec: str) -> list[tuple[str, list[str]]]:
@@ -139,7 +157,7 @@ def _axes_from_text(spec: str) -> list[tuple[str, list[str]]]:
         if not part:
             continue
         key, sep, values = part.partition("=")
-        values = [v.strip() for v in values.split(",")]
+        values = [v.strip() for v in _top_level_split(values)]
         if not sep or not key.strip() or not all(values):
             raise ValueError(f"sweep axis {part!r} must look like key=value1,value2")
         axes.append((key.strip(), values))
@@ -239,7 +257,7 @@ def plan_runs(base_config, runs: list[dict]) -> list[tuple[str, dict, object]]:
 # ----------------------------------------------------------------------------------------
 def _finished_summary(run_dir: str, config) -> dict | None:
     """summary.json of a finished run of `config` in run_dir, None if not finished."""
-    from train.trainer import config_differences  # noqa: PLC0415 -- the trainer's own
+    from train.workdir import config_differences  # noqa: PLC0415 -- the trainer's
 
     path, config_path = (os.path.join(run_dir, f) for f in ("summary.json", "config.json"))
     if not os.path.exists(path):
@@ -248,8 +266,9 @@ def _finished_summary(run_dir: str, config) -> dict | None:
     # reported as this one; the trainer refuses such a workdir for unfinished runs alike.
     if os.path.exists(config_path):
         with open(config_path, encoding="utf-8") as f:
+            saved = {k: v for k, v in json.load(f).items() if k != "lineage"}
             diffs = config_differences(
-                json.load(f), json.loads(config.to_json_best_effort(sort_keys=True)))
+                saved, json.loads(config.to_json_best_effort(sort_keys=True)))
         if diffs:
             raise ValueError(f"{run_dir} holds a finished run of a different config (keys "
                              f"differ: {', '.join(diffs)}); move it away or use another "

@@ -60,6 +60,17 @@ def test_values_take_the_type_of_the_config_field(base):
     assert base.train.num_steps == 20  # the base config is not touched
 
 
+def test_tuple_axes_from_the_command_line(base):
+    runs = sweep.parse_sweep("optim.weight_decay_exclude=('bias',),('bias$', 'scale');"
+                             "optim.learning_rate=1e-3", base)
+    assert [r["optim.weight_decay_exclude"] for r in runs] == [("bias",), ("bias$", "scale")]
+    config = sweep.apply_overrides(base, runs[1])
+    assert config.optim.weight_decay_exclude == ("bias$", "scale")
+    assert sweep.parse_sweep([("optim.freeze", [["head"], []])], base)[0] == {
+        "optim.freeze": ("head",)}  # get_sweep() lists become tuples
+    assert len({sweep.run_name(r) for r in runs}) == 2
+
+
 @pytest.mark.parametrize("spec, words", [
     ("optim.lr=1e-3", ["'optim.lr'", "learning_rate", "momentum"]),
     ("optimizer.name=sgd", ["'optimizer.name'", "optim", "train"]),
@@ -67,7 +78,7 @@ def test_values_take_the_type_of_the_config_field(base):
     ("model.num_layers=2,1.5", ["'1.5'", "model.num_layers", "integer"]),
     ("optim.nesterov=maybe", ["optim.nesterov", "bool"]),
     ("optim=sgd", ["'optim' is a section", "learning_rate"]),
-    ("optim.weight_decay_exclude=bias", ["optim.weight_decay_exclude", "get_sweep"]),
+    ("optim.weight_decay_exclude=bias", ["'bias'", "optim.weight_decay_exclude", "tuple"]),
     ("optim.name", ["key=value1,value2"]),
     ("model.num_layers=1;model.num_layers=2", ["'model.num_layers' is set by two axes"]),
     ("", ["empty"]),
@@ -264,7 +275,7 @@ def test_command_line_prints_the_table_and_fails_when_a_run_fails(tmp_path):
          f"--workdir={tmp_path}", "--sweep=seed=1", "--config.train.num_steps=5"],
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr
-    assert "| 1 | 1 |" in result.stdout and "failed: ValueError" in result.stdout
+    assert "| 1 | 1 |" in result.stdout and "failed: WorkdirError" in result.stdout
     assert "1 of 1 runs did not finish: seed=1" in result.stderr
     with open(tmp_path / "sweep.json") as f:
         assert json.load(f)["base_config"]["train"]["num_steps"] == 5

@@ -18,6 +18,7 @@ Install with ``pip install -e ".[tfds]"``.
 """
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +29,7 @@ from train.data import checks, text
 from train.data.base import RandomAccessDataset, Source
 from train.data.text import LMDataset
 from train.data.tokenizers import ByteTokenizer, pad_batch
+from train.errors import ConfigError, first_line
 
 
 def data_source(name: str, split: str, data_dir: str | None = None) -> Any:
@@ -36,9 +38,26 @@ def data_source(name: str, split: str, data_dir: str | None = None) -> Any:
     try:
         import tensorflow_datasets as tfds  # lazy: see the module docstring
     except ImportError as e:
-        raise ImportError('data source "tfds" needs tensorflow-datasets: '
+        raise ConfigError('data source "tfds" needs tensorflow-datasets: '
                           'pip install -e ".[tfds]"') from e
-    return tfds.data_source(name, split=split, data_dir=data_dir)
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir)
+    except Exception as e:  # an unknown name, not prepared, a bad split, a bad data_dir
+        if type(e).__name__ == "DatasetNotFoundError":  # its message lists every name
+            close = difflib.get_close_matches(name.split("/")[0], _tfds_names(tfds), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"data.tfds.tfds_name={name!r}: TFDS has no such dataset{hint}"
+                              " (all names: tfds.list_builders())") from e
+        raise ConfigError(f"TFDS dataset {name!r} split {split!r} cannot be read "
+                          f"(data_dir={data_dir}): {first_line(e)}") from e
+
+
+def _tfds_names(tfds) -> list[str]:
+    """Every registered TFDS name; [] where listing them needs TensorFlow."""
+    try:
+        return list(tfds.list_builders(with_community_datasets=False))
+    except Exception:  # noqa: BLE001 -- only a hint
+        return []
 
 
 def _as_bytes(text: Any, key: str) -> bytes:
