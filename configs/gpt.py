@@ -9,7 +9,7 @@ Variants:
               perplexity 5.14 (2.36 bits/byte) against the unigram baseline's 21.90.
   tiny        a seconds-long smoke run (tests).
   compress    the base of the compression sweep: the default model started from the
-              trained run in `compress.init_from` (default runs/gpt, the README's main
+              trained run in `init_from.workdir` (default runs/gpt, the README's main
               job), 200 fine-tuning steps at a low learning rate; each sweep run switches on
               one compression (get_sweep("compress")). With --config.train.num_steps=0 it
               only evaluates: post-training compression.
@@ -31,7 +31,7 @@ def get_config(variant: str = "default"):
         c.optim.schedule.end_lr_fraction = 0.1
     elif variant == "compress":
         c = get_config("default")
-        c.compress.init_from = "runs/gpt"
+        c.init_from.workdir = "runs/gpt"
         cadence(c, 200, 200)
         c.optim.learning_rate = 3e-4
         c.optim.schedule.name = "cosine"

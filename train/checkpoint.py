@@ -465,6 +465,10 @@ class Checkpointer:
 
     # -- lifecycle -------------------------------------------------------------------
 
+    def reload(self) -> None:
+        """Re-read the steps on disk (after step directories were moved aside)."""
+        self._manager.reload()
+
     def wait_until_finished(self) -> None:
         """Blocks until background saves are committed (and old steps deleted)."""
         self._manager.wait_until_finished()

@@ -3,8 +3,9 @@
 The transforms themselves are pure functions in `models/compress` (quantize, prune, LoRA);
 this module maps the config onto them at the three places a run touches parameters:
 
-  start     `compress.init_from` loads a trained run's params (its best checkpoint, else
-            its latest); one-shot pruning prunes them; LoRA adds adapters.
+  start     `config.init_from` (train/init_from.py) loads a trained run's matching params
+            (its best checkpoint by default); one-shot pruning prunes them; LoRA adds
+            adapters.
   training  the loss sees `forward_params(params)`: fake-quantized kernels for QAT
             (straight-through gradients), LoRA-adapted kernels (base frozen, and for
             QLoRA quantized); the optimizer keeps pruned weights at zero and prunes
@@ -20,7 +21,7 @@ this module maps the config onto them at the three places a run touches paramete
 Post-training quantization of a finished run, from the command line (no training steps):
 
     python -m train.main --config=configs/gpt.py --workdir=runs/gpt_int8 \
-        --config.compress.init_from=runs/gpt --config.train.num_steps=0 \
+        --config.init_from.workdir=runs/gpt --config.train.num_steps=0 \
         --config.compress.quantize.mode=ptq --config.compress.quantize.bits=8
 
 Storage accounting: quantized or clustered trees count their packed integers, scales,
@@ -31,17 +32,14 @@ is both pruned and quantized reports the smaller of the two forms it actually bu
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
 
-from models.compress import cluster, common, lora, prune, quant_matmul, quantize
+from models.compress import cluster, lora, prune, quant_matmul, quantize
+from train import init_from as init_from_lib
 from train.tasks.base import Task
 
 QUANTIZE_MODES = ("none", "ptq", "qat", "cluster")
@@ -52,7 +50,6 @@ PRUNE_METHODS = ("none", "magnitude", "n_m", "neurons", "heads")
 def default_config() -> ml_collections.ConfigDict:
     """The `compress` section; everything off by default."""
     c = ml_collections.ConfigDict()
-    c.init_from = ""               # workdir of a finished run whose params start this one
     c.include_embeddings = False   # also compress embedding tables (quantize, prune)
     q = c.quantize = ml_collections.ConfigDict()
     q.mode = "none"                # none | ptq (quantize at export) | qat (fake-quant in
@@ -83,7 +80,7 @@ def default_config() -> ml_collections.ConfigDict:
     lo = c.lora = ml_collections.ConfigDict()
     lo.rank = 0                    # 0 = off; else adapters of this rank, base frozen
     lo.alpha = 16.0                # the update is scaled by alpha / rank
-    lo.targets = [".*"]            # regexes (re.search) over kernel paths to adapt
+    lo.targets = (".*",)           # regexes (re.search) over kernel paths to adapt
     return c
 
 
@@ -128,12 +125,6 @@ def validate(c: ml_collections.ConfigDict, num_steps: int) -> None:
     if lo.rank and p.method != "none":
         raise ValueError("compress.lora and compress.prune together are not supported "
                          "(the merged adapters would fill the pruned weights)")
-    if num_steps == 0 and not c.init_from:
-        raise ValueError("train.num_steps=0 (evaluate only) needs compress.init_from: the "
-                         "workdir of a trained run to evaluate")
-    if c.init_from and not os.path.isdir(os.path.join(c.init_from, "checkpoints")):
-        raise ValueError(f"compress.init_from={c.init_from!r} has no checkpoints/ "
-                         "directory: give the workdir of a trained run")
 
 
 def _gradual_kwargs(c, num_steps: int) -> dict:
@@ -143,48 +134,6 @@ def _gradual_kwargs(c, num_steps: int) -> dict:
     return dict(initial_sparsity=p.initial_sparsity, final_sparsity=p.sparsity,
                 begin_step=p.begin_step, end_step=end, frequency=p.frequency,
                 scope=p.scope, include_embeddings=c.include_embeddings)
-
-
-# ----------------------------------------------------------------------------------------
-# Loading a trained run's parameters.
-# ----------------------------------------------------------------------------------------
-def load_trained_variables(workdir: str) -> tuple[Any, Any, int]:
-    """(params, model_state, step) of a finished run's best checkpoint (else its latest).
-
-    The run's own config.json says which metric ranks its checkpoints. A run that was
-    itself trained with LoRA gives its merged params.
-    """
-    from train import checkpoint as ckpt_lib  # noqa: PLC0415 -- orbax only when needed
-
-    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-        saved = json.load(f)
-    ck = saved.get("checkpoint", {})
-    with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1,
-                               best_metric=ck.get("best_metric") or None,
-                               best_mode=ck.get("best_mode", "min")) as ckpt:
-        step = ckpt.best_step()
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"compress.init_from={workdir!r} holds no checkpoint")
-        state = ckpt.restore_raw(step)
-    params, model_state = state["params"], state.get("model_state") or {}
-    src = saved.get("compress", {}).get("lora", {})
-    if isinstance(params, dict) and set(params) == {"base", "lora"}:
-        params = lora.merge(params["base"], params["lora"], float(src.get("alpha", 16.0)))
-    return params, model_state, int(step)
-
-
-def check_same_structure(loaded, template, what: str) -> None:
-    """ValueError listing the paths whose presence or shape differ."""
-    a = {common.path_str(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(loaded)}
-    b = {common.path_str(p): tuple(x.shape)
-         for p, x in jax.tree_util.tree_leaves_with_path(template)}
-    diffs = [f"{k}: saved {a.get(k, 'missing')}, model {b.get(k, 'missing')}"
-             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    if diffs:
-        raise ValueError(f"{what} does not fit this run's model ({len(diffs)} differences):"
-                         "\n  " + "\n  ".join(diffs[:20]) + "\nUse the config that trained it"
-                         " (model section and dataset) with compress.init_from.")
 
 
 # ----------------------------------------------------------------------------------------
@@ -199,11 +148,15 @@ class Compression:
       initial_state(...)             the state a run starts from (init_from, pruning, LoRA)
       evaluate_export(...)           summary entries of the exported, compressed form
 
-    each the identity (or nothing) when compression is off.
+    each the identity (or nothing) when compression is off. `init_from` is the run's
+    `config.init_from` section (None or workdir "": start from the model's own init).
     """
 
-    def __init__(self, c: ml_collections.ConfigDict, num_steps: int):
+    def __init__(self, c: ml_collections.ConfigDict, num_steps: int,
+                 init_from: ml_collections.ConfigDict | None = None):
         self.c, self.num_steps = c, num_steps
+        self.init_from = (init_from if init_from is not None and init_from_lib.enabled(
+            init_from) else None)
         self.q, self.p, self.lo = c.quantize, c.prune, c.lora
         self.emb = bool(c.include_embeddings)
         self.enabled = enabled(c)
@@ -230,7 +183,7 @@ class Compression:
     # -- parameters at the start -----------------------------------------------------------
     @property
     def changes_initial_params(self) -> bool:
-        return bool(self.c.init_from or self.lo.rank or
+        return bool(self.init_from is not None or self.lo.rank or
                     (self.p.method != "none" and not self.p.gradual))
 
     def prepare(self, params, model_state, pretrained, key):
@@ -294,25 +247,19 @@ class Compression:
 
         init_state() -> TrainState: the model's own initialization with `tx`'s state; when
         nothing changes the initial params, that is the answer (no inputs). Otherwise
-        plain_init() (the same with base_tx's state) gives the architecture; `compress.init_from` replaces its
-        values with a trained run's (unless this run resumes from its own checkpoint);
-        pruning and LoRA are applied on the host, then the state (optimizer included) is
-        built around them.
+        plain_init() (the same with base_tx's state) gives the architecture and the fresh
+        values; `init_from` replaces the matching ones with a trained run's
+        (train.init_from.load_into; not when this run resumes from its own checkpoint);
+        pruning and LoRA are applied on the host, then the state (a fresh optimizer state
+        included) is built around them.
         """
         if not self.changes_initial_params:
             return init_state, ()
         plain = jax.jit(plain_init)()
         params, model_state = plain.params, plain.model_state
         pretrained = None
-        if self.c.init_from and not resuming:
-            loaded, loaded_state, step = load_trained_variables(self.c.init_from)
-            check_same_structure(loaded, params, f"params of {self.c.init_from} (step {step})")
-            check_same_structure(loaded_state, model_state,
-                                 f"model state of {self.c.init_from}")
-            pretrained = (jax.tree.map(lambda t, x: jnp.asarray(x, t.dtype), params, loaded),
-                          jax.tree.map(lambda t, x: jnp.asarray(x, t.dtype), model_state,
-                                       loaded_state))
-            logging.info("params from %s (step %d)", self.c.init_from, step)
+        if self.init_from is not None and not resuming:
+            pretrained = init_from_lib.load_into(self.init_from, params, model_state)
         params, model_state, masks = self.prepare(params, model_state, pretrained,
                                                   jax.random.fold_in(init_key, 1))
 

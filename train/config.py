@@ -15,8 +15,9 @@ A run config (an `ml_collections.ConfigDict`) has these sections; every config f
   train       steps, logging, evaluation, early stopping
   checkpoint  cadence, retention, best metric
   sharding    train.sharding.default_config()
-  compress    train.compression.default_config(): quantization, pruning, LoRA, and
-              `init_from` (start from / evaluate a trained run)
+  compress    train.compression.default_config(): quantization, pruning, LoRA
+  init_from   train.init_from.default_config(): start from (or, with 0 steps, evaluate)
+              the matching parameters of a trained run
 
 `validate(config)` raises ValueError naming the key and what is allowed: unknown keys
 (typos a config file could add), wrong types, impossible values, a task/model mismatch.
@@ -31,6 +32,7 @@ from train import compression, optim, sharding
 from train import data as data_lib
 from train import evaluators as evaluators_lib
 from train import families
+from train import init_from as init_from_lib
 from train import tasks as tasks_lib
 
 def task_config(name: str) -> ml_collections.ConfigDict:
@@ -61,6 +63,7 @@ def checkpoint_config() -> ml_collections.ConfigDict:
     c.keep = 2                     # most recent checkpoints kept ...
     c.best_metric = "validation/loss"  # ... plus the best by this metric ("" = none)
     c.best_mode = "min"
+    c.restore_step = 0             # resume from exactly this step; 0 = the newest intact one
     return c
 
 
@@ -79,6 +82,7 @@ def base_config(task: str, variant: str, family: str = "transformer",
     c.checkpoint = checkpoint_config()
     c.sharding = sharding.default_config()
     c.compress = compression.default_config()
+    c.init_from = init_from_lib.default_config()
     return c
 
 
@@ -161,13 +165,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_types(config, reference)
     families.resolve(config.model)  # the model config's own checks (dataset fields default)
 
+    if not 0 <= config.seed < 2**32:
+        raise ValueError(f"seed={config.seed} must be in [0, 2**32)")
     t = config.train
     for key in ("log_every", "eval_every"):
         if t[key] < 1:
             raise ValueError(f"train.{key}={t[key]} must be >= 1")
-    if t.num_steps < 0 or (t.num_steps == 0 and not config.compress.init_from):
+    if t.num_steps < 0 or (t.num_steps == 0 and not config.init_from.workdir):
         raise ValueError(f"train.num_steps={t.num_steps} must be >= 1 (0 = evaluate "
-                         "compress.init_from's trained params without training)")
+                         "init_from.workdir's trained params without training)")
     if t.eval_max_batches < 0:
         raise ValueError(f"train.eval_max_batches={t.eval_max_batches} must be >= 0 "
                          "(0 = whole split)")
@@ -180,6 +186,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if ck.every < 1 or ck.keep < 1:
         raise ValueError(f"checkpoint.every={ck.every} and checkpoint.keep={ck.keep} "
                          "must be >= 1")
+    if ck.restore_step < 0:
+        raise ValueError(f"checkpoint.restore_step={ck.restore_step} must be >= 0 (0 = the "
+                         "newest intact step)")
     if ck.best_mode not in ("min", "max"):
         raise ValueError(f"checkpoint.best_mode={ck.best_mode!r}; allowed: min, max")
     for key, metric in (("checkpoint.best_metric", ck.best_metric),
@@ -196,6 +205,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          "not reach")
     optim.validate(config.optim, optim.schedule_steps(config.optim, t.num_steps))
     compression.validate(config.compress, t.num_steps)
+    init_from_lib.validate(config.init_from)
     sharding.validate(config.sharding, config.data.batch_size)
     num_devices = len(sharding.devices_for(config.sharding))
     if config.data.eval_batch_size % num_devices:

@@ -6,9 +6,16 @@ Sections below: workdir, mesh, input, model + task, state, steps, checkpoint, lo
 Determinism: params come from `seed`, the batch of step s is `data.batch(s)` and the
 dropout key of step s is fold_in(key, s) -- so a run resumed from step s computes exactly
 what an uninterrupted run computes (the test suite checks it to the bit on CPU).
+
+Nothing is written to the workdir until the run has validated its config, built its
+data (every split), model and state, restored its checkpoint and checked its metric
+names (train/workdir.py: the lock, the resume policy, the commit); a start that fails
+before that leaves the workdir as it was. User errors are train.errors.FlaxlabError
+subclasses (a ValueError before the commit is a ConfigError).
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import os
@@ -16,6 +23,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 from flax.core import meta as flax_meta
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -25,42 +33,20 @@ from train import compression as compression_lib
 from train import config as config_lib
 from train import evaluators as evaluators_lib
 from train import families, optim, sharding
+from train import workdir as workdir_lib
+from train.errors import CheckpointError, ConfigError, FlaxlabError, NonFiniteError
 from train.metrics_log import MetricsLog, plot_loss_curve, write_json
 from train.run_data import RunData
 from train.state import TrainState
 from train.tasks import common, make_task
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(NonFiniteError):
     """The loss or the gradients became NaN/Inf; the last good checkpoint is kept."""
 
 
-def _check_workdir_config(config, workdir: str) -> None:
-    """Write config.json, or refuse to resume a workdir made by a different config."""
-    path = os.path.join(workdir, "config.json")
-    current = json.loads(config.to_json_best_effort(sort_keys=True))
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-        diffs = config_differences(saved, current)
-        if diffs:
-            raise ValueError(
-                f"{workdir} holds a run with a different config (keys differ: "
-                f"{', '.join(diffs)}). Resuming would not reproduce either run; use a new "
-                "--workdir, or the same config.")
-    write_json(path, current)
-
-
-def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two (JSON) configs, sorted."""
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            diffs += config_differences(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            diffs.append(prefix + key)
-    return diffs
+class NonFiniteMetricError(NonFiniteError):
+    """An evaluation metric is NaN/Inf; the run stops, the last good checkpoint is kept."""
 
 
 def _param_count_and_bytes(params) -> tuple[int, int]:
@@ -85,23 +71,52 @@ def make_init_state(model, tx, init_key, init_args, init_kwargs):
     return init_state
 
 
-def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = None) -> dict:
+def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = None,
+                       restart_from_step: int | str | None = None) -> dict:
     """Train `config` in `workdir` (resuming if it holds a checkpoint); return the summary.
 
     stop_after_steps: stop (with a checkpoint) after this many steps of *this* invocation,
       as a preemption would; used by tests to prove resume == uninterrupted.
+    restart_from_step: continue the workdir's run from this checkpoint step ("latest":
+      the newest intact one) under `config` although its identity keys differ (a new
+      lineage; train/workdir.py), e.g. with a lower learning rate after a NaN.
+
+    Raises train.errors.FlaxlabError subclasses for what the user can fix (config,
+    workdir, checkpoint, non-finite values); summary["status"] is "preempted" after a
+    SIGTERM/SIGINT (checkpointed; the same call resumes).
     """
-    config_lib.validate(config)
-    os.makedirs(workdir, exist_ok=True)
-    _check_workdir_config(config, workdir)
-    mesh = sharding.mesh_from_config(config.sharding)
-    # Every jitted model call traces inside the rules: the models' activation constraints
-    # (logical axis names) map onto this mesh through config.sharding.rules.
-    with sharding.use_rules(mesh, config.sharding):
-        return _train_and_evaluate(config, workdir, mesh, stop_after_steps)
+    try:
+        config_lib.validate(config)
+    except ValueError as e:
+        raise (e if isinstance(e, FlaxlabError) else ConfigError(str(e))) from e
+    current = json.loads(config.to_json_best_effort(sort_keys=True))
+    with workdir_lib.Workdir(workdir) as wd:
+        changed = wd.check_resume(current, restart_from_step)
+        mesh = sharding.mesh_from_config(config.sharding)
+        try:
+            # Every jitted model call traces inside the rules: the models' activation
+            # constraints (logical axis names) map onto this mesh (config.sharding.rules).
+            with sharding.use_rules(mesh, config.sharding):
+                return _train_and_evaluate(config, wd, current, mesh, stop_after_steps,
+                                           _Restart(restart_from_step, changed))
+        except (ValueError, FileNotFoundError) as e:
+            if wd.committed or isinstance(e, FlaxlabError):
+                raise
+            # Before the commit every check is of the user's input (a split fraction, a
+            # sequence longer than max_length, an init_from path, a dataset name).
+            raise ConfigError(str(e)) from e
 
 
-def _train_and_evaluate(config, workdir: str, mesh, stop_after_steps: int | None) -> dict:
+class _Restart:
+    """--restart_from_step: which step (None: no restart) and the identity keys changed."""
+
+    def __init__(self, step: int | str | None, changed: list[str]):
+        self.step, self.changed = step, changed
+
+
+def _train_and_evaluate(config, wd: workdir_lib.Workdir, current: dict, mesh,
+                        stop_after_steps: int | None, restart: _Restart) -> dict:
+    workdir = wd.path
     t_cfg, num_steps = config.train, config.train.num_steps
     batch_sh = sharding.batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
@@ -109,7 +124,10 @@ def _train_and_evaluate(config, workdir: str, mesh, stop_after_steps: int | None
     # ---- Input, model and task ------------------------------------------------------------
     data = RunData(config.data, config.seed)
     train_ds = data.train
-    compression = compression_lib.Compression(config.compress, num_steps)
+    for split in ("validation", "test"):  # every split now: a bad one fails before writing
+        data[split]
+    compression = compression_lib.Compression(config.compress, num_steps,
+                                              init_from=config.init_from)
     model, _ = families.build(config.model, config.task.name, **data.info,
                               **compression.model_code(for_export=False))
     task = compression.wrap_task(make_task(config, model, data))
@@ -202,20 +220,52 @@ def _train_and_evaluate(config, workdir: str, mesh, stop_after_steps: int | None
     def check_finite(step: int) -> None:
         bad = int(state.nonfinite_step)
         if bad >= 0:
+            ckpt.wait_until_finished()  # the steps being written count as good
             latest = ckpt.latest_step()
             raise NonFiniteLossError(
                 f"loss or gradients became NaN/Inf at step {bad} (detected at step {step}); "
-                f"training stopped and no checkpoint was written after it. The last good "
-                f"checkpoint is step {latest} in {ckpt.directory}. Lower optim.learning_rate,"
-                " set optim.grad_clip_norm, or use model.dtype=float32.")
+                f"no checkpoint was written after it, the last good one is step {latest}. "
+                "Lower optim.learning_rate, set optim.grad_clip_norm or use "
+                "model.dtype=float32, and continue from it with the same command plus "
+                f"--restart_from_step={latest}" if latest is not None else
+                f"loss or gradients became NaN/Inf at step {bad} (detected at step {step}), "
+                "before any checkpoint. Lower optim.learning_rate, set optim.grad_clip_norm "
+                "or use model.dtype=float32 (the same --workdir is fine)")
+
+    def check_finite_metrics(step: int, metrics: dict) -> None:
+        bad = sorted(k for k, v in metrics.items()
+                     if isinstance(v, (int, float, np.number)) and not np.isfinite(v))
+        if bad:
+            ckpt.wait_until_finished()
+            raise NonFiniteMetricError(
+                f"evaluation metric {', '.join(f'{k}={metrics[k]}' for k in bad)} at step "
+                f"{step}; the run stops, no checkpoint was written after it (last good: "
+                f"step {ckpt.latest_step()}). Evaluate in float32 (model.dtype=float32) or "
+                "lower optim.learning_rate")
 
     # ---- Resume ---------------------------------------------------------------------------
     es = t_cfg.early_stopping
     meta = {"best_value": None, "bad_evals": 0, "stopped_early": False}
-    if ckpt.latest_step() is not None:
-        restored, meta = ckpt.restore(state.to_dict())
+    wanted = _wanted_step(restart, ck.restore_step, ckpt)
+    corrupt = []
+    if ckpt.all_steps():
+        restored, meta, from_step, skipped = ckpt.restore_newest_intact(state.to_dict(),
+                                                                        step=wanted)
+        for bad_step, why in skipped:
+            logging.warning("%s; resuming from step %d instead", why, from_step)
+        corrupt = [bad_step for bad_step, _ in skipped]
         state = TrainState.from_dict(restored)
-        logging.info("resumed from step %d in %s", int(state.step), ckpt.directory)
+        logging.info("resumed from step %d in %s", from_step, ckpt.directory)
+        if from_step > num_steps:
+            raise ConfigError(f"train.num_steps={num_steps} is below step {from_step} of "
+                              f"the checkpoint in {ckpt.directory}: a run can be extended, "
+                              "not shortened")
+    check_metric_names(config, task, data, p_eval_step, state, eval_key)
+
+    # ---- Commit: from here on the run writes to its workdir --------------------------------
+    wd.commit(current, corrupt_steps=corrupt, restart=None if restart.step is None else
+              {"after_step": int(state.step), "changed": restart.changed})
+    ckpt.reload()
 
     def save(step: int, metrics: dict | None = None, force: bool = False) -> None:
         check_finite(step)
@@ -253,6 +303,7 @@ def _train_and_evaluate(config, workdir: str, mesh, stop_after_steps: int | None
                     check_finite(step)
                     eval_metrics = evaluate_state("validation", t_cfg.eval_max_batches)
                     log.write(step, "validation", _strip(eval_metrics, "validation/"))
+                    check_finite_metrics(step, eval_metrics)
                     _update_early_stopping(meta, eval_metrics, es)
                     task.after_evaluation(step, task.model_params(state.params),
                                           state.model_state, workdir)
@@ -279,9 +330,10 @@ def _train_and_evaluate(config, workdir: str, mesh, stop_after_steps: int | None
         # ---- Final evaluation -------------------------------------------------------------
         check_finite(step)
         final = {**evaluate_state("validation"), **evaluate_state("test")}
-        save(step, final, force=True)
         for split in ("validation", "test"):
             log.write(step, split, _strip(final, f"{split}/"))
+        check_finite_metrics(step, final)
+        save(step, final, force=True)
         final.update(compression_lib.evaluate_export(
             compression, config, state.params, state.model_state, data, evaluate))
         final.update(run_evaluators(step, final=True))
@@ -307,6 +359,40 @@ def _train_and_evaluate(config, workdir: str, mesh, stop_after_steps: int | None
     plot_loss_curve(workdir)
     summary.update({k: v for k, v in {**final, **report}.items() if isinstance(v, str)})
     return summary
+
+
+def _wanted_step(restart: _Restart, restore_step: int, ckpt) -> int | None:
+    """The checkpoint step to restore exactly, or None for the newest intact one."""
+    if restart.step is None:
+        return restore_step or None
+    if restart.step == "latest":
+        return None
+    try:
+        return int(restart.step)
+    except ValueError:
+        raise ConfigError(f"--restart_from_step={restart.step!r} must be a step number or "
+                          f"'latest'; steps here: {ckpt.all_steps()}") from None
+
+
+def check_metric_names(config, task, data, eval_step, state, eval_key) -> None:
+    """ConfigError unless checkpoint.best_metric and (when on) early_stopping.metric are
+    metrics a validation pass produces: traced (jax.eval_shape), nothing compiles."""
+    ck, es = config.checkpoint, config.train.early_stopping
+    wanted = [(key, name) for key, name, on in (
+        ("checkpoint.best_metric", ck.best_metric, bool(ck.best_metric)),
+        ("train.early_stopping.metric", es.metric, es.patience > 0)) if on]
+    if not wanted:
+        return
+    batch = next(iter(data["validation"].eval_batches(config.data.eval_batch_size)))
+    shapes = jax.eval_shape(eval_step, state.params, state.model_state, batch, eval_key)
+    names = set(shapes) | set(task.derived_metrics({k: 1.0 for k in shapes}))
+    allowed = sorted(f"validation/{k}" for k in names)
+    for key, name in wanted:
+        if name not in allowed:
+            close = difflib.get_close_matches(name, allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"{key}={name!r} is not a metric of this run; {hint}allowed: "
+                              f"{', '.join(allowed)}")
 
 
 class _StepTimer:

@@ -1,4 +1,5 @@
 """Checkpointer and PreemptionGuard: round trips, retention, and every refusal path."""
+import importlib.util
 import os
 import signal
 
@@ -12,6 +13,11 @@ from train import checkpoint as ckpt_lib
 from train.checkpoint import (CheckpointMismatchError, Checkpointer, CorruptCheckpointError,
                               NonFiniteStateError, PreemptionGuard)
 from train.sharding import make_mesh, param_sharding
+
+_spec = importlib.util.spec_from_file_location(
+    "damage", os.path.join(os.path.dirname(os.path.abspath(__file__)), "toys", "damage.py"))
+damage = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(damage)
 
 
 def make_state(hidden=32, seed=0):
@@ -225,17 +231,6 @@ def test_preemption_guard_second_sigint_interrupts():
     assert signal.getsignal(signal.SIGINT) is old_int
 
 
-def _flip_a_bit_in_the_array_data(step_dir):
-    """Flips one bit in the middle of the step's largest array data file (array bytes,
-    not a header: orbax restores the wrong value without complaint)."""
-    files = [os.path.join(root, f) for root, _, names in os.walk(step_dir / "state")
-             for f in names if os.sep + "d" + os.sep in os.path.join(root, f)]
-    path = max(files, key=os.path.getsize)
-    data = bytearray(open(path, "rb").read())
-    data[len(data) // 2] ^= 0x10
-    open(path, "wb").write(data)
-
-
 def _big_state(value):
     return {"step": jnp.asarray(value, jnp.int32),
             "w": jnp.arange(1000, dtype=jnp.float32) / 7 + value,
@@ -248,7 +243,7 @@ def test_a_flipped_bit_is_detected_and_the_newest_intact_step_restored(tmp_path)
     with Checkpointer(tmp_path, save_every=1, keep=3) as ckpt:
         for step in (1, 2, 3):
             save_now(ckpt, step, _big_state(step))
-    _flip_a_bit_in_the_array_data(tmp_path / "3")
+    damage.flip_a_bit(tmp_path / "3")
     with open(tmp_path / "2" / "state" / "manifest.ocdbt", "r+b") as f:
         f.truncate(10)  # step 2: a truncated file
     template = _big_state(0)

@@ -273,6 +273,42 @@ def test_rmsprop_matches_pytorch(momentum):
     np.testing.assert_allclose(run_w(c), want, rtol=RTOL)
 
 
+def test_nadam_has_no_pytorch_momentum_decay():
+    """torch.optim.NAdam (momentum_decay psi = 0.004) differs from the first step."""
+    lr, b1, b2, eps, psi = 0.05, 0.8, 0.9, 0.1, 0.004
+    w, m, v, prod, torch_w = W0.copy(), np.zeros(3), np.zeros(3), 1.0, []
+    for t, g in enumerate(GRADS, start=1):
+        mu, mu_next = (b1 * (1 - 0.5 * 0.96 ** (s * psi)) for s in (t, t + 1))
+        prod *= mu
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        m_hat = mu_next * m / (1 - prod * mu_next) + (1 - mu) * g / (1 - prod)
+        w = w - lr * m_hat / (np.sqrt(v / (1 - b2 ** t)) + eps)
+        torch_w.append(w)
+    got = run_w(cfg(name="nadam", **ADAM_HP))
+    assert np.abs(got[0] - torch_w[0]).max() > 1e-3
+
+
+def test_rmsprop_momentum_under_a_schedule_keeps_each_step_s_lr():
+    """optax: buf = mu buf + lr_t g / (sqrt(v) + eps), w -= buf; PyTorch: buf = mu buf +
+    g / (sqrt(v) + eps), w -= lr_t buf. Equal at step 0, apart once the LR changes."""
+    lr, alpha, eps, mu = 0.01, 0.9, 0.1, 0.7
+    c = cfg(name="rmsprop", learning_rate=lr, decay=alpha, eps=eps, momentum=mu,
+            schedule={"name": "step", "step_size": 1, "gamma": 0.5})
+    w_optax, w_torch, v, b_optax, b_torch = W0.copy(), W0.copy(), np.zeros(3), 0.0, 0.0
+    want, torch_w = [], []
+    for t, g in enumerate(GRADS):
+        v = alpha * v + (1 - alpha) * g * g
+        lr_t, s = lr * 0.5 ** t, g / (np.sqrt(v) + eps)
+        b_optax, b_torch = mu * b_optax + lr_t * s, mu * b_torch + s
+        w_optax, w_torch = w_optax - b_optax, w_torch - lr_t * b_torch
+        want.append(w_optax)
+        torch_w.append(w_torch)
+    got = run_w(c)
+    np.testing.assert_allclose(got, want, rtol=RTOL)
+    np.testing.assert_allclose(got[0], torch_w[0], rtol=RTOL)
+    assert np.abs(got[1] - torch_w[1]).max() > 1e-4
+
+
 def test_sgd_weight_decay_is_l2_added_to_gradient():
     lr, wd = 0.1, 0.2
     w, want = W0.copy(), []

@@ -77,6 +77,14 @@ def test_shift_right_and_bleu():
     assert partial["exact_match"] == pytest.approx(1 / 3)
 
 
+def test_bleu_is_zero_without_4_grams_even_when_every_decode_is_right():
+    """sacrebleu's corpus BLEU: no 4-gram in the corpus -> 4-gram precision 0/0 -> BLEU 0."""
+    refs = ["one hundred five", "seven", "forty two"]       # at most 3 tokens each
+    assert bleu_and_exact_match(refs, refs) == {"bleu": 0.0, "exact_match": 1.0}
+    refs.append("one thousand and six")                      # one 4-gram: BLEU 100
+    assert bleu_and_exact_match(refs, refs)["bleu"] == pytest.approx(100.0)
+
+
 @pytest.mark.parametrize("config_module,variant", [
     (bert, "tiny"), (transformer_configs, "tiny"), (vit, "tiny"), (resnet, "tiny"),
     (clip, "tiny"), (lstm, "tiny"), (lstm, "tiny_classify"), (lstm, "tiny_forecast"),

@@ -17,6 +17,7 @@ from train import checkpoint as ckpt_lib
 from train import config as config_lib
 from train import trainer
 from train.data import text as text_data
+from train.errors import WorkdirError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SPEED_KEYS = ("train/steps_per_second", "train/examples_per_second")
@@ -107,9 +108,11 @@ def test_resume_after_preemption_equals_uninterrupted_run(tmp_path, monkeypatch)
 def test_stop_and_resume_with_different_config_is_refused(tmp_path):
     c = tiny_config(num_steps=10)
     assert trainer.train_and_evaluate(c, str(tmp_path), stop_after_steps=3)["step"] == 3
+    before = (tmp_path / "config.json").read_bytes()
     c.optim.learning_rate = 1e-2
-    with pytest.raises(ValueError, match="optim.learning_rate"):
+    with pytest.raises(WorkdirError, match="optim.learning_rate 0.003 -> 0.01"):
         trainer.train_and_evaluate(c, str(tmp_path))
+    assert (tmp_path / "config.json").read_bytes() == before  # the writer's config stays
 
 
 def test_nan_stops_with_clear_error_and_keeps_good_checkpoints(tmp_path, monkeypatch):
@@ -278,7 +281,7 @@ def test_evaluate_only_run_of_a_warmup_config_is_valid(tmp_path):
     c = gpt.get_config("default")
     assert c.optim.schedule.warmup_steps == 50
     c.train.num_steps = 0
-    c.compress.init_from = str(tmp_path)
+    c.init_from.workdir = str(tmp_path)
     c.compress.quantize.mode = "ptq"
     config_lib.validate(c)
     assert trainer.optim.schedule_steps(c.optim, 0) == 51

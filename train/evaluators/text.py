@@ -60,7 +60,9 @@ class Decode(Evaluator):
     by corpus BLEU (sacrebleu) and exact match; a few decodes -> decodes.txt.
 
     Metrics: {validation,test}_bleu, {validation,test}_exact_match and, with beam_size > 1,
-    test_bleu_beam<k>, test_exact_match_beam<k>.
+    test_bleu_beam<k>, test_exact_match_beam<k>. Corpus BLEU is 0 for a corpus without
+    4-grams (every hypothesis shorter than 4 tokens) however right the decodes are: read
+    exact match beside it (train.tasks.seq2seq.bleu_and_exact_match).
     """
 
     name = "decode"
