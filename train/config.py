@@ -24,6 +24,7 @@ A run config (an `ml_collections.ConfigDict`) has these sections; every config f
 """
 from __future__ import annotations
 
+import difflib
 from numbers import Integral, Real
 
 import ml_collections
@@ -161,7 +162,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if "evals" in config:  # a config file may add evaluators beyond the task's defaults
         reference.evals = evaluators_lib.evals_config(config.evals.keys())
     for key, allowed in _unknown_keys(config, reference):
-        raise ValueError(f"unknown config key {key!r}; allowed here: {', '.join(allowed)}")
+        close = difflib.get_close_matches(key.rsplit(".", 1)[-1], allowed, n=1)
+        hint = f"did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}" \
+               f"{close[0]}? " if close else ""
+        raise ValueError(f"unknown config key {key!r}; {hint}allowed here: "
+                         f"{', '.join(allowed)}")
     _check_types(config, reference)
     families.resolve(config.model)  # the model config's own checks (dataset fields default)
 

@@ -263,7 +263,8 @@ def _train_and_evaluate(config, wd: workdir_lib.Workdir, current: dict, mesh,
     check_metric_names(config, task, data, p_eval_step, state, eval_key)
 
     # ---- Commit: from here on the run writes to its workdir --------------------------------
-    wd.commit(current, corrupt_steps=corrupt, restart=None if restart.step is None else
+    wd.commit(current, resume_step=int(state.step), corrupt_steps=corrupt,
+              restart=None if restart.step is None else
               {"after_step": int(state.step), "changed": restart.changed})
     ckpt.reload()
 

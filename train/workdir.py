@@ -221,11 +221,12 @@ class Workdir:
         return identity
 
     # -- commit ------------------------------------------------------------------------------
-    def commit(self, current: dict, *, corrupt_steps: list[int] = (),
+    def commit(self, current: dict, *, resume_step: int = 0, corrupt_steps: list[int] = (),
                restart: dict | None = None) -> None:
         """The run starts writing: corrupt checkpoint steps move to corrupt_checkpoints/,
         a restart's later steps (restart["after_step"]) to superseded/<n>/, and
-        config.json is written (with the lineage)."""
+        config.json is written (with the lineage). A resumed run's metrics.jsonl loses the
+        lines after resume_step (logged after its last checkpoint, they are logged again)."""
         for step in corrupt_steps:
             target = self.file("corrupt_checkpoints", str(step))
             if os.path.exists(target):
@@ -236,6 +237,8 @@ class Workdir:
         if restart is not None:
             lineage.append(self._set_aside_after(restart["after_step"], len(lineage) + 1,
                                                  restart["changed"], current))
+        if restart is None and resume_step:
+            _split_metrics(self.file("metrics.jsonl"), resume_step, None)
         record = dict(current, lineage=lineage) if lineage else current
         write_json(self.file(CONFIG), record)  # atomic: never half a file
         self.committed = True
@@ -260,8 +263,9 @@ class Workdir:
                 "superseded": os.path.relpath(target, self.path), "previous_config": saved}
 
 
-def _split_metrics(path: str, step: int, later_path: str) -> None:
-    """Lines of metrics.jsonl after `step` move to later_path; the rest stay."""
+def _split_metrics(path: str, step: int, later_path: str | None) -> None:
+    """Lines of metrics.jsonl after `step` move to later_path (None: dropped); the rest
+    stay."""
     if not os.path.exists(path):
         return
     with open(path, encoding="utf-8") as f:
@@ -272,9 +276,12 @@ def _split_metrics(path: str, step: int, later_path: str) -> None:
             (later if json.loads(line)["step"] > step else keep).append(line)
         except (ValueError, KeyError, TypeError):
             keep.append(line)
-    os.makedirs(os.path.dirname(later_path), exist_ok=True)
-    with open(later_path, "w", encoding="utf-8") as f:
-        f.writelines(later)
+    if not later:
+        return
+    if later_path is not None:
+        os.makedirs(os.path.dirname(later_path), exist_ok=True)
+        with open(later_path, "w", encoding="utf-8") as f:
+            f.writelines(later)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)

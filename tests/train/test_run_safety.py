@@ -17,7 +17,8 @@ import pytest
 
 from configs import gpt
 from train import checkpoint as ckpt_lib
-from train import errors, trainer
+from train import config as config_lib
+from train import errors, families, trainer
 from train import main as main_lib
 from train import workdir as workdir_lib
 from train.data import text as text_data
@@ -328,3 +329,19 @@ def test_traceback_on_request_and_preemption_exit_code(tmp_path, capsys, monkeyp
     code, lines = run_cli(capsys, argv(tmp_path / "p"))
     assert code == errors.EXIT_PREEMPTED and not lines
     assert final_params(tmp_path / "p")[0] == 3
+
+
+def test_tuple_fields_are_overridden_from_the_command_line(tmp_path):
+    fv = main_lib.parse(["train.main", f"--config={REPO}/configs/resnet.py:tiny",
+                         f"--workdir={tmp_path}", "--config.model.widths=(8, 16, 24)",
+                         "--config.optim.weight_decay_exclude=('bias$', 'scale$')",
+                         "--config.optim.layer_lr=(('stage_0', 0.1),)"])
+    c = fv.config
+    assert c.model.widths == (8, 16, 24)
+    assert c.optim.weight_decay_exclude == ("bias$", "scale$")
+    assert c.optim.layer_lr == (("stage_0", 0.1),)
+    config_lib.validate(c)
+    assert families.resolve(c.model).widths == (8, 16, 24)  # the model sees them
+    with pytest.raises(errors.ConfigError, match="model.widths"):
+        main_lib.parse(["train.main", f"--config={REPO}/configs/resnet.py:tiny",
+                        f"--workdir={tmp_path}", "--config.model.widths=(8,"])
