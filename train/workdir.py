@@ -218,6 +218,9 @@ class Workdir:
         if cadence:
             logging.info("resuming with changed run length / cadence: %s",
                          _changes(saved, current, cadence))
+        if "train.num_steps" in cadence:
+            logging.warning("train.num_steps changed: the learning-rate schedule is rebuilt "
+                            "for the new length (README: extending a run)")
         return identity
 
     # -- commit ------------------------------------------------------------------------------
