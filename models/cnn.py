@@ -25,7 +25,10 @@ Where popular explanations differ from the papers:
   * Batch norm at inference: Ioffe & Szegedy 2015 (sec. 3.1, alg. 2) define population
     statistics over the training set; like the common frameworks, this estimates them
     with running averages updated with momentum (new = m * old + (1 - m) * batch), not a
-    pass over the whole dataset.
+    pass over the whole dataset. The running variance averages the biased batch variance
+    (flax) unless bn_running_variance="unbiased" (PyTorch's n / (n - 1), alg. 2's
+    m / (m - 1)); training always normalizes with the biased one
+    (models/layers/normalization.py).
   * A popular explanation makes squeeze-and-excitation's "excitation" an arbitrary FC
     network; Hu et al. 2018 (sec. 3.2) use two FC layers (a bottleneck of ratio r, then a
     sigmoid gate).
@@ -45,7 +48,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from models import variants
-from models.layers import initializers, partitioning
+from models.layers import initializers, normalization, partitioning
 
 
 # ----------------------------------------------------------------------------------------
@@ -54,7 +57,8 @@ from models.layers import initializers, partitioning
 def _check_common(cfg, choices: dict[str, tuple]):
     """Checks shared by ResNet and EfficientNet, plus `choices` {key: allowed values}."""
     choices = {**choices, "kernel_init": initializers.NAMES, "dtype": variants.DTYPES,
-               "param_dtype": variants.DTYPES}
+               "param_dtype": variants.DTYPES,
+               "bn_running_variance": normalization.RUNNING_VARIANCES}
     for key, allowed in choices.items():
         variants.check_one_of("model", key, getattr(cfg, key), allowed)
     if cfg.num_classes < 0:
@@ -89,11 +93,12 @@ class _Layers:
                        conv_general_dilated=self.cfg.conv_general_dilated, name=name)
 
     def norm(self, zero_scale=False, name=None):
-        return nn.BatchNorm(use_running_average=not self.train, momentum=self.cfg.bn_momentum,
-                            epsilon=self.cfg.bn_epsilon, dtype=self.dtype,
-                            param_dtype=self.pdtype,
-                            scale_init=nn.initializers.zeros if zero_scale
-                            else nn.initializers.ones, name=name)
+        return normalization.BatchNorm(
+            use_running_average=not self.train, momentum=self.cfg.bn_momentum,
+            epsilon=self.cfg.bn_epsilon, running_variance=self.cfg.bn_running_variance,
+            dtype=self.dtype, param_dtype=self.pdtype,
+            scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
+            name=name)
 
     def dense(self, features, names=("conv_in", "conv_out"), kernel_init=None, name=None):
         """Dense whose kernel axes are called `names` (squeeze-excite: like a 1x1 conv)."""
@@ -130,6 +135,7 @@ class ResNetConfig:
     num_classes: int = 0                       # 0: no head, return pooled features
     bn_momentum: float = 0.9                   # running = m * running + (1 - m) * batch
     bn_epsilon: float = 1e-5
+    bn_running_variance: str = "biased"        # "biased" (flax) | "unbiased" (PyTorch)
     zero_init_residual: bool = True            # last BN scale of each block = 0 (Goyal et
                                                # al. 2017): blocks start as identities
     head_zero_init: bool = True
@@ -350,6 +356,7 @@ class EfficientNetConfig:
     num_classes: int = 0                 # 0: no head, return pooled features
     bn_momentum: float = 0.99            # the paper's TF setting (PyTorch momentum 0.01)
     bn_epsilon: float = 1e-3
+    bn_running_variance: str = "biased"  # "biased" (flax) | "unbiased" (PyTorch)
     head_zero_init: bool = True
     kernel_init: str = "he_normal"
     dtype: str = "float32"               # compute dtype

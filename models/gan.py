@@ -20,7 +20,9 @@ Normalization (`g_norm`, `d_norm`): "batch" (DCGAN), "layer" (over each example'
 as in WGAN-GP critics) or "none". Batch norm keeps running statistics in the
 `batch_stats` collection ({"generator": ..., "discriminator": ...}); with train=True the
 batch's statistics normalize and the running averages are updated (pass
-`mutable=["batch_stats"]`), with train=False the running averages normalize.
+`mutable=["batch_stats"]`), with train=False the running averages normalize. Both norms use
+the two-pass variance; `bn_running_variance` picks flax's biased or PyTorch's unbiased
+running variance (models/layers/normalization.py).
 
 Every Dense goes through the `dot_general` hook and every conv through
 `conv_general_dilated` (the compression hooks). The generator's transposed convolutions
@@ -45,6 +47,7 @@ import numpy as np
 from jax import lax
 
 from models import variants
+from models.layers import normalization
 
 NORMS = ("batch", "layer", "none")
 OUTPUTS = ("tanh", "sigmoid")
@@ -68,6 +71,7 @@ class GANConfig:
     init_std: float = 0.02               # N(0, init_std^2) kernels
     bn_momentum: float = 0.9             # running = m * running + (1 - m) * batch
     bn_epsilon: float = 1e-5
+    bn_running_variance: str = "biased"  # "biased" (flax) | "unbiased" (PyTorch)
     dtype: str = "float32"               # compute dtype (logits / images are float32)
     param_dtype: str = "float32"
     dot_general: Callable = lax.dot_general                      # every Dense
@@ -75,7 +79,8 @@ class GANConfig:
 
     def __post_init__(self):
         for key, allowed in (("g_norm", NORMS), ("d_norm", NORMS), ("output", OUTPUTS),
-                             ("dtype", DTYPES), ("param_dtype", DTYPES)):
+                             ("dtype", DTYPES), ("param_dtype", DTYPES),
+                             ("bn_running_variance", normalization.RUNNING_VARIANCES)):
             variants.check_one_of("model", key, getattr(self, key), allowed)
         n = self.image_size
         if n < 8 or n & (n - 1):
@@ -136,12 +141,14 @@ class _Layers:
 
     def norm(self, kind: str, x, name: str):
         if kind == "batch":
-            return nn.BatchNorm(use_running_average=not self.train,
-                                momentum=self.cfg.bn_momentum, epsilon=self.cfg.bn_epsilon,
-                                dtype=self.dtype, param_dtype=self.pdtype, name=name)(x)
+            return normalization.BatchNorm(
+                use_running_average=not self.train, momentum=self.cfg.bn_momentum,
+                epsilon=self.cfg.bn_epsilon, running_variance=self.cfg.bn_running_variance,
+                dtype=self.dtype, param_dtype=self.pdtype, name=name)(x)
         if kind == "layer":  # over each example's whole feature map
-            return nn.LayerNorm(epsilon=self.cfg.bn_epsilon, reduction_axes=(-3, -2, -1),
-                                dtype=self.dtype, param_dtype=self.pdtype, name=name)(x)
+            return normalization.layer_norm(
+                epsilon=self.cfg.bn_epsilon, reduction_axes=(-3, -2, -1), dtype=self.dtype,
+                param_dtype=self.pdtype, name=name)(x)
         return x
 
 

@@ -26,7 +26,9 @@ channels, and skip connections from each encoder level to its decoder level.
 
 Batch norm keeps running statistics in the `batch_stats` collection, exactly as
 models/cnn.py: `train=True` normalizes with the batch's statistics and updates them
-(`mutable=["batch_stats"]`); `train=False` uses the running averages.
+(`mutable=["batch_stats"]`); `train=False` uses the running averages. Both norms use the
+two-pass variance; `bn_running_variance` picks flax's biased or PyTorch's unbiased running
+variance (models/layers/normalization.py).
 
 Every conv, the transposed one included (written as a conv with input dilation 2, which is
 what lax.conv_transpose computes), goes through the `conv_general_dilated` hook and the
@@ -43,7 +45,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from models import variants
-from models.layers import initializers
+from models.layers import initializers, normalization
 
 DTYPES = variants.DTYPES
 UPSAMPLING = ("transpose", "bilinear")
@@ -61,6 +63,7 @@ class UNetConfig:
     num_classes: int = 5                # logits per pixel (the dataset fills this in)
     bn_momentum: float = 0.9            # running = m * running + (1 - m) * batch
     bn_epsilon: float = 1e-5
+    bn_running_variance: str = "biased"  # "biased" (flax) | "unbiased" (PyTorch)
     kernel_init: str = "he_normal"      # He et al. 2015, as the paper (std sqrt(2 / N))
     dtype: str = "float32"              # compute dtype; logits are float32 regardless
     param_dtype: str = "float32"
@@ -70,7 +73,8 @@ class UNetConfig:
     def __post_init__(self):
         for key, allowed in (("upsampling", UPSAMPLING), ("norm", NORMS),
                              ("kernel_init", initializers.NAMES), ("dtype", DTYPES),
-                             ("param_dtype", DTYPES)):
+                             ("param_dtype", DTYPES),
+                             ("bn_running_variance", normalization.RUNNING_VARIANCES)):
             variants.check_one_of("model", key, getattr(self, key), allowed)
         for key in ("depth", "base_channels", "num_classes", "group_norm_groups"):
             if getattr(self, key) < 1:
@@ -145,12 +149,13 @@ def _conv(cfg: UNetConfig, features: int, kernel: int, use_bias: bool, name: str
 def _norm(cfg: UNetConfig, train: bool, name: str) -> Callable:
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     if cfg.norm == "batch":
-        return nn.BatchNorm(use_running_average=not train, momentum=cfg.bn_momentum,
-                            epsilon=cfg.bn_epsilon, dtype=dtype, param_dtype=pdtype,
-                            name=name)
+        return normalization.BatchNorm(
+            use_running_average=not train, momentum=cfg.bn_momentum, epsilon=cfg.bn_epsilon,
+            running_variance=cfg.bn_running_variance, dtype=dtype, param_dtype=pdtype,
+            name=name)
     if cfg.norm == "group":  # per example: train and eval compute the same thing
-        return nn.GroupNorm(num_groups=cfg.group_norm_groups, dtype=dtype,
-                            param_dtype=pdtype, name=name)
+        return normalization.group_norm(num_groups=cfg.group_norm_groups, dtype=dtype,
+                                        param_dtype=pdtype, name=name)
     return lambda x: x
 
 

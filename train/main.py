@@ -173,7 +173,7 @@ def main() -> None:
     argv = flags.FLAGS(sys.argv, known_only=True)
     logging.use_absl_handler()
     logging.set_verbosity(logging.INFO)
-    quiet_library_logs()
+    quiet_library_logs(tracebacks="--traceback" in argv)
     sys.exit(run(argv))
 
 

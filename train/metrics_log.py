@@ -12,6 +12,7 @@ import json
 import logging as pylogging
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -51,15 +52,49 @@ class MetricsLog:
 
 
 class _QuietLibraries(pylogging.Filter):
-    """Drop orbax's per-save INFO chatter (dozens of lines a checkpoint); keep warnings."""
+    """Drop orbax's per-save INFO chatter (dozens of lines a checkpoint); keep warnings.
+
+    Unless `tracebacks`, orbax's and asyncio's errors lose their tracebacks: a failed
+    background save (a full disk) is logged by each of its threads and tasks, and then
+    raised in the main thread, where train.main reports it in one line.
+    """
+
+    def __init__(self, tracebacks: bool):
+        super().__init__()
+        self.tracebacks = tracebacks
 
     def filter(self, record: pylogging.LogRecord) -> bool:
-        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+        library = "/orbax/" in record.pathname or "/asyncio/" in record.pathname
+        if not library:
+            return True
+        if record.levelno < pylogging.WARNING:
+            return False
+        if not self.tracebacks:
+            if "exception was never retrieved" in record.getMessage():
+                return False  # the same error, once per pending write task
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
-def quiet_library_logs() -> None:
-    """For command-line entry points: keep library INFO logs out of the progress output."""
-    pylogging.getLogger("absl").addFilter(_QuietLibraries())
+def quiet_library_logs(tracebacks: bool = False) -> None:
+    """For command-line entry points: keep library INFO logs out of the progress output
+    (and, unless `tracebacks`, library tracebacks out of error reports)."""
+    pylogging.getLogger("absl").addFilter(_QuietLibraries(tracebacks))
+    pylogging.getLogger("asyncio").addFilter(_QuietLibraries(tracebacks))
+    if not tracebacks:  # tensorstore callbacks firing into orbax's closed event loops
+        previous = sys.excepthook
+
+        def quiet_hook(kind, value, tb):
+            if not (kind is RuntimeError and "Event loop is closed" in str(value)):
+                previous(kind, value, tb)
+        sys.excepthook = quiet_hook
+        previous_unraisable = sys.unraisablehook
+
+        def quiet_unraisable(info):
+            if not (info.exc_type is RuntimeError and "Event loop is closed"
+                    in str(info.exc_value)):
+                previous_unraisable(info)
+        sys.unraisablehook = quiet_unraisable
 
 
 def _is_number(v) -> bool:

@@ -17,6 +17,14 @@ Two implementations share this contract:
                replace them) and a float32 softmax; it can return the attention weights.
   "fused":     `jax.nn.dot_product_attention`: cuDNN flash attention on GPU when dtype and
                shapes allow, XLA otherwise. Falls back to XLA silently where cuDNN can't run.
+
+Fully masked rows. A query that may attend no key (every key masked: a padded query under a
+query-and-key padding mask, a left-padded position under causal + key padding) gets an
+all-zero output and all-zero attention weights, in both implementations, with finite
+gradients (zero through that row). A plain softmax over such a row is uniform (flax,
+jax.nn.dot_product_attention: the mean of the values) or NaN (softmax of all -inf);
+PyTorch's F.scaled_dot_product_attention returns zeros since 2.5 (its `_safe_softmax`).
+Rows with a visible key are unchanged.
 """
 from __future__ import annotations
 
@@ -104,6 +112,18 @@ def _check_shapes(query, key, value, mask):
             raise ValueError(f"mask must be boolean (True = attend), got {mask.dtype}")
 
 
+def _visible(mask: Array, is_causal: bool, q_length: int, kv_length: int) -> Array:
+    """bool [b|1, h|1, q|1, 1]: True where a query may attend at least one key."""
+    if is_causal:
+        mask = combine_masks(mask, causal_mask(q_length, kv_length))
+    return jnp.any(mask, axis=-1, keepdims=True)
+
+
+def _rows_to_output(visible: Array) -> Array:
+    """[b, h, q, 1] row flags -> [b, q, h, 1], broadcastable to the output [b, q, h, d]."""
+    return jnp.transpose(visible, (0, 2, 1, 3))
+
+
 def _repeat_kv(x: Array, heads: int) -> Array:
     """[b, l, kv_heads, d] -> [b, l, heads, d] by repeating each kv head (GQA)."""
     reps = heads // x.shape[2]
@@ -122,6 +142,8 @@ def _reference_attention(query, key, value, mask, *, scale, dropout_rate, dropou
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
     weights = jax.nn.softmax(scores, axis=-1)
+    if mask is not None:  # a query with no visible key: zero weights (module docstring)
+        weights = jnp.where(_visible(mask, False, *scores.shape[2:]), weights, 0.0)
     probs = weights
     if not deterministic and dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
@@ -142,6 +164,17 @@ def _cudnn_eligible(query: Array, key: Array) -> bool:
 
 
 def _fused_attention(query, key, value, mask, *, scale, is_causal):
+    if mask is None:  # causal alone always shows key 0: no fully masked row
+        return _fused_kernel(query, key, value, mask, scale=scale, is_causal=is_causal)
+    # A query with no visible key attends every (causally allowed) key inside the kernel,
+    # so no kernel sees an empty row (NaN-free forward and backward), and is zeroed after.
+    visible = _visible(mask, is_causal, query.shape[1], key.shape[1])
+    out = _fused_kernel(query, key, value, jnp.logical_or(mask, ~visible), scale=scale,
+                        is_causal=is_causal)
+    return jnp.where(_rows_to_output(visible), out, jnp.zeros((), out.dtype))
+
+
+def _fused_kernel(query, key, value, mask, *, scale, is_causal):
     if _cudnn_eligible(query, key):
         try:
             return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale,
@@ -165,7 +198,8 @@ def dot_product_attention(query: Array, key: Array, value: Array, mask: Array | 
       query: [batch, q_length, heads, head_dim].
       key: [batch, kv_length, kv_heads, head_dim]; kv_heads must divide heads.
       value: [batch, kv_length, kv_heads, value_dim].
-      mask: optional bool, broadcastable to [batch, heads, q_length, kv_length].
+      mask: optional bool, broadcastable to [batch, heads, q_length, kv_length]; a query
+        with no True key (after `is_causal`) gets a zero output row and zero weights.
       is_causal: also apply `causal_mask(q_length, kv_length)` (query i sees keys <= i). The
         fused path passes it to cuDNN, which then skips the masked blocks entirely.
       scale: score scale, default 1/sqrt(head_dim).

@@ -131,6 +131,27 @@ def test_batch_norm_updates_running_statistics_in_training_only(random_variables
         assert np.abs(np.asarray(a) - np.asarray(b)).min() > 0
 
 
+def test_unbiased_running_variance_is_pytorch_s(random_variables, forward):
+    """bn_running_variance="unbiased": var <- m var + (1 - m) batch_var n / (n - 1), n = B H W
+    of each layer; the outputs (biased batch variance) are those of the default."""
+    model = cnn.ResNet(cnn.make_resnet_config("resnet_tiny", num_classes=5))
+    unbiased = cnn.ResNet(model.cfg.replace(bn_running_variance="unbiased"))
+    v = random_variables(model, X)
+    (out_b, upd_b), (out_u, upd_u) = forward(model, True)(v, X), forward(unbiased, True)(v, X)
+    np.testing.assert_array_equal(out_b, out_u)
+    flat = jax.tree_util.tree_flatten_with_path
+    old = dict(flat(v["batch_stats"])[0])
+    for (path, biased), (_, unb) in zip(flat(upd_b["batch_stats"])[0],
+                                        flat(upd_u["batch_stats"])[0]):
+        if path[-1].key != "var":
+            continue
+        stage = int(path[0].key[5]) if path[0].key.startswith("stage") else 0
+        n = X.shape[0] * (X.shape[1] // 2 ** stage) ** 2       # 4 x 8x8, 4x4, 2x2
+        batch_term = np.asarray(biased, np.float64) - 0.9 * np.asarray(old[path], np.float64)
+        np.testing.assert_allclose(unb, 0.9 * np.asarray(old[path], np.float64)
+                                   + batch_term * n / (n - 1), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("make", [
     lambda: cnn.ResNet(cnn.make_resnet_config("resnet_tiny", num_classes=5)),
     lambda: cnn.EfficientNet(cnn.make_efficientnet_config("tiny", num_classes=5))],
@@ -329,6 +350,8 @@ def test_hooks_see_every_conv_and_matmul():
     (lambda: cnn.make_efficientnet_config("b0", se_ratio=1.5), r"se_ratio must be in \[0, 1\)"),
     (lambda: cnn.make_efficientnet_config("b0", num_classes=-1), "num_classes must be >= 0"),
     (lambda: cnn.make_efficientnet_config("b0", dtype="int8"), "model.dtype='int8'"),
+    (lambda: cnn.make_efficientnet_config("b0", bn_running_variance="torch"),
+     "model.bn_running_variance='torch' is not allowed; allowed: biased, unbiased"),
 ])
 def test_errors_name_the_problem(make, match):
     with pytest.raises(ValueError, match=match):

@@ -133,6 +133,7 @@ def test_every_dense_and_conv_goes_through_the_hooks():
     (dict(output="relu"), "allowed: tanh, sigmoid"),
     (dict(latent_dim=0), "model.latent_dim must be positive"),
     (dict(bn_momentum=1.0), "model.bn_momentum"),
+    (dict(bn_running_variance="torch"), "allowed: biased, unbiased"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

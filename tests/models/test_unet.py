@@ -248,6 +248,7 @@ def test_bfloat16_compute_gives_float32_logits():
     (dict(depth=0), ["model.depth", ">= 1"]),
     (dict(norm="group", base_channels=12, group_norm_groups=8), ["divisible", "12", "8"]),
     (dict(bn_momentum=1.0), ["bn_momentum"]),
+    (dict(bn_running_variance="torch"), ["model.bn_running_variance", "biased, unbiased"]),
     (dict(widths=3), ["unknown unet config keys", "base_channels"]),
 ])
 def test_config_errors_name_the_key_and_what_is_allowed(overrides, words):

@@ -140,6 +140,64 @@ def test_gradients_match_finite_differences():
             np.testing.assert_allclose(a, b, atol=1e-6)  # fused softmax is float32
 
 
+# ----------------------------------------------------------------------------------------
+# Fully masked rows: a query with no visible key gets a zero output (module docstring).
+# ----------------------------------------------------------------------------------------
+def _fully_masked_cases():
+    r = np.random.default_rng(7)
+    query_valid, key_valid = np.ones((2, 5), bool), np.ones((2, 7), bool)
+    query_valid[0, 3:] = query_valid[1, 0] = False           # padded queries
+    key_valid[1, 5:] = False
+    per_head = r.uniform(size=(2, 4, 5, 7)) < 0.6
+    per_head[0, 1, 2] = per_head[1, :, 4] = False            # one head's row, all heads' row
+    left_padded = np.ones((2, 7), bool)
+    left_padded[1, :2] = False   # causal: query 0 (and 1) of example 1 sees only padding
+    return {"query+key padding": (np.asarray(A.padding_mask(query_valid, key_valid)), False),
+            "per-head": (per_head, False),
+            "causal+left padding": (np.asarray(A.padding_mask(None, left_padded)), True)}
+
+
+@pytest.mark.parametrize("case", list(_fully_masked_cases()))
+def test_fully_masked_rows_are_zero_and_both_implementations_agree(case):
+    mask, is_causal = _fully_masked_cases()[case]
+    q, k, v = _random_qkv(8, h=4, hk=2)
+    full = A.combine_masks(mask, A.causal_mask(5, 7)) if is_causal else mask
+    full = np.broadcast_to(np.asarray(full), (2, 4, 5, 7))
+    empty = ~full.any(-1)                                    # [b, h, q]
+    assert 2 <= empty.sum() < empty.size
+    ref, w = A.dot_product_attention(q, k, v, jnp.asarray(mask), is_causal=is_causal,
+                                     return_weights=True)
+    fused = A.dot_product_attention(q, k, v, jnp.asarray(mask), is_causal=is_causal,
+                                    implementation="fused")
+    rows = empty.transpose(0, 2, 1)                          # [b, q, h] of the output
+    for out in (ref, fused):
+        assert np.all(np.asarray(out)[rows] == 0.0) and np.all(np.isfinite(out))
+    assert np.all(np.asarray(w)[empty] == 0.0)
+    np.testing.assert_allclose(fused, ref, atol=1e-6)
+    # The other rows: the float64 softmax over their visible keys, as before.
+    expected, expected_w = reference_attention(q, k, v, full | empty[..., None])
+    np.testing.assert_allclose(np.asarray(ref)[~rows], expected[~rows], atol=2e-5)
+    np.testing.assert_allclose(np.asarray(w)[~empty], expected_w[~empty], atol=1e-6)
+
+
+def test_fully_masked_rows_have_finite_zero_gradients():
+    mask, _ = _fully_masked_cases()["per-head"]
+    empty_rows = ~mask.any(-1).transpose(0, 2, 1)            # [b, q, h]
+    q, k, v = (jnp.asarray(a) for a in _random_qkv(9, h=4, hk=2))
+    attend = {impl: lambda q, k, v, impl=impl: A.dot_product_attention(
+        q, k, v, jnp.asarray(mask), implementation=impl) for impl in A.IMPLEMENTATIONS}
+    grads = {impl: jax.grad(lambda *a, f=f: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(
+        q, k, v) for impl, f in attend.items()}
+    for g in grads.values():
+        assert all(np.all(np.isfinite(x)) for x in g)
+        assert np.all(np.asarray(g[0])[empty_rows] == 0.0)  # nothing flows into those queries
+    for a, b in zip(grads["reference"], grads["fused"]):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    with jax.enable_x64(True):  # float64 finite differences (the fused softmax is float32)
+        args = tuple(jnp.asarray(a, jnp.float64) for a in (q, k, v))
+        check_grads(attend["reference"], args, order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
+
+
 def test_dot_general_hook_is_used_for_both_products():
     calls = []
 
