@@ -10,6 +10,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8").strip()
+# The suite compiles hundreds of small programs and runs each for a few steps: LLVM's
+# optimization passes cost more time than they save (about a quarter of a tiny run). The
+# programs compute the same functions; tests that compare two runs compile both alike.
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
 # A persistent compilation cache for the session: many tests compile the same tiny models
 # (a run, its resumed twin, a sweep of them), and a cache hit returns the very executable

@@ -1,4 +1,4 @@
-"""Entry point of every run:
+r"""Entry point of every run:
 
     python -m train.main --config=configs/<family>.py[:variant] --workdir=DIR \
         [--config.section.key=value ...] [--restart_from_step=STEP] [--traceback]

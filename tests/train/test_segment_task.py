@@ -196,6 +196,7 @@ def test_unet_classes_come_from_the_masks_not_the_image_labels():
 def test_tiny_config_trains_end_to_end(tmp_path):
     c = unet_configs.get_config("tiny")
     c.train.num_steps = 4
+    c.sharding.num_devices = 1
     summary = trainer.train_and_evaluate(c, str(tmp_path))
     assert summary["train/steps"] == 4
     for split in ("validation", "test"):

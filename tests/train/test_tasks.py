@@ -92,6 +92,7 @@ def test_bleu_is_zero_without_4_grams_even_when_every_decode_is_right():
 def test_tiny_configs_train_end_to_end(tmp_path, config_module, variant):
     c = config_module.get_config(variant)
     c.train.num_steps = 4
+    c.sharding.num_devices = 1  # every family end to end; the 8-device runs are elsewhere
     summary = trainer.train_and_evaluate(c, str(tmp_path))
     assert summary["train/steps"] == 4
     assert np.isfinite(summary["validation/loss"]) and np.isfinite(summary["test/loss"])
