@@ -91,7 +91,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
         raise (e if isinstance(e, FlaxlabError) else ConfigError(str(e))) from e
     current = json.loads(config.to_json_best_effort(sort_keys=True))
     with workdir_lib.Workdir(workdir) as wd:
-        changed = wd.check_resume(current, restart_from_step)
+        defaults = config_lib.base_config(config.task.name, config.model.variant,
+                                          config.model.family)
+        changed = wd.check_resume(current, restart_from_step,
+                                  json.loads(defaults.to_json_best_effort(sort_keys=True)))
         mesh = sharding.mesh_from_config(config.sharding)
         try:
             # Every jitted model call traces inside the rules: the models' activation

@@ -61,6 +61,20 @@ def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return diffs
 
 
+_ABSENT = object()
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    """{dotted key: leaf value} of a nested (JSON) config; empty sections are leaves."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
 def _value(config: dict, dotted: str) -> Any:
     for part in dotted.split("."):
         if not isinstance(config, dict) or part not in config:
@@ -186,8 +200,13 @@ class Workdir:
         self._created = []
 
     # -- resume policy -----------------------------------------------------------------------
-    def check_resume(self, current: dict, restart_from_step: int | str | None) -> list[str]:
+    def check_resume(self, current: dict, restart_from_step: int | str | None,
+                     defaults: dict | None = None) -> list[str]:
         """The identity keys changed on purpose ([] for a fresh or same-identity run).
+
+        `defaults` (the JSON of the config's base_config) tells keys added to flaxlab since
+        the run was written: at their default they are no change. Keys flaxlab no longer
+        has are logged and ignored.
 
         Raises WorkdirError when the workdir holds a run of another identity and no
         restart was asked for, ConfigError for a restart without a run to restart.
@@ -206,7 +225,18 @@ class Workdir:
                                "in this workdir: restore it or use another --workdir") from e
         self.saved_config = saved
         saved = {k: v for k, v in saved.items() if k != "lineage"}
-        diffs = config_differences(saved, current)
+        flat_saved, flat_current = _flatten(saved), _flatten(current)
+        flat_defaults = _flatten(defaults or {})
+        diffs = sorted(k for k in flat_saved.keys() | flat_current.keys()
+                       if flat_saved.get(k, _ABSENT) != flat_current.get(k, _ABSENT))
+        added = [k for k in diffs if k not in flat_saved and k in flat_defaults
+                 and flat_current[k] == flat_defaults[k]]
+        removed = [k for k in diffs if k not in flat_current]
+        if added or removed:
+            logging.warning("config keys new since this run was written (at their defaults):"
+                            " %s; keys no longer in flaxlab: %s", ", ".join(added) or "none",
+                            _changes(saved, current, removed) or "none")
+        diffs = [k for k in diffs if k not in added and k not in removed]
         cadence = [k for k in diffs if _resumable(k)]
         identity = [k for k in diffs if not _resumable(k)]
         if identity and restart_from_step is None:

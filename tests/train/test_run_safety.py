@@ -345,3 +345,19 @@ def test_tuple_fields_are_overridden_from_the_command_line(tmp_path):
     with pytest.raises(errors.ConfigError, match="model.widths"):
         main_lib.parse(["train.main", f"--config={REPO}/configs/resnet.py:tiny",
                         f"--workdir={tmp_path}", "--config.model.widths=(8,"])
+
+
+def test_a_run_written_before_new_keys_existed_resumes(tmp_path, capsys, stopped_at_8):
+    """config.json of an older flaxlab: without a key added since (at its default) and with
+    one removed since; the run resumes, a non-default new key is still a change."""
+    workdir = copy_of(stopped_at_8, tmp_path)
+    saved = json.load(open(workdir / "config.json"))
+    del saved["init_from"]  # a section added later
+    saved["compress"]["init_from"] = ""  # a key removed later
+    (workdir / "config.json").write_text(json.dumps(saved))
+    code, lines = run_cli(capsys, argv(workdir, "--config.init_from.step=latest",
+                                       "--config.init_from.workdir=" + str(stopped_at_8)))
+    assert code == errors.EXIT_WORKDIR and "init_from.workdir" in lines[0]
+    code, lines = run_cli(capsys, argv(workdir))
+    assert code == 0 and not lines
+    assert "init_from" in json.load(open(workdir / "config.json"))  # the record is current
