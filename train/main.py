@@ -117,15 +117,20 @@ def unknown_override(config: ml_collections.ConfigDict, argv: list[str]) -> str 
     return None
 
 
-def parse(argv: list[str]) -> flags.FlagValues:
-    """The parsed flags of `argv`; ConfigError (one line) for any problem with them."""
+def check_config_arguments(argv: list[str], usage: str = USAGE) -> None:
+    """ConfigError naming a missing --config / --workdir, a missing config file, an
+    unknown variant or an unknown --config.* key (absl would print a traceback)."""
     spec = _flag_value(argv, "config")
     if not spec or _flag_value(argv, "workdir") is None:
-        raise errors.ConfigError(f"--config and --workdir are required: {USAGE}")
-    config = load_config_file(spec)  # names a missing file or an unknown variant
-    problem = unknown_override(config, argv)
+        raise errors.ConfigError(f"--config and --workdir are required: {usage}")
+    problem = unknown_override(load_config_file(spec), argv)
     if problem:
         raise errors.ConfigError(problem)
+
+
+def parse(argv: list[str]) -> flags.FlagValues:
+    """The parsed flags of `argv`; ConfigError (one line) for any problem with them."""
+    check_config_arguments(argv)
     fv = define_flags(argv)
     try:
         rest = fv(argv)

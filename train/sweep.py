@@ -50,6 +50,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from train import config as config_lib
+from train import errors
+from train import main as main_lib
 from train.evaluators import EVALUATORS
 from train.metrics_log import format_duration, quiet_library_logs, write_json
 from train.sweep_plots import plot_pareto, plot_results
@@ -454,7 +456,8 @@ def main(argv):
         runs = parse_sweep(spec, base)
         plan_runs(base, runs)  # every config error before the first run
     except ValueError as e:
-        sys.exit(f"flaxlab sweep: {e}")
+        print(f"flaxlab: error: {e}", file=sys.stderr)
+        sys.exit(errors.EXIT_CONFIG)
     records = run_sweep(base, runs, fl.workdir, fl.sort, fl.sort_mode, spec=spec)
     with open(os.path.join(fl.workdir, "results.md"), encoding="utf-8") as f:
         print(f.read(), end="")
@@ -465,5 +468,11 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    try:  # the config file, variant and --config.* keys, named in one line
+        main_lib.check_config_arguments(sys.argv, "python -m train.sweep --config=FILE[:variant]"
+                                        " --workdir=DIR [--sweep=...]")
+    except errors.ConfigError as e:
+        print(f"flaxlab: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     define_flags()
     app.run(main)
