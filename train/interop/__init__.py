@@ -1,0 +1,10 @@
+"""Weights in and out of the PyTorch / Hugging Face ecosystem (the `interop` extra).
+
+One module per architecture maps a Hugging Face checkpoint (config.json + tensors) onto a
+flaxlab model config and parameter tree and back; `hf.py` reads and writes the files
+(safetensors; pickled `pytorch_model.bin` only when explicitly allowed).
+ARCHITECTURES is the registry.
+"""
+from train.interop import gpt2
+
+ARCHITECTURES = {"gpt2": gpt2}
