@@ -3,6 +3,7 @@
 Install for running experiments:        pip install -e .
 Install for the test suite:             pip install -e ".[test]"
 Add TensorFlow Datasets sources:        pip install -e ".[tfds]"
+Hugging Face / PyTorch interop:         pip install -e ".[interop]"
 """
 from setuptools import find_packages, setup
 
@@ -31,5 +32,10 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.87"],
         "tfds": ["tensorflow-datasets>=4.9.7"],  # no TensorFlow needed
+        # Pretrained weights in and out (train/convert.py, train/interop/). torch only to
+        # build reference models in the tests and read pickles; <=2.13.0 keeps pip on the
+        # CPU build (the newest release pulls a several-GB CUDA build).
+        "interop": ["torch>=2.11,<=2.13.0", "transformers>=5,<6", "safetensors>=0.4",
+                    "tokenizers>=0.20"],
     },
 )

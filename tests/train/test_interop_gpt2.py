@@ -124,3 +124,27 @@ def test_checkpoints_that_do_not_fit_are_refused_naming_the_tensor(tmp_path, tie
     finally:
         os.remove(os.path.join(path, "pytorch_model.bin"))
         os.rename(tmp_path / "moved", os.path.join(path, "model.safetensors"))
+
+
+def test_command_line_into_a_workdir_and_back_out(tmp_path, tied, capsys):
+    from train import convert, errors, init_from  # noqa: PLC0415
+
+    model, path = tied
+    workdir, out = tmp_path / "run", tmp_path / "hf_again"
+    args = ["convert", "--from=hf", "--arch=gpt2", f"--checkpoint={path}", f"--workdir={workdir}"]
+    assert convert.run(args) == 0
+    _, _, _, params = converted(path)
+    loaded, _, step = init_from.load_variables(str(workdir))  # what init_from will load
+    assert step == 0
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert convert.run(args) == errors.EXIT_WORKDIR  # never over an existing workdir
+    assert convert.run(["convert", "--to=hf", f"--workdir={workdir}", f"--checkpoint={out}"]) == 0
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(str(out)).eval()
+    tokens = np.random.default_rng(3).integers(0, VOCAB, (2, 7))
+    np.testing.assert_array_equal(torch_logits(reloaded, tokens), torch_logits(model, tokens))
+    capsys.readouterr()
+    assert convert.run(args[:2] + ["--arch=llama"] + args[3:4] + [f"--workdir={tmp_path}/x"]) \
+        == errors.EXIT_CONFIG
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("flaxlab: error:")]
+    assert len(lines) == 1 and "--arch='llama'; supported: gpt2" in lines[0]
