@@ -69,6 +69,8 @@ class TransformerConfig:
     position: str = "learned"               # "learned" | "sinusoidal" | "none"
     scale_embeddings: bool = False          # multiply token embeddings by sqrt(d_model)
     tie_embeddings: bool = True             # unembedding = token embedding transposed
+    type_vocab_size: int = 0                # BERT's token-type (segment) table; 0 = none
+    embed_norm: bool = False                # a norm over the summed embeddings (BERT)
     fused_qkv: bool = False
     use_bias: bool = True
     kernel_init: str = "normal"
@@ -103,6 +105,9 @@ class TransformerConfig:
         if self.num_decoder_layers is not None and self.num_decoder_layers <= 0:
             raise ValueError("model.num_decoder_layers must be positive (or None = "
                              f"num_layers), got {self.num_decoder_layers}")
+        if self.type_vocab_size < 0:
+            raise ValueError(f"model.type_vocab_size must be >= 0 (0 = no token types), "
+                             f"got {self.type_vocab_size}")
         for key in ("dropout_rate", "attention_dropout_rate"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ValueError(f"model.{key} must be in [0, 1), got {getattr(self, key)}")
@@ -151,7 +156,8 @@ def make_config(variant: str, **overrides) -> TransformerConfig:
 # its own embeddings (ViT, PatchTST) sets these itself (`stack_config`), so they are its
 # nested field's metadata["derived"] and are left out of the config section.
 STACK_DERIVED = ("vocab_size", "max_length", "position", "num_decoder_layers",
-                 "scale_embeddings", "tie_embeddings", "pad_id", "num_classes", "dot_general")
+                 "scale_embeddings", "tie_embeddings", "type_vocab_size", "embed_norm",
+                 "pad_id", "num_classes", "dot_general")
 
 
 def stack_config(cfg: TransformerConfig, num_tokens: int,
@@ -161,7 +167,8 @@ def stack_config(cfg: TransformerConfig, num_tokens: int,
     the parent's matmul hook, and the rest of STACK_DERIVED at their defaults."""
     return cfg.replace(vocab_size=1, max_length=num_tokens, position="none",
                        num_decoder_layers=None, scale_embeddings=False, tie_embeddings=True,
-                       pad_id=0, num_classes=0, dot_general=dot_general)
+                       type_vocab_size=0, embed_norm=False, pad_id=0, num_classes=0,
+                       dot_general=dot_general)
 
 
 # ----------------------------------------------------------------------------------------
@@ -268,7 +275,8 @@ class TransformerStack(nn.Module):
 
 
 class Embedder(nn.Module):
-    """Token + position embedding (and the tied unembedding) for one vocabulary."""
+    """Token + position (+ token-type) embedding, optionally normalized (BERT: LayerNorm
+    over the sum, before dropout), and the tied unembedding, for one vocabulary."""
     cfg: TransformerConfig
 
     def setup(self):
@@ -282,14 +290,30 @@ class Embedder(nn.Module):
                 cfg.position, cfg.max_length, cfg.d_model, dtype=cfg.compute_dtype,
                 param_dtype=cfg.weight_dtype,
                 embedding_init=initializers.get("normal", cfg.init_stddev))
+        if cfg.type_vocab_size:
+            self.token_types = Embed(cfg.type_vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
+                                     param_dtype=cfg.weight_dtype,
+                                     embedding_init=initializers.get("normal", cfg.init_stddev),
+                                     dot_general=cfg.dot_general)
+        if cfg.embed_norm:
+            self.norm = make_norm(cfg.norm, epsilon=cfg.norm_epsilon, dtype=cfg.compute_dtype,
+                                  param_dtype=cfg.weight_dtype)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
-    def __call__(self, tokens, positions, deterministic: bool):
+    def __call__(self, tokens, positions, deterministic: bool, token_types=None):
+        """tokens, positions, token_types (default all 0) int [B, L] -> [B, L, d_model]."""
         x = self.tokens(tokens)
         if self.cfg.scale_embeddings:
             x = x * jnp.asarray(self.cfg.d_model ** 0.5, x.dtype)
         if self.cfg.position != "none":
             x = x + self.positions(positions)
+        if self.cfg.type_vocab_size:
+            x = x + self.token_types(jnp.zeros_like(tokens) if token_types is None
+                                     else token_types)
+        elif token_types is not None:
+            raise ValueError("token_types given to a model with model.type_vocab_size=0")
+        if self.cfg.embed_norm:
+            x = self.norm(x)
         return partitioning.constrain(self.dropout(x, deterministic=deterministic), _HIDDEN)
 
     def attend(self, x):
@@ -391,7 +415,8 @@ class Encoder(nn.Module):
     head: str = "mlm"
 
     @nn.compact
-    def __call__(self, tokens, *, valid=None, train: bool = False):
+    def __call__(self, tokens, *, valid=None, token_types=None, train: bool = False):
+        """token_types int [B, L] (BERT's segments; default 0) need model.type_vocab_size."""
         cfg = self.cfg
         if self.head not in ENCODER_HEADS:
             raise ValueError(f"unknown encoder head {self.head!r}; allowed: "
@@ -400,7 +425,7 @@ class Encoder(nn.Module):
         valid = tokens != cfg.pad_id if valid is None else valid
         embedder = Embedder(cfg, name="embed")
         x = embedder(tokens, _positions_from_valid(jnp.ones_like(valid)),
-                     deterministic=not train)
+                     deterministic=not train, token_types=token_types)
         x = TransformerStack(cfg, cfg.num_layers, name="encoder")(
             x, valid, deterministic=not train)
         self.sow("intermediates", "final_hidden", x)

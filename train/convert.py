@@ -4,9 +4,11 @@ r"""Checkpoints between the Hugging Face format and flaxlab workdirs (the `inter
         [--allow_pickle]
     python -m train.convert --to=hf --workdir=RUN --checkpoint=HF_OUT [--step=best]
 
---from=hf reads HF_DIR (config.json + model.safetensors; a pickled pytorch_model.bin only
-with --allow_pickle) and writes a flaxlab workdir: config.json (configs/gpt.py's
-gpt2_small config with the checkpoint's model fields) and checkpoints/0 with the params.
+--arch: gpt2 (GPT2LMHeadModel -> the `lm` decoder) | bert (BertForMaskedLM -> the `mlm`
+encoder). --from=hf reads HF_DIR (config.json + model.safetensors; a pickled
+pytorch_model.bin only with --allow_pickle) and writes a flaxlab workdir: config.json (the
+architecture's config, e.g. configs/gpt.py:gpt2_small, with the checkpoint's model
+fields) and checkpoints/0 with the params.
 Any run starts from it with --config.init_from.workdir=OUT and the same model fields.
 --to=hf writes config.json + model.safetensors of a run's checkpoint (--step: best |
 latest | N) that transformers' from_pretrained loads.
@@ -52,7 +54,8 @@ def _architecture(name: str):
 
 def from_hf(arch: str, checkpoint: str, workdir: str, allow_pickle: bool = False) -> None:
     """A flaxlab workdir (config.json + checkpoints/0) from a Hugging Face checkpoint."""
-    from configs import gpt  # noqa: PLC0415
+    import importlib  # noqa: PLC0415
+
     from train import checkpoint as ckpt_lib  # noqa: PLC0415
     from train.interop import hf  # noqa: PLC0415
     from train.metrics_log import write_json  # noqa: PLC0415
@@ -64,7 +67,8 @@ def from_hf(arch: str, checkpoint: str, workdir: str, allow_pickle: bool = False
     hf_config, tensors = hf.read_checkpoint(checkpoint, allow_pickle)
     fields = module.model_overrides(hf_config)
     params = module.params_from_hf(tensors, fields)
-    config = gpt.get_config("gpt2_small")
+    config_file, variant = module.CONFIG.split(":")
+    config = importlib.import_module(f"configs.{config_file}").get_config(variant)
     for key, value in fields.items():
         if key in config.model:
             config.model[key] = value
@@ -94,13 +98,16 @@ def to_hf(workdir: str, checkpoint: str, step: str = "best") -> None:
         raise errors.WorkdirError(f"{workdir} has no config.json: not a flaxlab workdir")
     with open(path, encoding="utf-8") as f:
         saved = json.load(f)
+    from train.interop import ARCHITECTURES  # noqa: PLC0415
+
     source = saved.get("converted_from", {})
-    arch = source.get("arch", "gpt2")
-    if saved.get("task", {}).get("name") != "lm" or saved["model"]["family"] != "transformer":
-        raise errors.ConfigError(f"{workdir} is a {saved['model']['family']} model for task "
-                                 f"{saved['task']['name']!r}; --to=hf converts GPT-2-style "
-                                 "decoders (task lm, family transformer)")
-    module = _architecture(arch)
+    task, family = saved.get("task", {}).get("name"), saved["model"]["family"]
+    by_task = {m.TASK: name for name, m in ARCHITECTURES.items()}
+    if family != "transformer" or task not in by_task:
+        raise errors.ConfigError(f"{workdir} is a {family} model for task {task!r}; --to=hf "
+                                 "converts transformer models for tasks "
+                                 f"{', '.join(sorted(by_task))}")
+    module = _architecture(source.get("arch", by_task[task]))
     params, _, chosen = init_from.load_variables(workdir, step)
     params = {k: v for k, v in params.items()}
     fields = dict(saved["model"])

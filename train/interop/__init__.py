@@ -3,8 +3,10 @@
 One module per architecture maps a Hugging Face checkpoint (config.json + tensors) onto a
 flaxlab model config and parameter tree and back; `hf.py` reads and writes the files
 (safetensors; pickled `pytorch_model.bin` only when explicitly allowed).
-ARCHITECTURES is the registry.
+ARCHITECTURES is the registry; each module gives TASK and CONFIG (the flaxlab task and
+config file:variant a converted checkpoint's workdir records), model_overrides,
+params_from_hf, params_to_hf and hf_config.
 """
-from train.interop import gpt2
+from train.interop import bert, gpt2
 
-ARCHITECTURES = {"gpt2": gpt2}
+ARCHITECTURES = {"gpt2": gpt2, "bert": bert}

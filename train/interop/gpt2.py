@@ -27,6 +27,8 @@ import numpy as np
 
 from train.interop.hf import ConversionError, take
 
+TASK = "lm"              # the flaxlab task of the converted model
+CONFIG = "gpt:gpt2_small"  # configs/<file>.py:<variant> of its workdir
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
                "relu": "relu"}
 # Buffers some checkpoints carry (the causal mask) that hold no weights.
