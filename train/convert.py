@@ -70,7 +70,11 @@ def from_hf(arch: str, checkpoint: str, workdir: str, allow_pickle: bool = False
     config_file, variant = module.CONFIG.split(":")
     config = importlib.import_module(f"configs.{config_file}").get_config(variant)
     for key, value in fields.items():
-        if key in config.model:
+        if key not in config.model:
+            continue  # a dataset field (vocab_size, num_classes, ...): the params hold it
+        if isinstance(value, dict):
+            config.model[key].update(value)  # a nested model config (ViT's encoder)
+        else:
             config.model[key] = value
     config.train.num_steps = 0  # a converted run has taken no steps here
     config.checkpoint.best_metric = ""  # nothing ranks it: init_from takes its step 0
@@ -102,17 +106,16 @@ def to_hf(workdir: str, checkpoint: str, step: str = "best") -> None:
 
     source = saved.get("converted_from", {})
     task, family = saved.get("task", {}).get("name"), saved["model"]["family"]
-    by_task = {m.TASK: name for name, m in ARCHITECTURES.items()}
-    if family != "transformer" or task not in by_task:
+    kinds = {(m.FAMILY, m.TASK): name for name, m in ARCHITECTURES.items()}
+    if (family, task) not in kinds:
         raise errors.ConfigError(f"{workdir} is a {family} model for task {task!r}; --to=hf "
-                                 "converts transformer models for tasks "
-                                 f"{', '.join(sorted(by_task))}")
-    module = _architecture(source.get("arch", by_task[task]))
+                                 "converts: " + ", ".join(f"{f} for {t} ({a})" for (f, t), a
+                                                         in sorted(kinds.items())))
+    module = _architecture(source.get("arch", kinds[(family, task)]))
     params, _, chosen = init_from.load_variables(workdir, step)
     params = {k: v for k, v in params.items()}
     fields = dict(saved["model"])
-    vocab, _ = np.shape(params["embed"]["tokens"]["embedding"])
-    fields["vocab_size"] = vocab  # a dataset field: the params know it
+    fields.update(module.data_fields(params))  # dataset fields: the params know them
     hf.write_checkpoint(checkpoint, module.hf_config(fields, source.get("hf_config")),
                         module.params_to_hf(params, fields))
     logging.info("wrote %s from %s step %d", checkpoint, workdir, chosen)

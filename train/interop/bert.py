@@ -29,6 +29,7 @@ from absl import logging
 
 from train.interop.hf import ConversionError, take
 
+FAMILY = "transformer"    # the flaxlab model family
 TASK = "mlm"              # the flaxlab task of the converted model
 CONFIG = "bert:default"   # configs/<file>.py:<variant> of its workdir
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -36,6 +37,11 @@ ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "ge
 # Buffers (no weights) and the parts of a pre-training checkpoint the masked LM lacks.
 _BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
 _SKIPPED = ("pooler.", "cls.seq_relationship.")
+
+
+def data_fields(params: dict) -> dict[str, int]:
+    """The dataset-filled model fields, read off the params: {"vocab_size": V}."""
+    return {"vocab_size": int(np.shape(params["embed"]["tokens"]["embedding"])[0])}
 
 
 def model_overrides(hf: dict) -> dict[str, Any]:

@@ -27,12 +27,18 @@ import numpy as np
 
 from train.interop.hf import ConversionError, take
 
+FAMILY = "transformer"    # the flaxlab model family
 TASK = "lm"              # the flaxlab task of the converted model
 CONFIG = "gpt:gpt2_small"  # configs/<file>.py:<variant> of its workdir
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
                "relu": "relu"}
 # Buffers some checkpoints carry (the causal mask) that hold no weights.
 _BUFFERS = (".attn.bias", ".attn.masked_bias")
+
+
+def data_fields(params: dict) -> dict[str, int]:
+    """The dataset-filled model fields, read off the params: {"vocab_size": V}."""
+    return {"vocab_size": int(np.shape(params["embed"]["tokens"]["embedding"])[0])}
 
 
 def model_overrides(hf: dict) -> dict[str, Any]:
