@@ -8,7 +8,8 @@ r"""Checkpoints between the Hugging Face format and flaxlab workdirs (the `inter
 encoder). --from=hf reads HF_DIR (config.json + model.safetensors; a pickled
 pytorch_model.bin only with --allow_pickle) and writes a flaxlab workdir: config.json (the
 architecture's config, e.g. configs/gpt.py:gpt2_small, with the checkpoint's model
-fields) and checkpoints/0 with the params.
+fields), checkpoints/0 with the params and tokenizer/ with the checkpoint's tokenizer
+files (train.generate uses them).
 Any run starts from it with --config.init_from.workdir=OUT and the same model fields.
 --to=hf writes config.json + model.safetensors of a run's checkpoint (--step: best |
 latest | N) that transformers' from_pretrained loads.
@@ -52,6 +53,18 @@ def _architecture(name: str):
     return ARCHITECTURES[name]
 
 
+def _as_stored(section) -> None:
+    """The model as the converted params are: float32, layers unrolled (init_from turns
+    them into a scanned or mixed-precision run's layout)."""
+    for key, value in (("dtype", "float32"), ("param_dtype", "float32"),
+                       ("scan_layers", False)):
+        if key in section:
+            section[key] = value
+    for value in section.values():
+        if hasattr(value, "keys"):  # a nested model config (ViT's encoder)
+            _as_stored(value)
+
+
 def from_hf(arch: str, checkpoint: str, workdir: str, allow_pickle: bool = False) -> None:
     """A flaxlab workdir (config.json + checkpoints/0) from a Hugging Face checkpoint."""
     import importlib  # noqa: PLC0415
@@ -76,6 +89,7 @@ def from_hf(arch: str, checkpoint: str, workdir: str, allow_pickle: bool = False
             config.model[key].update(value)  # a nested model config (ViT's encoder)
         else:
             config.model[key] = value
+    _as_stored(config.model)
     config.train.num_steps = 0  # a converted run has taken no steps here
     config.checkpoint.best_metric = ""  # nothing ranks it: init_from takes its step 0
     os.makedirs(workdir, exist_ok=True)
@@ -84,6 +98,11 @@ def from_hf(arch: str, checkpoint: str, workdir: str, allow_pickle: bool = False
     with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1) as ckpt:
         ckpt.save(0, state, {"converted_from": os.path.abspath(checkpoint),
                              "hf_config": hf_config}, force=True)
+    from train.interop import tokenizer  # noqa: PLC0415
+
+    copied = tokenizer.copy_files(checkpoint, workdir)
+    if copied:
+        logging.info("tokenizer files copied to %s/tokenizer: %s", workdir, ", ".join(copied))
     write_json(os.path.join(workdir, "config.json"),
                {**config.to_dict(), "converted_from": {"format": "hf", "arch": arch,
                                                        "hf_config": hf_config}})

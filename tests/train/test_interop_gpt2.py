@@ -20,8 +20,8 @@ VOCAB, POSITIONS = 97, 40
 def hf_model(tmp_path, **overrides):
     """A random GPT2LMHeadModel saved as a checkpoint directory (safetensors)."""
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=POSITIONS, n_embd=32,
-                                     n_layer=2, n_head=4, **overrides)
+    config = transformers.GPT2Config(**{**dict(vocab_size=VOCAB, n_positions=POSITIONS,
+                                               n_embd=32, n_layer=2, n_head=4), **overrides})
     model = transformers.GPT2LMHeadModel(config).eval()
     with torch.no_grad():  # biases and norms away from their 0 / 1 init, so they count
         for name, p in model.named_parameters():
@@ -148,3 +148,32 @@ def test_command_line_into_a_workdir_and_back_out(tmp_path, tied, capsys):
         == errors.EXIT_CONFIG
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("flaxlab: error:")]
     assert len(lines) == 1 and "--arch='llama'; supported: gpt2" in lines[0]
+
+
+def test_generation_with_the_checkpoint_s_own_tokenizer(tmp_path):
+    """A byte-level BPE tokenizer (GPT-2's kind) saved beside the model travels into the
+    workdir; train.generate's greedy continuation equals transformers' decoded one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
+
+    from train import convert, generate  # noqa: PLC0415
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["the cat sat on the mat", "a dog and a cat", "def main():"] * 20,
+                            trainers.BpeTrainer(vocab_size=300,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
+    model, path = hf_model(tmp_path, vocab_size=tok.get_vocab_size())
+    hf_tok.save_pretrained(path)
+    workdir = tmp_path / "run"
+    assert convert.run(["convert", "--from=hf", "--arch=gpt2", f"--checkpoint={path}",
+                        f"--workdir={workdir}"]) == 0
+    assert (workdir / "tokenizer" / "tokenizer.json").is_file()
+    prompt = "the cat"
+    ours = generate.continuation(str(workdir), prompt, max_new_tokens=12)
+    ids = torch.tensor([hf_tok(prompt)["input_ids"]])
+    with torch.no_grad():
+        new = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                             attention_mask=torch.ones_like(ids))[0, ids.shape[1]:]
+    assert ours == hf_tok.decode(new) and len(ours) > 0
