@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from models import transformer, variants
-from models.layers import partitioning
+from models.layers import normalization, partitioning
 
 POOLS = ("cls", "gap")
 
@@ -85,6 +85,8 @@ class ViTConfig:
     num_classes: int = 0                    # 0: no head, return pooled features
     representation_size: int | None = None  # pre-logits tanh layer (paper: pre-training)
     head_zero_init: bool = True             # logits start at 0 (paper, fine-tuning)
+    pre_norm: bool = False                  # CLIP: a LayerNorm over the embedded tokens
+                                            # before the encoder (its "pre_layrnorm")
     encoder: transformer.TransformerConfig = dataclasses.field(
         default_factory=encoder_config, metadata={"derived": transformer.STACK_DERIVED})
     dot_general: Callable = lax.dot_general  # every matmul (patch embedding included)
@@ -224,6 +226,9 @@ class ViT(nn.Module):
                                             (None, "position", "embed")),
                          (1, cfg.num_tokens, width), pdtype)
         x = nn.Dropout(enc.dropout_rate)(x + pos.astype(dtype), deterministic=not train)
+        if cfg.pre_norm:
+            x = normalization.make_norm(enc.norm, epsilon=enc.norm_epsilon, dtype=dtype,
+                                        param_dtype=pdtype, name="pre_norm")(x)
         # The stack's final LayerNorm is the LN of eq. 4 (applied to every token; for "gap"
         # the mean is taken after it, as in big_vision).
         x = transformer.TransformerStack(enc, enc.num_layers, name="encoder")(

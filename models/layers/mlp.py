@@ -20,6 +20,9 @@ ACTIVATIONS: dict[str, Callable] = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),  # exact, x * Phi(x) (BERT)
     "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),  # GPT-2's approximation
     "relu": jax.nn.relu,
+    # CLIP's x * sigmoid(1.702 x) (Radford et al. 2021, their released code), a cheaper
+    # approximation of GELU its checkpoints were trained with.
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "silu": jax.nn.silu,
     "tanh": jnp.tanh,
 }

@@ -8,6 +8,6 @@ model family, task and config file:variant a converted checkpoint's workdir reco
 model_overrides, params_from_hf, params_to_hf, hf_config and data_fields (the
 dataset-filled model fields, read off the params).
 """
-from train.interop import bert, gpt2, vit
+from train.interop import bert, clip, gpt2, vit
 
-ARCHITECTURES = {"gpt2": gpt2, "bert": bert, "vit": vit}
+ARCHITECTURES = {"gpt2": gpt2, "bert": bert, "vit": vit, "clip": clip}

@@ -53,7 +53,8 @@ def write_checkpoint(path: str, config: dict, tensors: dict[str, np.ndarray]) ->
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+    # np.require keeps 0-d tensors (CLIP's logit_scale) 0-d; ascontiguousarray makes 1-d.
+    save_file({k: np.require(v, requirements="C") for k, v in tensors.items()},
               os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
 
 
