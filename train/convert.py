@@ -157,11 +157,10 @@ def run(argv: list[str]) -> int:
         else:
             to_hf(fv.workdir, fv.checkpoint, fv.step)
     except Exception as e:  # noqa: BLE001 -- sorted into user errors and crashes
-        user_error = errors.user_error(e)
-        if user_error is None:
-            raise
-        print(f"flaxlab: error: {user_error}", file=sys.stderr)
-        return user_error.exit_code
+        code = errors.report(e)
+        if code is None:
+            raise  # a crash: the traceback is the report
+        return code
     return errors.EXIT_OK
 
 

@@ -13,6 +13,8 @@ Exit codes of `python -m train.main`:
 from __future__ import annotations
 
 import errno
+import sys
+import traceback
 
 EXIT_OK = 0
 EXIT_CRASH = 1         # a bug: the traceback is printed
@@ -96,3 +98,15 @@ def first_line(exc: BaseException | str, limit: int = 300) -> str:
     text = str(exc).strip().splitlines()
     line = text[0] if text else type(exc).__name__
     return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def report(exc: BaseException, show_traceback: bool = False) -> int | None:
+    """For a command's `except`: print a user error's one `flaxlab: error:` line (and its
+    traceback when asked) and return its exit code; None for a crash (re-raise it)."""
+    error = user_error(exc)
+    if error is None:
+        return None
+    if show_traceback:
+        traceback.print_exception(exc)
+    print(f"flaxlab: error: {error}", file=sys.stderr, flush=True)
+    return error.exit_code

@@ -90,11 +90,10 @@ def run(argv: list[str]) -> int:
                             temperature=fv.temperature, top_k=fv.top_k, top_p=fv.top_p,
                             step=fv.step, seed=fv.seed)
     except Exception as e:  # noqa: BLE001 -- sorted into user errors and crashes
-        user_error = errors.user_error(e)
-        if user_error is None:
-            raise
-        print(f"flaxlab: error: {user_error}", file=sys.stderr)
-        return user_error.exit_code
+        code = errors.report(e)
+        if code is None:
+            raise  # a crash: the traceback is the report
+        return code
     print(fv.prompt + text, flush=True)
     return errors.EXIT_OK
 

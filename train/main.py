@@ -17,7 +17,6 @@ import difflib
 import importlib.util
 import os
 import sys
-import traceback
 
 import ml_collections
 from absl import flags, logging
@@ -160,13 +159,10 @@ def run(argv: list[str]) -> int:
         print("flaxlab: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 -- sorted into user errors and crashes
-        user_error = errors.user_error(e)
-        if user_error is None:
+        code = errors.report(e, show_traceback)
+        if code is None:
             raise  # a crash: the traceback is the report
-        if show_traceback:
-            traceback.print_exc()
-        print(f"flaxlab: error: {user_error}", file=sys.stderr, flush=True)
-        return user_error.exit_code
+        return code
     status = summary.get("status", "finished")
     logging.info("done: %s", status)
     print(format_summary(summary), flush=True)

@@ -456,8 +456,7 @@ def main(argv):
         runs = parse_sweep(spec, base)
         plan_runs(base, runs)  # every config error before the first run
     except ValueError as e:
-        print(f"flaxlab: error: {e}", file=sys.stderr)
-        sys.exit(errors.EXIT_CONFIG)
+        sys.exit(errors.report(errors.ConfigError(str(e))))
     records = run_sweep(base, runs, fl.workdir, fl.sort, fl.sort_mode, spec=spec)
     with open(os.path.join(fl.workdir, "results.md"), encoding="utf-8") as f:
         print(f.read(), end="")
@@ -472,7 +471,6 @@ if __name__ == "__main__":
         main_lib.check_config_arguments(sys.argv, "python -m train.sweep --config=FILE[:variant]"
                                         " --workdir=DIR [--sweep=...]")
     except errors.ConfigError as e:
-        print(f"flaxlab: error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        sys.exit(errors.report(e))
     define_flags()
     app.run(main)

@@ -27,13 +27,12 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from train.interop.hf import ConversionError, take
+from train.interop import hf as hf_lib
+from train.interop.hf import ConversionError
 
 FAMILY = "transformer"    # the flaxlab model family
 TASK = "mlm"              # the flaxlab task of the converted model
 CONFIG = "bert:default"   # configs/<file>.py:<variant> of its workdir
-ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-               "relu": "relu"}
 # Buffers (no weights) and the parts of a pre-training checkpoint the masked LM lacks.
 _BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
 _SKIPPED = ("pooler.", "cls.seq_relationship.")
@@ -52,14 +51,11 @@ def model_overrides(hf: dict) -> dict[str, Any]:
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise ConversionError(f"config.json position_embedding_type="
                               f"{hf['position_embedding_type']!r}: only 'absolute' converts")
-    act = hf.get("hidden_act", "gelu")
-    if act not in ACTIVATIONS:
-        raise ConversionError(f"config.json hidden_act={act!r}; supported: "
-                              f"{', '.join(ACTIVATIONS)}")
+    act = hf_lib.activation(hf, "hidden_act", "gelu")
     return dict(vocab_size=hf["vocab_size"], max_length=hf["max_position_embeddings"],
                 d_model=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
                 num_heads=hf["num_attention_heads"], mlp_dim=hf["intermediate_size"],
-                activation=ACTIVATIONS[act], norm="layernorm", norm_position="post",
+                activation=act, norm="layernorm", norm_position="post",
                 norm_epsilon=float(hf.get("layer_norm_eps", 1e-12)), position="learned",
                 scale_embeddings=False, tie_embeddings=True,
                 type_vocab_size=int(hf.get("type_vocab_size", 2)), embed_norm=True,
@@ -75,21 +71,17 @@ def _strip(name: str) -> str:
 def params_from_hf(tensors: dict[str, np.ndarray], m: dict) -> dict:
     """The Encoder's (head "mlm") params from a BERT state dict; ConversionError naming a
     missing, misshapen or unknown tensor."""
-    t = {_strip(k): v for k, v in tensors.items()}
+    t = hf_lib.Tensors({_strip(k): v for k, v in tensors.items()})
     d, heads, ff, vocab = m["d_model"], m["num_heads"], m["mlp_dim"], m["vocab_size"]
     hd = d // heads
-    used = set()
+    get = t.get
 
-    def get(name, shape):
-        used.add(name)
-        return take(t, name, shape)
-
-    def linear(name, d_in, d_out):  # nn.Linear [out, in] -> flax [in, out]
-        return {"kernel": get(f"{name}.weight", (d_out, d_in)).T,
-                "bias": get(f"{name}.bias", (d_out,))}
+    def linear(name, d_in, d_out):
+        kernel, bias = t.linear(name, d_in, d_out)
+        return {"kernel": kernel, "bias": bias}
 
     def norm(name):
-        return {"scale": get(f"{name}.weight", (d,)), "bias": get(f"{name}.bias", (d,))}
+        return t.norm(name, d)
 
     def heads_in(name):  # [D, D] Linear -> [D, H, hd]
         w = linear(name, d, d)
@@ -122,18 +114,15 @@ def params_from_hf(tensors: dict[str, np.ndarray], m: dict) -> dict:
         "mlm_bias": get("cls.predictions.bias", (vocab,))}
     for tied, to in (("cls.predictions.decoder.weight", emb + "word_embeddings.weight"),
                      ("cls.predictions.decoder.bias", "cls.predictions.bias")):
-        if tied in t and not np.array_equal(t[tied], t[to]):
+        if tied in t and not np.array_equal(t.tensors[tied], t.tensors[to]):
             raise ConversionError(f"checkpoint tensor {tied!r} differs from {to!r}: an "
                                   "untied MLM decoder does not convert")
-        used.add(tied)
-    skipped = sorted(k for k in t if k.startswith(_SKIPPED))
+        t.mark_read(tied)
+    skipped = sorted(k for k in t.tensors if k.startswith(_SKIPPED))
     if skipped:
         logging.info("bert: not part of the masked LM, skipped: %s", ", ".join(skipped))
-    unknown = sorted(k for k in t if k not in used and k not in skipped
-                     and not k.endswith(_BUFFERS))
-    if unknown:
-        raise ConversionError(f"checkpoint tensor {unknown[0]!r} is not part of BERT "
-                              f"({len(unknown)} unknown: {', '.join(unknown[:5])})")
+        t.mark_read(*skipped)
+    t.check_all_read("BERT", buffers=_BUFFERS)
     return params
 
 
@@ -175,7 +164,7 @@ def params_to_hf(params: dict, m: dict) -> dict[str, np.ndarray]:
 def hf_config(m: dict, base: dict | None = None) -> dict:
     """A BertConfig dict for `m` (flaxlab model fields); `base` keeps the source's other
     keys."""
-    act = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
+    act = hf_lib.HF_ACTIVATIONS
     if m["activation"] not in act or m["norm_position"] != "post" or not m["embed_norm"] \
             or m["position"] != "learned" or not m["type_vocab_size"]:
         raise ConversionError("this flaxlab encoder is not a BERT: it needs post-norm, "

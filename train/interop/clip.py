@@ -27,24 +27,20 @@ from typing import Any
 
 import numpy as np
 
-from train.interop.hf import ConversionError, take
+from train.interop import hf as hf_lib
+from train.interop.hf import ConversionError
 
 FAMILY = "clip"           # the flaxlab model family
 TASK = "contrastive"      # the flaxlab task of the converted model
 CONFIG = "clip:default"   # configs/<file>.py:<variant> of its workdir
-ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh",
-               "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 _BUFFERS = ("embeddings.position_ids",)
 
 
 def _tower(hf: dict, what: str) -> dict[str, Any]:
-    act = hf.get("hidden_act", "quick_gelu")
-    if act not in ACTIVATIONS:
-        raise ConversionError(f"config.json {what}.hidden_act={act!r}; supported: "
-                              f"{', '.join(ACTIVATIONS)}")
+    act = hf_lib.activation(hf, "hidden_act", "quick_gelu", f"config.json {what}")
     return dict(d_model=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
                 num_heads=hf["num_attention_heads"], mlp_dim=hf["intermediate_size"],
-                activation=ACTIVATIONS[act], norm="layernorm", norm_position="pre",
+                activation=act, norm="layernorm", norm_position="pre",
                 norm_epsilon=float(hf.get("layer_norm_eps", 1e-5)), fused_qkv=False,
                 use_bias=True, dropout_rate=0.0,
                 attention_dropout_rate=float(hf.get("attention_dropout", 0.0)))
@@ -80,16 +76,14 @@ def _dims(m: dict):
     return v, ve, te, tokens
 
 
-def _layers_from(get, prefix: str, enc: dict) -> dict:
+def _layers_from(t: hf_lib.Tensors, prefix: str, enc: dict) -> dict:
     """Pre-norm CLIP layers `prefix`layers.i.* -> flaxlab layers_i (+ nothing else)."""
     d, heads, ff = enc["d_model"], enc["num_heads"], enc["mlp_dim"]
     hd = d // heads
-
-    def linear(name, d_in, d_out):
-        return get(f"{name}.weight", (d_out, d_in)).T, get(f"{name}.bias", (d_out,))
+    linear = t.linear
 
     def norm(name):
-        return {"scale": get(f"{name}.weight", (d,)), "bias": get(f"{name}.bias", (d,))}
+        return t.norm(name, d)
 
     out = {}
     for i in range(enc["num_layers"]):
@@ -133,14 +127,8 @@ def params_from_hf(tensors: dict[str, np.ndarray], m: dict) -> dict:
     misshapen or unknown tensor."""
     v, ve, te, tokens = _dims(m)
     dv, dt, p, c = ve["d_model"], te["d_model"], v["patch_size"], m["channels"]
-    used = set()
-
-    def get(name, shape):
-        used.add(name)
-        return take(tensors, name, shape)
-
-    def norm(name, d):
-        return {"scale": get(f"{name}.weight", (d,)), "bias": get(f"{name}.bias", (d,))}
+    t = hf_lib.Tensors(tensors)
+    get, norm = t.get, t.norm
 
     vision = {
         "embedding": {"kernel": get("vision_model.embeddings.patch_embedding.weight",
@@ -150,7 +138,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], m: dict) -> dict:
         "pos_embedding": get("vision_model.embeddings.position_embedding.weight",
                              (tokens, dv))[None],
         "pre_norm": norm("vision_model.pre_layrnorm", dv),
-        "encoder": {**_layers_from(get, "vision_model.encoder.", ve),
+        "encoder": {**_layers_from(t, "vision_model.encoder.", ve),
                     "final_norm": norm("vision_model.post_layernorm", dv)}}
     text = {
         "embed": {"tokens": {"embedding": get("text_model.embeddings.token_embedding.weight",
@@ -158,17 +146,14 @@ def params_from_hf(tensors: dict[str, np.ndarray], m: dict) -> dict:
                   "positions": {"embedding": get(
                       "text_model.embeddings.position_embedding.weight",
                       (te["max_length"], dt))}},
-        "encoder": {**_layers_from(get, "text_model.encoder.", te),
+        "encoder": {**_layers_from(t, "text_model.encoder.", te),
                     "final_norm": norm("text_model.final_layer_norm", dt)}}
     e = m["embed_dim"]
     params = {"image_tower": vision, "text_tower": text,
               "image_projection": {"kernel": get("visual_projection.weight", (e, dv)).T},
               "text_projection": {"kernel": get("text_projection.weight", (e, dt)).T},
               "logit_scale": get("logit_scale", ())}
-    unknown = sorted(k for k in tensors if k not in used and not k.endswith(_BUFFERS))
-    if unknown:
-        raise ConversionError(f"checkpoint tensor {unknown[0]!r} is not part of CLIP "
-                              f"({len(unknown)} unknown: {', '.join(unknown[:5])})")
+    t.check_all_read("CLIP", buffers=_BUFFERS)
     return params
 
 
@@ -209,8 +194,7 @@ def data_fields(params: dict) -> dict[str, int]:
 
 def hf_config(m: dict, base: dict | None = None) -> dict:
     """A CLIPConfig dict for `m` (flaxlab model fields); `base` keeps the source's keys."""
-    act = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_new",
-           "relu": "relu"}
+    act = hf_lib.HF_ACTIVATIONS
     v, ve, te, _ = _dims(m)
     if m.get("image_tower") != "vit" or not v.get("pre_norm") or v.get("pool") != "cls" \
             or not m.get("text_causal") or m.get("text_pooling") != "eot" \

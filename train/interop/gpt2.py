@@ -25,13 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from train.interop.hf import ConversionError, take
+from train.interop import hf as hf_lib
+from train.interop.hf import ConversionError
 
 FAMILY = "transformer"    # the flaxlab model family
 TASK = "lm"              # the flaxlab task of the converted model
 CONFIG = "gpt:gpt2_small"  # configs/<file>.py:<variant> of its workdir
-ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
-               "relu": "relu"}
 # Buffers some checkpoints carry (the causal mask) that hold no weights.
 _BUFFERS = (".attn.bias", ".attn.masked_bias")
 
@@ -52,14 +51,11 @@ def model_overrides(hf: dict) -> dict[str, Any]:
         if hf.get(key, not bad) == bad:
             raise ConversionError(f"config.json {key}={bad}: flaxlab's decoder has no such "
                                   "attention; this checkpoint cannot be converted exactly")
-    act = hf.get("activation_function", "gelu_new")
-    if act not in ACTIVATIONS:
-        raise ConversionError(f"config.json activation_function={act!r}; supported: "
-                              f"{', '.join(ACTIVATIONS)}")
+    act = hf_lib.activation(hf, "activation_function", "gelu_new")
     d = hf["n_embd"]
     return dict(vocab_size=hf["vocab_size"], max_length=hf["n_positions"], d_model=d,
                 num_layers=hf["n_layer"], num_heads=hf["n_head"],
-                mlp_dim=hf.get("n_inner") or 4 * d, activation=ACTIVATIONS[act],
+                mlp_dim=hf.get("n_inner") or 4 * d, activation=act,
                 norm="layernorm", norm_position="pre",
                 norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)), position="learned",
                 scale_embeddings=False, tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
@@ -76,16 +72,12 @@ def _dims(m: dict) -> tuple[int, int, int, int, int, int]:
 def params_from_hf(tensors: dict[str, np.ndarray], m: dict) -> dict:
     """The Decoder's params tree from a GPT-2 state dict (names with or without the
     "transformer." prefix); ConversionError naming a missing, misshapen or unknown tensor."""
-    t = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    t = hf_lib.Tensors({k.removeprefix("transformer."): v for k, v in tensors.items()})
     vocab, positions, d, heads, hd, ff = _dims(m)
-    used = set()
-
-    def get(name, shape):
-        used.add(name)
-        return take(t, name, shape)
+    get = t.get
 
     def norm(name):
-        return {"scale": get(f"{name}.weight", (d,)), "bias": get(f"{name}.bias", (d,))}
+        return t.norm(name, d)
 
     decoder = {}
     for i in range(m["num_layers"]):
@@ -108,16 +100,14 @@ def params_from_hf(tensors: dict[str, np.ndarray], m: dict) -> dict:
                         "positions": {"embedding": get("wpe.weight", (positions, d))}},
               "decoder": decoder}
     if m["tie_embeddings"]:
-        if "lm_head.weight" in t and not np.array_equal(t["lm_head.weight"], t["wte.weight"]):
+        if "lm_head.weight" in t and not np.array_equal(t.tensors["lm_head.weight"],
+                                                        t.tensors["wte.weight"]):
             raise ConversionError("checkpoint tensor 'lm_head.weight' differs from "
                                   "'transformer.wte.weight' though tie_word_embeddings is set")
-        used.add("lm_head.weight")
+        t.mark_read("lm_head.weight")
     else:
         params["unembed"] = {"logits": {"kernel": get("lm_head.weight", (vocab, d)).T}}
-    unknown = sorted(k for k in t if k not in used and not k.endswith(_BUFFERS))
-    if unknown:
-        raise ConversionError(f"checkpoint tensor {unknown[0]!r} is not part of GPT-2 "
-                              f"({len(unknown)} unknown: {', '.join(unknown[:5])})")
+    t.check_all_read("GPT-2", buffers=_BUFFERS)
     return params
 
 
@@ -153,12 +143,12 @@ def params_to_hf(params: dict, m: dict) -> dict[str, np.ndarray]:
 def hf_config(m: dict, base: dict | None = None) -> dict:
     """A GPT2Config dict for `m` (flaxlab model fields); `base` (the source config.json,
     when converting back) keeps its other keys (token ids, task params)."""
-    act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
+    act = hf_lib.HF_ACTIVATIONS
     if m["activation"] not in act or m["norm"] != "layernorm" or m["position"] != "learned" \
             or m["norm_position"] != "pre" or m["scale_embeddings"] or not m["use_bias"]:
         raise ConversionError("this flaxlab decoder is not a GPT-2: it needs layernorm, "
-                              "pre-norm, learned positions, biases and a gelu_tanh/gelu/relu "
-                              "activation")
+                              "pre-norm, learned positions, biases and an activation of "
+                              f"{', '.join(act)}")
     return {**(base or {}), "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
             "vocab_size": m["vocab_size"], "n_positions": m["max_length"],
             "n_embd": m["d_model"], "n_layer": m["num_layers"], "n_head": m["num_heads"],

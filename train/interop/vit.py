@@ -47,13 +47,12 @@ from absl import logging
 
 from models import transformer
 from models import vit as vit_models
-from train.interop.hf import ConversionError, take
+from train.interop import hf as hf_lib
+from train.interop.hf import ConversionError
 
 FAMILY = "vit"           # the flaxlab model family
 TASK = "classify"         # the flaxlab task of the converted model
 CONFIG = "vit:default"    # configs/<file>.py:<variant> of its workdir
-ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-               "relu": "relu"}
 CLASSIFIER, BACKBONE = "ViTForImageClassification", "ViTModel"
 DATA_FIELDS = ("num_classes", "image_size", "channels")  # the vit family's, from the dataset
 
@@ -110,10 +109,7 @@ def model_overrides(hf: dict) -> dict[str, Any]:
     if hf.get("head_dim") not in (None, d // heads) or d % heads:
         raise ConversionError(f"config.json head_dim={hf.get('head_dim')}: flaxlab's heads "
                               f"are hidden_size / num_attention_heads ({d}/{heads})")
-    act = hf.get("hidden_act", "gelu")
-    if act not in ACTIVATIONS:
-        raise ConversionError(f"config.json hidden_act={act!r}; supported: "
-                              f"{', '.join(ACTIVATIONS)}")
+    act = hf_lib.activation(hf, "hidden_act", "gelu")
     classifier = archs[0] == CLASSIFIER
     if not classifier and hf.get("pooler_act", "tanh") != "tanh":
         raise ConversionError(f"config.json pooler_act={hf['pooler_act']!r}: flaxlab's "
@@ -122,7 +118,7 @@ def model_overrides(hf: dict) -> dict[str, Any]:
     encoder = dict(d_model=d, num_layers=int(hf.get("num_hidden_layers", 12)),
                    num_heads=heads, num_kv_heads=None,
                    mlp_dim=int(hf.get("intermediate_size", 3072)),
-                   activation=ACTIVATIONS[act], norm="layernorm", norm_position="pre",
+                   activation=act, norm="layernorm", norm_position="pre",
                    norm_epsilon=float(hf.get("layer_norm_eps", 1e-12)), fused_qkv=False,
                    use_bias=True, dropout_rate=float(hf.get("hidden_dropout_prob", 0.0)),
                    attention_dropout_rate=float(hf.get("attention_probs_dropout_prob", 0.0)))
@@ -174,31 +170,25 @@ def params_from_hf(tensors: dict[str, np.ndarray], m: dict) -> dict:
     with or without the "vit." prefix, file or transformers-5 in-memory layout; a pooler is
     read only with representation_size, else left out as the classifier leaves it);
     ConversionError naming a missing, misshapen or unknown tensor."""
-    t = {}
+    renamed = {}
     for name, value in tensors.items():
         name = name.removeprefix("vit.")
         for pattern, repl in _RENAMES:
             name, n = pattern.subn(repl, name)
             if n:
                 break
-        t[name] = value
+        renamed[name] = value
+    t = hf_lib.Tensors(renamed)
     top, enc, d, heads, hd, ff, p, c, tokens = _dims(m)
     if top["pool"] != "cls":
         raise ConversionError(f"model.pool={top['pool']!r}: Hugging Face's ViT reads the "
                               "class token (pool='cls')")
     if top["num_classes"] and top["representation_size"]:
         raise ConversionError(_BOTH)
-    used = set()
-
-    def get(name, shape):
-        used.add(name)
-        return take(t, name, shape)
+    get, linear = t.get, t.linear
 
     def norm(name):
-        return {"scale": get(f"{name}.weight", (d,)), "bias": get(f"{name}.bias", (d,))}
-
-    def linear(name, d_in, d_out):  # nn.Linear [out, in] -> flax kernel [in, out]
-        return get(f"{name}.weight", (d_out, d_in)).T, get(f"{name}.bias", (d_out,))
+        return t.norm(name, d)
 
     encoder = {}
     for i in range(enc["num_layers"]):
@@ -234,18 +224,15 @@ def params_from_hf(tensors: dict[str, np.ndarray], m: dict) -> dict:
     else:
         # ViTForImageClassification builds ViTModel(add_pooling_layer=False): a pooler some
         # checkpoints still carry is never read by its logits (transformers drops it on load).
-        skipped = sorted(k for k in t if k.startswith("pooler.dense."))
+        skipped = sorted(k for k in t.tensors if k.startswith("pooler.dense."))
         if skipped:
             logging.info("vit: the classifier does not read the pooler, skipped: %s",
                          ", ".join(skipped))
-        used.update(skipped)
+        t.mark_read(*skipped)
     if top["num_classes"]:
         kernel, bias = linear("classifier", d, top["num_classes"])
         params["head"] = {"kernel": kernel, "bias": bias}
-    unknown = sorted(k for k in t if k not in used)
-    if unknown:
-        raise ConversionError(f"checkpoint tensor {unknown[0]!r} is not part of this ViT "
-                              f"({len(unknown)} unknown: {', '.join(unknown[:5])})")
+    t.check_all_read("this ViT")
     return params
 
 
@@ -304,7 +291,7 @@ def hf_config(m: dict, base: dict | None = None) -> dict:
     (the source config.json, when converting back) keeps its other keys (label names when
     their number still fits, image-processor settings)."""
     top, enc, d, heads, hd, ff, p, c, tokens = _dims(m)
-    act = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
+    act = hf_lib.HF_ACTIVATIONS
     if enc["activation"] not in act or enc["norm"] != "layernorm" \
             or enc["norm_position"] != "pre" or not enc["use_bias"] or top["pool"] != "cls" \
             or enc["num_kv_heads"] not in (None, heads):
