@@ -34,7 +34,7 @@ from train import config as config_lib
 from train import evaluators as evaluators_lib
 from train import families, optim, sharding
 from train import workdir as workdir_lib
-from train.errors import CheckpointError, ConfigError, FlaxlabError, NonFiniteError
+from train.errors import ConfigError, FlaxlabError, NonFiniteError
 from train.metrics_log import MetricsLog, plot_loss_curve, write_json
 from train.run_data import RunData
 from train.state import TrainState

@@ -1,7 +1,6 @@
 """BERT masked-LM checkpoints in and out, proven against `transformers`: equal logits with
 padding and token types, bit-exact round trips, clear refusals (random small models, no
 network)."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -67,12 +66,11 @@ def test_mlm_logits_equal_transformers_with_padding_and_token_types(checkpoint):
     assert (ours[real].argmax(-1) == theirs[real].argmax(-1)).all()
 
 
-def test_round_trips(tmp_path, checkpoint):
+def test_round_trips(tmp_path, checkpoint, interop):
     model, path = checkpoint
     config, fields, _, params = converted(path)
     back = bert.params_from_hf(bert.params_to_hf(params, fields), fields)
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back), strict=True):
-        np.testing.assert_array_equal(a, b)
+    interop.assert_trees_equal(params, back)
     hf.write_checkpoint(str(tmp_path / "out"), bert.hf_config(fields, config),
                         bert.params_to_hf(params, fields))
     reloaded = transformers.BertForMaskedLM.from_pretrained(str(tmp_path / "out")).eval()
@@ -99,19 +97,10 @@ def test_checkpoints_that_do_not_fit_are_refused_naming_the_tensor(checkpoint):
         bert.model_overrides(dict(config, model_type="gpt2"))
 
 
-def test_command_line_into_a_workdir_and_back_out(tmp_path, checkpoint):
-    from train import convert, init_from  # noqa: PLC0415
-
+def test_command_line_into_a_workdir_and_back_out(tmp_path, checkpoint, interop):
     model, path = checkpoint
-    workdir, out = tmp_path / "run", tmp_path / "again"
-    assert convert.run(["convert", "--from=hf", "--arch=bert", f"--checkpoint={path}",
-                        f"--workdir={workdir}"]) == 0
-    _, _, _, params = converted(path)
-    loaded, _, _ = init_from.load_variables(str(workdir))
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded), strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert convert.run(["convert", "--to=hf", f"--workdir={workdir}", f"--checkpoint={out}"]) == 0
-    reloaded = transformers.BertForMaskedLM.from_pretrained(str(out)).eval()
+    out = interop.convert_in_and_out("bert", path, tmp_path, converted(path)[-1])
+    reloaded = transformers.BertForMaskedLM.from_pretrained(out).eval()
     tokens, mask, types = batch()
     np.testing.assert_array_equal(torch_logits(reloaded, tokens, mask, types),
                                   torch_logits(model, tokens, mask, types))

@@ -1,7 +1,6 @@
 """CLIP checkpoints in and out, proven against `transformers`: equal image and text
 embeddings and logits per image, bit-exact round trips, clear refusals (random small
 models, no network)."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -76,12 +75,11 @@ def test_embeddings_and_logits_equal_transformers(checkpoint):
     assert (logits.argmax(-1) == theirs(model, pixels, texts)[2].argmax(-1)).all()
 
 
-def test_round_trips(tmp_path, checkpoint):
+def test_round_trips(tmp_path, checkpoint, interop):
     model, path = checkpoint
     config, fields, _, params = converted(path)
     back = clip.params_from_hf(clip.params_to_hf(params, fields), fields)
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back), strict=True):
-        np.testing.assert_array_equal(a, b)
+    interop.assert_trees_equal(params, back)
     hf.write_checkpoint(str(tmp_path / "out"), clip.hf_config(fields, config),
                         clip.params_to_hf(params, fields))
     reloaded = transformers.CLIPModel.from_pretrained(str(tmp_path / "out")).eval()
@@ -105,19 +103,10 @@ def test_checkpoints_that_do_not_fit_are_refused_naming_the_tensor(checkpoint):
         clip.model_overrides(dict(config, model_type="siglip"))
 
 
-def test_command_line_into_a_workdir_and_back_out(tmp_path, checkpoint):
-    from train import convert, init_from  # noqa: PLC0415
-
+def test_command_line_into_a_workdir_and_back_out(tmp_path, checkpoint, interop):
     model, path = checkpoint
-    workdir, out = tmp_path / "run", tmp_path / "again"
-    assert convert.run(["convert", "--from=hf", "--arch=clip", f"--checkpoint={path}",
-                        f"--workdir={workdir}"]) == 0
-    params = converted(path)[-1]
-    loaded, _, _ = init_from.load_variables(str(workdir))
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded), strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert convert.run(["convert", "--to=hf", f"--workdir={workdir}", f"--checkpoint={out}"]) == 0
-    reloaded = transformers.CLIPModel.from_pretrained(str(out)).eval()
+    out = interop.convert_in_and_out("clip", path, tmp_path, converted(path)[-1])
+    reloaded = transformers.CLIPModel.from_pretrained(out).eval()
     pixels, texts = inputs()
     for a, b in zip(theirs(reloaded, pixels, texts), theirs(model, pixels, texts)):
         np.testing.assert_array_equal(a, b)

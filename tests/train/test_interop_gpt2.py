@@ -3,7 +3,6 @@
 Checkpoints are made here from small random `transformers` models (no network)."""
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -84,15 +83,14 @@ def test_greedy_generation_equals_transformers_generate(tied):
     np.testing.assert_array_equal(np.asarray(ours), theirs)
 
 
-def test_round_trips(tmp_path, tied):
+def test_round_trips(tmp_path, tied, interop):
     model, path = tied
     config, fields, decoder, params = converted(path)
     back = gpt2.params_from_hf(gpt2.params_to_hf(params, fields), fields)  # flaxlab->hf->flaxlab
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back), strict=True):
-        np.testing.assert_array_equal(a, b)
+    interop.assert_trees_equal(params, back)
     out = tmp_path / "out"  # hf -> flaxlab -> hf, loaded by transformers
     hf.write_checkpoint(str(out), gpt2.hf_config(fields, config), gpt2.params_to_hf(params, fields))
-    reloaded = transformers.GPT2LMHeadModel.from_pretrained(str(out)).eval()
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     tokens = np.random.default_rng(2).integers(0, VOCAB, (2, 9))
     np.testing.assert_array_equal(torch_logits(reloaded, tokens), torch_logits(model, tokens))
 
@@ -126,21 +124,16 @@ def test_checkpoints_that_do_not_fit_are_refused_naming_the_tensor(tmp_path, tie
         os.rename(tmp_path / "moved", os.path.join(path, "model.safetensors"))
 
 
-def test_command_line_into_a_workdir_and_back_out(tmp_path, tied, capsys):
+def test_command_line_into_a_workdir_and_back_out(tmp_path, tied, capsys, interop):
     from train import convert, errors, init_from  # noqa: PLC0415
 
     model, path = tied
-    workdir, out = tmp_path / "run", tmp_path / "hf_again"
+    out = interop.convert_in_and_out("gpt2", path, tmp_path, converted(path)[-1])
+    workdir = tmp_path / "run"
+    assert init_from.load_variables(str(workdir))[2] == 0  # the step init_from loads
     args = ["convert", "--from=hf", "--arch=gpt2", f"--checkpoint={path}", f"--workdir={workdir}"]
-    assert convert.run(args) == 0
-    _, _, _, params = converted(path)
-    loaded, _, step = init_from.load_variables(str(workdir))  # what init_from will load
-    assert step == 0
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded), strict=True):
-        np.testing.assert_array_equal(a, b)
     assert convert.run(args) == errors.EXIT_WORKDIR  # never over an existing workdir
-    assert convert.run(["convert", "--to=hf", f"--workdir={workdir}", f"--checkpoint={out}"]) == 0
-    reloaded = transformers.GPT2LMHeadModel.from_pretrained(str(out)).eval()
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     tokens = np.random.default_rng(3).integers(0, VOCAB, (2, 7))
     np.testing.assert_array_equal(torch_logits(reloaded, tokens), torch_logits(model, tokens))
     capsys.readouterr()

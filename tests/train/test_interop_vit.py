@@ -64,7 +64,7 @@ def theirs(model, pixels):
         return model(pixel_values=torch.tensor(pixels))
 
 
-def test_logits_equal_transformers(classifier):
+def test_logits_equal_transformers(classifier, interop):
     model, path = classifier
     _, _, fields, flax_model, params = converted(path)
     assert fields["num_classes"] == 5 and fields["encoder"]["norm_epsilon"] == 1e-12
@@ -76,26 +76,24 @@ def test_logits_equal_transformers(classifier):
     assert (got.argmax(-1) == want.argmax(-1)).all()
     # transformers >= 5's in-memory names (layers.i.attention.q_proj, ...) read the same.
     live = vit.params_from_hf({k: v.numpy() for k, v in model.state_dict().items()}, fields)
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(live), strict=True):
-        np.testing.assert_array_equal(a, b)
+    interop.assert_trees_equal(params, live)
 
 
-def test_round_trips(tmp_path, classifier):
+def test_round_trips(tmp_path, classifier, interop):
     model, path = classifier
     config, _, fields, flax_model, params = converted(path)
     back = vit.params_from_hf(vit.params_to_hf(params, fields), fields)  # flaxlab->hf->flaxlab
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back), strict=True):
-        np.testing.assert_array_equal(a, b)
+    interop.assert_trees_equal(params, back)
     out = tmp_path / "out"  # hf -> flaxlab -> hf, loaded by transformers
     hf.write_checkpoint(str(out), vit.hf_config(fields, config), vit.params_to_hf(params, fields))
-    reloaded = transformers.ViTForImageClassification.from_pretrained(str(out)).eval()
+    reloaded = transformers.ViTForImageClassification.from_pretrained(out).eval()
     assert reloaded.config.id2label == model.config.id2label
     pixels = images(1)
     np.testing.assert_array_equal(theirs(reloaded, pixels).logits.numpy(),
                                   theirs(model, pixels).logits.numpy())
 
 
-def test_a_flaxlab_vit_out_to_transformers(tmp_path):
+def test_a_flaxlab_vit_out_to_transformers(tmp_path, interop):
     """A flaxlab-initialized ViT (a run's section: num_classes / image_size / channels are
     the dataset's, read off the params) -> a checkpoint transformers computes the same."""
     section = dict(patch_size=4, pool="cls", head_zero_init=False,
@@ -108,8 +106,7 @@ def test_a_flaxlab_vit_out_to_transformers(tmp_path):
     fields = {**section, **vit.data_fields(params)}
     assert vit.data_fields(params) == dict(num_classes=5, image_size=16, channels=3)
     back = vit.params_from_hf(vit.params_to_hf(params, fields), fields)
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back), strict=True):
-        np.testing.assert_array_equal(a, b)
+    interop.assert_trees_equal(params, back)
     config = vit.hf_config(fields)
     assert config["layer_norm_eps"] == 1e-6 and config["architectures"] == [vit.CLASSIFIER]
     hf.write_checkpoint(str(tmp_path / "out"), config, vit.params_to_hf(params, fields))
@@ -182,19 +179,10 @@ def test_checkpoints_that_do_not_fit_are_refused_naming_the_tensor(classifier):
         vit.hf_config(dict(fields, representation_size=8))
 
 
-def test_command_line_into_a_workdir_and_back_out(tmp_path, classifier):
-    from train import convert, init_from  # noqa: PLC0415
-
+def test_command_line_into_a_workdir_and_back_out(tmp_path, classifier, interop):
     model, path = classifier
-    workdir, out = tmp_path / "run", tmp_path / "again"
-    assert convert.run(["convert", "--from=hf", "--arch=vit", f"--checkpoint={path}",
-                        f"--workdir={workdir}"]) == 0
-    params = converted(path)[-1]
-    loaded, _, _ = init_from.load_variables(str(workdir))
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded), strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert convert.run(["convert", "--to=hf", f"--workdir={workdir}", f"--checkpoint={out}"]) == 0
-    reloaded = transformers.ViTForImageClassification.from_pretrained(str(out)).eval()
+    out = interop.convert_in_and_out("vit", path, tmp_path, converted(path)[-1])
+    reloaded = transformers.ViTForImageClassification.from_pretrained(out).eval()
     pixels = images(5)
     np.testing.assert_array_equal(theirs(reloaded, pixels).logits.numpy(),
                                   theirs(model, pixels).logits.numpy())
