@@ -82,12 +82,6 @@ def quiet_library_logs(tracebacks: bool = False) -> None:
     pylogging.getLogger("absl").addFilter(_QuietLibraries(tracebacks))
     pylogging.getLogger("asyncio").addFilter(_QuietLibraries(tracebacks))
     if not tracebacks:  # tensorstore callbacks firing into orbax's closed event loops
-        previous = sys.excepthook
-
-        def quiet_hook(kind, value, tb):
-            if not (kind is RuntimeError and "Event loop is closed" in str(value)):
-                previous(kind, value, tb)
-        sys.excepthook = quiet_hook
         previous_unraisable = sys.unraisablehook
 
         def quiet_unraisable(info):
