@@ -125,8 +125,13 @@ class TextTower(nn.Module):
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = transformer.Embedder(cfg, name="embed")(tokens, positions,
                                                     deterministic=not train)
+        # A causal tower needs no key padding mask: right padding follows every real token,
+        # so no real position attends to it. Without the mask, a checkpoint whose
+        # pad_token_id is a real token (CLIP's config says 1, a quote mark, while its
+        # tokenizer pads with end-of-text) reads every token as transformers does.
+        attend = jnp.ones_like(valid) if self.causal else valid
         x = transformer.TransformerStack(cfg, cfg.num_layers, causal=self.causal,
-                                         name="encoder")(x, valid, deterministic=not train)
+                                         name="encoder")(x, attend, deterministic=not train)
         if self.pooling == "cls":
             return x[:, 0]
         if self.pooling == "mean":

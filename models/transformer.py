@@ -111,6 +111,10 @@ class TransformerConfig:
         for key in ("dropout_rate", "attention_dropout_rate"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ValueError(f"model.{key} must be in [0, 1), got {getattr(self, key)}")
+        if self.attention_impl == "fused" and self.attention_dropout_rate > 0:
+            raise ValueError(f"model.attention_dropout_rate={self.attention_dropout_rate} needs "
+                             "model.attention_impl='reference' (the fused kernels have no "
+                             "dropout); or set model.attention_dropout_rate=0")
 
     def replace(self, **changes) -> "TransformerConfig":
         return dataclasses.replace(self, **changes)

@@ -10,7 +10,9 @@ pytorch_model.bin only with --allow_pickle) and writes a flaxlab workdir: config
 architecture's config, e.g. configs/gpt.py:gpt2_small, with the checkpoint's model
 fields), checkpoints/0 with the params and tokenizer/ with the checkpoint's tokenizer
 files (train.generate uses them).
-Any run starts from it with --config.init_from.workdir=OUT and the same model fields.
+Evaluate or fine-tune it with --config=configs/pretrained.py:OUT (the embedded data in
+the checkpoint's own tokens and image preprocessing); any other run starts from it with
+--config.init_from.workdir=OUT and the same model fields.
 --to=hf writes config.json + model.safetensors of a run's checkpoint (--step: best |
 latest | N) that transformers' from_pretrained loads.
 Errors are one `flaxlab: error:` line (train/errors.py exit codes).
@@ -55,11 +57,14 @@ def _architecture(name: str):
 
 def _as_stored(section) -> None:
     """The model as the converted params are: float32, layers unrolled (init_from turns
-    them into a scanned or mixed-precision run's layout)."""
+    them into a scanned or mixed-precision run's layout); reference attention where the
+    checkpoint has attention dropout (the fused kernels have none)."""
     for key, value in (("dtype", "float32"), ("param_dtype", "float32"),
                        ("scan_layers", False)):
         if key in section:
             section[key] = value
+    if section.get("attention_dropout_rate", 0) > 0 and "attention_impl" in section:
+        section.attention_impl = "reference"  # the checkpoint's attention dropout trains
     for value in section.values():
         if hasattr(value, "keys"):  # a nested model config (ViT's encoder)
             _as_stored(value)
@@ -104,8 +109,9 @@ def from_hf(arch: str, checkpoint: str, workdir: str, allow_pickle: bool = False
     if copied:
         logging.info("tokenizer files copied to %s/tokenizer: %s", workdir, ", ".join(copied))
     write_json(os.path.join(workdir, "config.json"),
-               {**config.to_dict(), "converted_from": {"format": "hf", "arch": arch,
-                                                       "hf_config": hf_config}})
+               {**config.to_dict(), "converted_from": {
+                   "format": "hf", "arch": arch, "config": module.CONFIG,
+                   "data_fields": module.data_fields(params), "hf_config": hf_config}})
     logging.info("wrote %s: %d tensors of %s", workdir, len(tensors), checkpoint)
 
 

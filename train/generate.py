@@ -16,6 +16,7 @@ import sys
 from absl import flags, logging
 
 from train import errors
+from train.data.tokenizers import WORKDIR_TOKENIZER, ByteTokenizer
 
 
 def define_flags() -> flags.FlagValues:
@@ -31,6 +32,18 @@ def define_flags() -> flags.FlagValues:
     flags.DEFINE_string("step", "best", "Checkpoint: best | latest | a step.", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
     return fv
+
+
+def run_tokenizer(workdir: str, saved: dict):
+    """The tokenizer a workdir's model reads: its own tokenizer/ (train.convert copies a
+    checkpoint's there), else the one its config's data source names (a run fine-tuned
+    from a converted checkpoint), else the byte tokenizer."""
+    from train.data.tokenizers import make_tokenizer  # noqa: PLC0415
+
+    if os.path.isdir(os.path.join(workdir, WORKDIR_TOKENIZER)):
+        return make_tokenizer(os.path.join(workdir, WORKDIR_TOKENIZER))
+    data = saved.get("data", {})
+    return make_tokenizer(data.get(data.get("source", ""), {}).get("tokenizer", ""))
 
 
 def continuation(workdir: str, prompt: str, max_new_tokens: int, *, temperature=0.0,
@@ -55,16 +68,12 @@ def continuation(workdir: str, prompt: str, max_new_tokens: int, *, temperature=
     vocab = int(params["embed"]["tokens"]["embedding"].shape[0])
     model, _ = families.build(ml_collections.ConfigDict(saved["model"]), "lm",
                               vocab_size=vocab)
-    if os.path.isdir(os.path.join(workdir, "tokenizer")):
-        from train.interop.tokenizer import Tokenizer  # noqa: PLC0415
-
-        tok = Tokenizer(os.path.join(workdir, "tokenizer"))
-        ids, eos = tok.encode(prompt), None
-    else:
-        from train.data.tokenizers import ByteTokenizer  # noqa: PLC0415
-
-        tok = ByteTokenizer()
-        ids, eos = list(tok.encode(prompt, add_bos=True)), tok.eos_id
+    tok = run_tokenizer(workdir, saved)
+    # flaxlab's byte models read BOS + prompt and stop at EOS; a checkpoint tokenizer's
+    # prompt is its plain tokens, as transformers' generate reads them.
+    byte_level = isinstance(tok, ByteTokenizer)
+    ids = list(tok.encode(prompt, add_bos=byte_level))
+    eos = tok.eos_id if byte_level else None
     if not ids:
         raise errors.ConfigError("--prompt is empty after tokenization; give some text")
     if len(ids) + max_new_tokens > model.cfg.max_length:

@@ -27,7 +27,67 @@ def convert_in_and_out(arch: str, checkpoint: str, tmp_path, params) -> str:
     return out
 
 
+def bpe_tokenizer(texts, vocab_size: int, bos: str | None = None, eos: str | None = None,
+                  pad: str | None = None, template: bool = False):
+    """A byte-level BPE `transformers.PreTrainedTokenizerFast` (GPT-2's and CLIP's kind)
+    trained on `texts`; with `template`, it wraps every text in bos and eos (CLIP's)."""
+    import transformers  # noqa: PLC0415
+    from tokenizers import (Tokenizer, decoders, models, pre_tokenizers,  # noqa: PLC0415
+                            processors, trainers)
+
+    specials = list(dict.fromkeys(t for t in (bos, eos, pad) if t))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if template:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A {eos}", special_tokens=[(t, tok.token_to_id(t)) for t in
+                                                      (bos, eos)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos,
+                                                eos_token=eos, pad_token=pad)
+
+
+def wordpiece_tokenizer(texts, vocab_size: int):
+    """A BERT WordPiece `transformers.BertTokenizerFast` trained on `texts`."""
+    import transformers  # noqa: PLC0415
+    from tokenizers import (Tokenizer, decoders, models, normalizers,  # noqa: PLC0415
+                            pre_tokenizers, processors, trainers)
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size,
+                                                             special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return transformers.BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]",
+                                          sep_token="[SEP]", pad_token="[PAD]",
+                                          cls_token="[CLS]", mask_token="[MASK]")
+
+
+def pretrained_run(converted: str, workdir: str, *overrides: str) -> dict:
+    """`python -m train.main --config=configs/pretrained.py:<converted>` (exit 0): its
+    summary.json."""
+    import json  # noqa: PLC0415
+
+    import configs  # noqa: PLC0415
+    from train import main  # noqa: PLC0415
+
+    config = os.path.join(os.path.dirname(configs.__file__), "pretrained.py")
+    assert main.run(["main", f"--config={config}:{converted}", f"--workdir={workdir}",
+                     *overrides]) == 0
+    with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
 @pytest.fixture(scope="session")
 def interop():
     return SimpleNamespace(assert_trees_equal=assert_trees_equal,
-                           convert_in_and_out=convert_in_and_out)
+                           convert_in_and_out=convert_in_and_out, bpe_tokenizer=bpe_tokenizer,
+                           wordpiece_tokenizer=wordpiece_tokenizer,
+                           pretrained_run=pretrained_run)

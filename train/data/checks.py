@@ -31,6 +31,19 @@ def check_str(c, prefix: str, key: str, nonempty: bool = False) -> None:
              "expected a non-empty string" if nonempty else "expected a string ('' = not used)")
 
 
+def check_tokenizer(c, prefix: str) -> None:
+    """``c.tokenizer``: "" (bytes) or a directory holding a saved tokenizer.json (or a
+    workdir whose tokenizer/ does)."""
+    from train.data.tokenizers import tokenizer_dir  # noqa: PLC0415
+
+    check_str(c, prefix, "tokenizer")
+    if c.tokenizer:
+        try:
+            tokenizer_dir(c.tokenizer)
+        except ValueError as e:
+            fail(f"{prefix}.tokenizer", c.tokenizer, str(e))
+
+
 def check_flat_fractions(c, prefix: str) -> tuple[float, float, float]:
     """The keys train_fraction, validation_fraction, test_fraction: each in [0, 1],
     train > 0, summing to 1. Returns them in that order."""

@@ -39,7 +39,7 @@ import numpy as np
 
 from train.data import checks
 from train.data.base import RandomAccessDataset, Source
-from train.data.tokenizers import ByteTokenizer, pad_batch
+from train.data.tokenizers import make_tokenizer, pad_batch
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLORS = ("red", "green", "blue", "yellow")
@@ -117,11 +117,12 @@ def longest_caption_len() -> int:
 
 
 @functools.lru_cache(maxsize=4)
-def _caption_tokens(max_caption_len: int) -> np.ndarray:
-    """int32[2880, max_caption_len]: BOS + caption + EOS, PAD-padded, by caption code."""
-    tok = ByteTokenizer()
+def _caption_tokens(max_caption_len: int, tokenizer: str = "") -> np.ndarray:
+    """int32[2880, max_caption_len]: BOS + caption + EOS, padded, by caption code
+    (``tokenizer``: "" = bytes, else a saved tokenizer's directory)."""
+    tok = make_tokenizer(tokenizer)
     return pad_batch([tok.encode(c, add_bos=True, add_eos=True) for c in _caption_table()],
-                     max_caption_len, "max_caption_len")
+                     max_caption_len, "data.shapes.max_caption_len", tok.pad_id)
 
 
 def _hash_u64(x: np.ndarray) -> np.ndarray:
@@ -266,11 +267,16 @@ class ShapesDataset(RandomAccessDataset):
         train/validation/test (True: contrastive / zero-shot runs; False: classification).
       num_examples: examples in the split (default ``DEFAULT_SIZES[split]``).
       data_seed: changes every example (default 0); independent of the run seed.
+      tokenizer: "" (bytes) or a saved tokenizer's directory (a converted CLIP's): the
+        captions and zero-shot prompts are its tokens.
+      image_mean, image_std: per-channel (R, G, B); images become (x - mean) / std (a
+        pretrained tower's preprocessing; default (0, 0, 0) and (1, 1, 1): [0, 1]).
 
     Batches (``batch`` and ``eval_batches``) are dicts of NumPy arrays:
-      "image"    float32[B, S, S, 3] in [0, 1] (not normalized: the model side does it)
+      "image"    float32[B, S, S, 3]: in [0, 1], then (x - image_mean) / image_std
       "mask"     int32[B, S, S], 0 = background, k = shape k - 1 (SHAPES order)
-      "caption"  int32[B, L]: BOS + caption bytes + EOS, PAD-padded (ByteTokenizer)
+      "caption"  int32[B, L]: bos + caption tokens + eos, padded with the tokenizer's
+                 pad_id (ByteTokenizer: BOS + bytes + EOS, PAD)
       "label"    int32[B] (color, shape) class, color * 4 + shape, into CLASS_NAMES
       "shape_label", "color_label", "size_label", "position_label" int32[B] (indices into
                  SHAPES, COLORS, SIZES, POSITIONS); "count" int32[B] in 1..3
@@ -281,8 +287,15 @@ class ShapesDataset(RandomAccessDataset):
     def __init__(self, split: str, batch_size: int, seed: int, *, image_size: int = 32,
                  max_caption_len: int = 48, heldout_classes: Sequence[str] = DEFAULT_HELDOUT,
                  exclude_heldout_from_train: bool = True, num_examples: int | None = None,
-                 data_seed: int = 0):
+                 data_seed: int = 0, tokenizer: str = "",
+                 image_mean: Sequence[float] = (0.0, 0.0, 0.0),
+                 image_std: Sequence[float] = (1.0, 1.0, 1.0)):
         self.split = split
+        self.tokenizer = make_tokenizer(tokenizer)
+        self.vocab_size = self.tokenizer.vocab_size
+        self._normalize = None if (tuple(image_mean), tuple(image_std)) == (
+            (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)) else (np.asarray(image_mean, np.float32),
+                                                    np.asarray(image_std, np.float32))
         # Labels this split draws from (uniformly).
         self.split_labels = split_classes(split, heldout_classes, exclude_heldout_from_train)
         self.image_size, self.max_caption_len = image_size, max_caption_len
@@ -296,7 +309,7 @@ class ShapesDataset(RandomAccessDataset):
         self.image_shape = (image_size, image_size, 3)
         self.num_mask_classes = len(SHAPES) + 1
         self.mask_class_names = ("background",) + tuple(SHAPES)
-        self._captions = _caption_tokens(max_caption_len)  # validates max_caption_len
+        self._captions = _caption_tokens(max_caption_len, tokenizer)  # checks the length
         super().__init__(self.num_examples, batch_size, seed)
 
     def data_info(self) -> dict:
@@ -318,6 +331,8 @@ class ShapesDataset(RandomAccessDataset):
         idx = np.asarray(idx, np.int64)
         a = self.attributes(idx)
         image, mask = render(a, self.image_size, self.key)
+        if self._normalize is not None:
+            image = (image - self._normalize[0]) / self._normalize[1]
         code = _caption_code(a["template"], a["label"], a["size"], a["position"], a["count"])
         i32 = lambda x: x.astype(np.int32)  # noqa: E731
         return {"image": image, "mask": mask, "caption": self._captions[code],
@@ -364,7 +379,8 @@ class ShapesDataset(RandomAccessDataset):
     def tokenize_prompts(self, prompts: Sequence[str]) -> np.ndarray:
         """int32[len(prompts), L]: prompts tokenized exactly like captions."""
         return pad_batch([self.tokenizer.encode(p, add_bos=True, add_eos=True)
-                          for p in prompts], self.max_caption_len, "max_caption_len")
+                          for p in prompts], self.max_caption_len, "data.shapes.max_caption_len",
+                         self.tokenizer.pad_id)
 
 
 # ---- Source "shapes": config.data.shapes ------------------------------------------------
@@ -382,12 +398,22 @@ def default_config() -> ml_collections.ConfigDict:
     c.exclude_heldout_from_train = True
     # Examples per split (each split is a fixed set; the seed only reorders).
     c.shapes_split_sizes = ml_collections.ConfigDict(dict(DEFAULT_SIZES))
+    # "" = bytes; else a directory with a saved tokenizer.json, such as a workdir
+    # train.convert wrote from a CLIP checkpoint: captions and prompts in its tokens.
+    c.tokenizer = ""
+    # Per-channel normalization (x - mean) / std of the [0, 1] images: a pretrained
+    # image tower's (CLIP: (0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)).
+    c.image_mean = (0.0, 0.0, 0.0)
+    c.image_std = (1.0, 1.0, 1.0)
     return c
 
 
 def validate(c: ml_collections.ConfigDict, prefix: str = "data.shapes") -> None:
     checks.check_int(c, prefix, "image_size", 16)
-    checks.check_int(c, prefix, "max_caption_len", longest_caption_len() + 2)
+    # Bytes bound the byte tokenizer's captions; a checkpoint tokenizer's are counted when
+    # they are tokenized (an error naming max_caption_len if one does not fit).
+    checks.check_int(c, prefix, "max_caption_len",
+                     3 if c.tokenizer else longest_caption_len() + 2)
     held, key = c.heldout_classes, f"{prefix}.heldout_classes"
     if isinstance(held, str) or not all(isinstance(n, str) for n in held):
         checks.fail(key, held, "expected a tuple of class names such as 'red square'")
@@ -405,6 +431,14 @@ def validate(c: ml_collections.ConfigDict, prefix: str = "data.shapes") -> None:
             if missing:
                 checks.fail(key, held, f"holds out every class with {missing[0]!r}, so "
                             "training never shows it")
+    checks.check_tokenizer(c, prefix)
+    for key in ("image_mean", "image_std"):
+        v = c[key]
+        if isinstance(v, str) or len(v) != 3 or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) or (
+                key == "image_std" and min(v) <= 0):
+            checks.fail(f"{prefix}.{key}", v, "expected 3 numbers (R, G, B)"
+                        + (", each > 0" if key == "image_std" else ""))
     for split in SPLITS:
         v = c.shapes_split_sizes.get(split)
         if not isinstance(v, Integral) or isinstance(v, bool) or v < 1:
@@ -420,7 +454,8 @@ def make(c: ml_collections.ConfigDict, split: str, batch_size: int, seed: int
         split, batch_size, seed, image_size=c.image_size, max_caption_len=c.max_caption_len,
         heldout_classes=tuple(c.heldout_classes),
         exclude_heldout_from_train=c.exclude_heldout_from_train,
-        num_examples=c.shapes_split_sizes[split])
+        num_examples=c.shapes_split_sizes[split], tokenizer=c.tokenizer,
+        image_mean=tuple(c.image_mean), image_std=tuple(c.image_std))
 
 
 SOURCE = Source(default_config, validate, make, splits=SPLITS)

@@ -26,7 +26,7 @@ import numpy as np
 
 from train.data import checks
 from train.data.base import RandomAccessDataset, Source
-from train.data.tokenizers import ByteTokenizer
+from train.data.tokenizers import make_tokenizer
 
 DEFAULT_MAX_BYTES = 3_000_000
 
@@ -85,17 +85,24 @@ def split_sizes(num_tokens: int, fractions: tuple[float, float, float]) -> tuple
     return n_train, n_val, num_tokens - n_train - n_val
 
 
+@functools.lru_cache(maxsize=4)
 def corpus_splits(max_bytes: int = DEFAULT_MAX_BYTES, train_fraction: float = 0.9,
-                  validation_fraction: float = 0.05, test_fraction: float = 0.05
-                  ) -> dict[str, np.ndarray]:
-    """{"train", "validation", "test"} -> int32[n] byte-token streams (contiguous,
-    disjoint, in that order; see the module docstring)."""
-    tokens = ByteTokenizer().encode_bytes(load_corpus(max_bytes))
+                  validation_fraction: float = 0.05, test_fraction: float = 0.05,
+                  tokenizer: str = "") -> dict[str, np.ndarray]:
+    """{"train", "validation", "test"} -> int32[n] token streams (contiguous, disjoint, in
+    that order; see the module docstring).
+
+    The corpus bytes are split first, then each split is tokenized (``tokenizer``: "" =
+    bytes, else a saved tokenizer's directory, ``tokenizers.make_tokenizer``), so every
+    tokenizer sees the same validation and test text. Cached; do not modify the arrays.
+    """
+    corpus = load_corpus(max_bytes)
     n_train, n_val, _ = split_sizes(
-        len(tokens), (train_fraction, validation_fraction, test_fraction))
-    return {"train": tokens[:n_train],
-            "validation": tokens[n_train:n_train + n_val],
-            "test": tokens[n_train + n_val:]}
+        len(corpus), (train_fraction, validation_fraction, test_fraction))
+    tok = make_tokenizer(tokenizer)
+    parts = {"train": corpus[:n_train], "validation": corpus[n_train:n_train + n_val],
+             "test": corpus[n_train + n_val:]}
+    return {split: tok.encode_bytes(data) for split, data in parts.items()}
 
 
 def _unigram_nll(train_tokens: np.ndarray, eval_tokens: np.ndarray, vocab_size: int) -> float:
@@ -146,10 +153,14 @@ class LMDataset(RandomAccessDataset):
       batch_size: training batch size (> 0).
       seed: run seed; ``batch(step)`` is a pure function of (tokens, seed, step).
       random_offset: shift windows per epoch (default True).
+      tokenizer: what made ``tokens`` (default the byte tokenizer); its ``vocab_size``
+        is the dataset's.
     """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int,
-                 random_offset: bool = True):
+                 random_offset: bool = True, tokenizer=None):
+        if tokenizer is not None:
+            self.tokenizer, self.vocab_size = tokenizer, tokenizer.vocab_size
         if seq_len <= 0:
             raise ValueError(f"seq_len must be > 0, got {seq_len}")
         self.tokens = np.asarray(tokens, dtype=np.int32)
@@ -192,6 +203,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.validation_fraction = 0.05
     c.test_fraction = 0.05
     c.max_bytes = DEFAULT_MAX_BYTES  # corpus cap before splitting
+    # "" = bytes (ids 0..259); else a directory with a saved tokenizer.json, such as a
+    # workdir train.convert wrote (its tokenizer/): a converted GPT-2 / BERT reads the
+    # corpus in its own tokens. Split sizes then count bytes, not tokens.
+    c.tokenizer = ""
     return c
 
 
@@ -199,6 +214,7 @@ def validate(c: ml_collections.ConfigDict, prefix: str = "data.stdlib_text") -> 
     checks.check_int(c, prefix, "seq_len", 1)
     fractions = checks.check_flat_fractions(c, prefix)
     checks.check_int(c, prefix, "max_bytes", 1)
+    checks.check_tokenizer(c, prefix)
     for split, n in zip(checks.SPLITS, split_sizes(c.max_bytes, fractions)):
         # A training-style window set (random offset < seq_len) needs 2 * seq_len.
         if n and n < 2 * c.seq_len:
@@ -208,8 +224,9 @@ def validate(c: ml_collections.ConfigDict, prefix: str = "data.stdlib_text") -> 
 
 def make(c: ml_collections.ConfigDict, split: str, batch_size: int, seed: int) -> LMDataset:
     tokens = corpus_splits(c.max_bytes, c.train_fraction, c.validation_fraction,
-                           c.test_fraction)[split]
-    return LMDataset(tokens, c.seq_len, batch_size, seed)
+                           c.test_fraction, c.tokenizer)[split]
+    return LMDataset(tokens, c.seq_len, batch_size, seed,
+                     tokenizer=make_tokenizer(c.tokenizer))
 
 
 SOURCE = Source(default_config, validate, make)

@@ -9,21 +9,25 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from train.data.tokenizers import MASK, NUM_SPECIAL
+from train.data.tokenizers import MASK, NUM_SPECIAL, ByteTokenizer
 from train.tasks import common
 from train.tasks.base import CrossEntropyTask
 
 
 def mask_tokens(rng, tokens, *, mask_probability: float, mask_token_fraction: float,
                 random_token_fraction: float, vocab_size: int, mask_id: int = MASK,
-                first_regular_id: int = NUM_SPECIAL):
+                first_regular_id: int = NUM_SPECIAL, special_ids: tuple[int, ...] = ()):
     """tokens int [B, L] -> (corrupted inputs [B, L], selected bool [B, L]).
 
-    Special tokens (ids < first_regular_id: PAD, BOS, EOS, MASK) are never selected;
-    random replacements are drawn from the regular ids.
+    Special tokens (ids < first_regular_id: PAD, BOS, EOS, MASK of the byte tokenizer;
+    and any of ``special_ids``: a checkpoint tokenizer's [CLS], [SEP], [PAD], [MASK], ...)
+    are never selected; random replacements are drawn from [first_regular_id, vocab_size)
+    (a checkpoint tokenizer passes 0: the whole vocabulary, as BERT's data collator does).
     """
     k_select, k_kind, k_random = jax.random.split(rng, 3)
     regular = tokens >= first_regular_id
+    if special_ids:
+        regular = jnp.logical_and(regular, ~jnp.isin(tokens, jnp.asarray(special_ids)))
     selected = jnp.logical_and(jax.random.uniform(k_select, tokens.shape) < mask_probability,
                                regular)
     kind = jax.random.uniform(k_kind, tokens.shape)
@@ -62,6 +66,17 @@ class MaskedLanguageModelTask(CrossEntropyTask):
     def init_args(self, batch):
         return (batch["tokens"][:, :-1],), {}
 
+    def _corruption_ids(self) -> dict:
+        """mask_id, first_regular_id and special_ids of the training data's tokenizer."""
+        tok = self.data["train"].tokenizer
+        if isinstance(tok, ByteTokenizer):
+            return {"mask_id": MASK, "first_regular_id": NUM_SPECIAL}
+        if tok.mask_id is None:
+            raise ValueError(f"the tokenizer in {tok.path} has no mask token: the mlm task "
+                             "needs one (tokenizer_config.json mask_token)")
+        return {"mask_id": tok.mask_id, "first_regular_id": 0,
+                "special_ids": tok.special_ids}
+
     def loss_fn(self, params, model_state, batch, rng, train: bool):
         t = self.config.task
         targets = batch["tokens"][:, :-1]
@@ -69,7 +84,8 @@ class MaskedLanguageModelTask(CrossEntropyTask):
         inputs, selected = mask_tokens(
             mask_rng, targets, mask_probability=t.mask_probability,
             mask_token_fraction=t.mask_token_fraction,
-            random_token_fraction=t.random_token_fraction, vocab_size=self.model.cfg.vocab_size)
+            random_token_fraction=t.random_token_fraction, vocab_size=self.model.cfg.vocab_size,
+            **self._corruption_ids())
         logits = self.model.apply({"params": params, **model_state}, inputs, train=train,
                                   valid=jnp.ones(inputs.shape, bool),
                                   rngs={"dropout": dropout_rng})
