@@ -547,6 +547,8 @@ def test_dot_general_hook_sees_every_matmul():
     (lambda: T.make_config("tiny", dropout_rate=1.0), r"dropout_rate must be in \[0, 1\)"),
     (lambda: T.make_config("tiny", attention_dropout_rate=-0.1),
      r"attention_dropout_rate must be in \[0, 1\)"),
+    (lambda: T.make_config("tiny", attention_impl="fused", attention_dropout_rate=0.1),
+     r"attention_dropout_rate=0.1 needs model.attention_impl='reference'"),
     (lambda: T.make_config("tiny", num_heads=4, num_kv_heads=3),
      r"num_heads \(4\) must be a multiple of model.num_kv_heads \(3\)"),
     (lambda: jax.eval_shape(DEC.init, jax.random.key(0), jnp.zeros((1, 17), jnp.int32)),

@@ -1,6 +1,6 @@
 """Converted checkpoints on the embedded data in their own tokens (configs/pretrained.py):
-a GPT-2's evaluation loss equals transformers' on the same corpus windows and a fine-tuned
-one exports and generates like transformers; a BERT (WordPiece) fine-tunes its masked LM;
+a fine-tuned GPT-2's evaluation loss equals transformers' on the same corpus windows, and
+it exports and generates like transformers; a BERT (WordPiece) fine-tunes its masked LM;
 a CLIP's zero-shot accuracy on the held-out shapes equals the accuracy transformers'
 embeddings give (random small checkpoints, no network)."""
 import json
@@ -62,32 +62,30 @@ def gpt2(tmp_path_factory, interop):
     return model, tok, root
 
 
-def test_gpt2_evaluates_like_transformers_and_fine_tunes_into_an_exportable_run(
-        gpt2, interop):
+def test_gpt2_fine_tunes_evaluates_like_transformers_and_exports(gpt2, interop):
+    """train.main on a converted GPT-2 (3 steps): its validation loss is transformers' on
+    the same corpus windows in the same tokens (of the exported weights), below the
+    converted model's; train.generate on the run (its data's tokenizer) and the export
+    give the same greedy text."""
     from train import convert, generate  # noqa: PLC0415
 
     model, tok, root = gpt2
-    converted = str(root / "converted")
-    data = [f"--config.data.stdlib_text.max_bytes={MAX_BYTES}", "--config.data.batch_size=8",
-            "--config.evals.sample.tokens=4"]
-    summary = interop.pretrained_run(converted, str(root / "eval"), *data)
-    # The corpus in the checkpoint's tokens: every full validation window, scored by both.
+    converted, run = str(root / "converted"), str(root / "tuned")
+    tuned = interop.pretrained_run(
+        converted, run, f"--config.data.stdlib_text.max_bytes={MAX_BYTES}",
+        "--config.data.batch_size=8", "--config.evals.sample.tokens=4",
+        "--config.train.num_steps=3", "--config.optim.learning_rate=1e-3")
+    # The corpus in the checkpoint's tokens: every full validation window.
     tokens = text.corpus_splits(MAX_BYTES, 0.9, 0.05, 0.05,
                                 f"{converted}/tokenizer")["validation"]
     assert (tokens == np.asarray(tok(text.load_corpus(MAX_BYTES)[180_000:190_000].decode(
         "utf-8", "replace"))["input_ids"])).all()
     windows = np.stack([tokens[i:i + SEQ + 1] for i in range(0, len(tokens) - SEQ, SEQ)])
-    assert abs(summary["validation/loss"] - lm_loss(model, windows)) < 1e-4
-
-    run = str(root / "tuned")
-    tuned = interop.pretrained_run(converted, run, *data, "--config.train.num_steps=3",
-                                   "--config.optim.learning_rate=1e-3")
-    assert tuned["validation/loss"] < summary["validation/loss"]
-    # The fine-tuned run reads its prompts in the checkpoint's tokens and exports to HF.
     assert convert.run(["convert", "--to=hf", f"--workdir={run}",
                         f"--checkpoint={root}/tuned_hf"]) == 0
     exported = transformers.GPT2LMHeadModel.from_pretrained(root / "tuned_hf").eval()
     assert abs(lm_loss(exported, windows) - tuned["validation/loss"]) < 1e-4
+    assert tuned["validation/loss"] < lm_loss(model, windows) - 0.01
     ids = torch.tensor([tok("def main")["input_ids"]])
     with torch.no_grad():
         new = exported.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None,
@@ -171,3 +169,38 @@ def test_clip_zero_shot_accuracy_equals_transformers_embeddings(tmp_path, intero
     weights = unit(unit(prompt.reshape(16, len(ds.prompt_templates), -1)).mean(1))
     top1 = float(np.mean((unit(image) @ weights.T).argmax(-1) == images["label"]))
     assert summary["zero_shot/top1"] == pytest.approx(top1, abs=1e-9)
+
+
+def test_special_tokens_are_never_masked():
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from train.tasks.mlm import mask_tokens  # noqa: PLC0415
+
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 50, (64, 32)))
+    inputs, selected = mask_tokens(jax.random.key(0), tokens, mask_probability=0.5,
+                                   mask_token_fraction=1.0, random_token_fraction=0.0,
+                                   vocab_size=50, mask_id=7, first_regular_id=0,
+                                   special_ids=(3, 7, 11))
+    special = np.isin(np.asarray(tokens), (3, 7, 11))
+    assert not np.asarray(selected)[special].any() and np.asarray(selected)[~special].mean() > 0.4
+    assert (np.asarray(inputs)[np.asarray(selected)] == 7).all()
+
+
+def test_refusals_are_one_line(tmp_path, gpt2, capsys):
+    """configs/pretrained.py needs a converted workdir; the mlm task needs a mask token."""
+    import configs  # noqa: PLC0415
+    from train import errors, main  # noqa: PLC0415
+
+    config_dir = os.path.dirname(configs.__file__)
+    converted = gpt2[2] / "converted"
+    runs = [[f"--config={config_dir}/pretrained.py:{tmp_path}/none"],
+            [f"--config={config_dir}/pretrained.py:{gpt2[2]}/tuned"],  # a run, not converted
+            [f"--config={config_dir}/bert.py:tiny",
+             f"--config.data.stdlib_text.tokenizer={converted}"]]      # GPT-2's: no [MASK]
+    for args in runs:
+        assert main.run(["main", *args, f"--workdir={tmp_path}/run"]) == errors.EXIT_CONFIG
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("flaxlab:")]
+    assert len(lines) == 3 and "needs a workdir written by python -m train.convert" in lines[0]
+    assert "was not written by train.convert" in lines[1] and "no mask token" in lines[2]
+    assert not os.path.exists(tmp_path / "run")
