@@ -115,6 +115,24 @@ def from_hf(arch: str, checkpoint: str, workdir: str, allow_pickle: bool = False
     logging.info("wrote %s: %d tensors of %s", workdir, len(tensors), checkpoint)
 
 
+def _conversion_of(saved: dict) -> dict:
+    """The `converted_from` record of a run or of the run it started from (init_from,
+    followed back): a fine-tuned conversion exports with the original config.json's other
+    keys (token ids, task parameters)."""
+    import json  # noqa: PLC0415
+
+    for _ in range(16):  # an init_from chain; a cycle cannot be longer than this
+        if "converted_from" in saved:
+            return saved["converted_from"]
+        parent = saved.get("init_from", {}).get("workdir")
+        path = os.path.join(parent, "config.json") if parent else ""
+        if not path or not os.path.isfile(path):
+            return {}
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    return {}
+
+
 def to_hf(workdir: str, checkpoint: str, step: str = "best") -> None:
     """config.json + model.safetensors of `workdir`'s checkpoint `step`."""
     import json  # noqa: PLC0415
@@ -129,7 +147,7 @@ def to_hf(workdir: str, checkpoint: str, step: str = "best") -> None:
         saved = json.load(f)
     from train.interop import ARCHITECTURES  # noqa: PLC0415
 
-    source = saved.get("converted_from", {})
+    source = _conversion_of(saved)
     task, family = saved.get("task", {}).get("name"), saved["model"]["family"]
     kinds = {(m.FAMILY, m.TASK): name for name, m in ARCHITECTURES.items()}
     if (family, task) not in kinds:

@@ -84,6 +84,7 @@ def test_gpt2_fine_tunes_evaluates_like_transformers_and_exports(gpt2, interop):
     assert convert.run(["convert", "--to=hf", f"--workdir={run}",
                         f"--checkpoint={root}/tuned_hf"]) == 0
     exported = transformers.GPT2LMHeadModel.from_pretrained(root / "tuned_hf").eval()
+    assert exported.config.eos_token_id == tok.eos_token_id  # the original config's keys
     assert abs(lm_loss(exported, windows) - tuned["validation/loss"]) < 1e-4
     assert tuned["validation/loss"] < lm_loss(model, windows) - 0.01
     ids = torch.tensor([tok("def main")["input_ids"]])
