@@ -1,0 +1,91 @@
+"""Distillation losses (pure functions; the teacher's inputs arrive stop-gradiented).
+
+  kd_loss            Hinton et al. 2015: T^2 * KL(softmax(z_t / T) || softmax(z_s / T)),
+                     averaged over weighted positions (tokens or examples)
+  cosine_loss        DistilBERT (Sanh et al. 2019): 1 - cos(h_s, h_t) of hidden states,
+                     averaged over weighted positions (torch's CosineEmbeddingLoss, target 1)
+  hidden_mse_loss    FitNets-style (Romero et al. 2015) mean squared error of hidden states
+                     (the student's through a learned projection where widths differ)
+  affinity_loss      TinyCLIP (Wu et al. 2023, eq. 1-3): cross-entropy between the teacher's
+                     and the student's image-to-text and text-to-image affinity
+                     distributions over the (global) batch, L_I2T + L_T2I
+
+Every loss returns (mean, (sum, weight)) so a task reports it as a (sum, weight) metric.
+Why T^2: the gradient of the softened KL with respect to the student logits is
+(softmax(z_s/T) - softmax(z_t/T)) / T, so multiplying by T^2 keeps the soft term's gradient
+scale ~T, comparable across temperatures as Hinton et al. recommend (a common misreading
+drops the factor and then needs a different weight per temperature).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from train.tasks.contrastive_losses import l2_normalize
+
+
+def _weighted_mean(per_position, weights):
+    weights = jnp.broadcast_to(weights, per_position.shape).astype(jnp.float32)
+    total, weight = jnp.sum(per_position * weights), jnp.sum(weights)
+    return total / jnp.maximum(weight, 1e-9), (total, weight)
+
+
+def kd_loss(student_logits, teacher_logits, temperature: float, weights):
+    """student_logits, teacher_logits [..., V]; weights [...] (0 = padding) ->
+    (T^2 * mean KL(p_t || p_s), (sum, weight)), p = softmax(logits / T) in float32."""
+    t = float(temperature)
+    log_p_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t, axis=-1)
+    log_p_t = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / t,
+                                 axis=-1)
+    kl = jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
+    return _weighted_mean(kl * t * t, weights)
+
+
+def cosine_loss(student_hidden, teacher_hidden, weights):
+    """[..., D] hidden states of equal width -> (mean of 1 - cos, (sum, weight))."""
+    s = l2_normalize(student_hidden.astype(jnp.float32))
+    t = l2_normalize(jax.lax.stop_gradient(teacher_hidden).astype(jnp.float32))
+    return _weighted_mean(1.0 - jnp.sum(s * t, axis=-1), weights)
+
+
+def hidden_mse_loss(student_hidden, teacher_hidden, weights):
+    """[..., D] (the student's already projected to the teacher's width) -> (mean over
+    positions of the mean squared difference per channel, (sum, weight))."""
+    diff = student_hidden.astype(jnp.float32) - jax.lax.stop_gradient(
+        teacher_hidden).astype(jnp.float32)
+    return _weighted_mean(jnp.mean(diff * diff, axis=-1), weights)
+
+
+def _affinity_log_probs(image, text, scale, valid):
+    """Row-wise log-softmax of scale * image @ text.T over valid columns, both ways."""
+    logits = scale * image.astype(jnp.float32) @ text.astype(jnp.float32).T
+    masked = lambda x: jnp.where(valid[None, :], x, -jnp.inf)  # noqa: E731
+    return (jax.nn.log_softmax(masked(logits), axis=-1),
+            jax.nn.log_softmax(masked(logits.T), axis=-1))
+
+
+def affinity_loss(student_image, student_text, student_scale, teacher_image, teacher_text,
+                  teacher_scale, weights):
+    """TinyCLIP's affinity mimicking over one (global) batch.
+
+    Args:
+      student_image, student_text [B, E_s]; teacher_image, teacher_text [B, E_t]: the
+        L2-normalized embeddings (the widths may differ: only affinities are compared).
+      student_scale, teacher_scale: the logit scales (exp of CLIP's learned log scale).
+      weights [B]: 1 real, 0 padding (padded rows and columns take no part).
+    Returns (L_I2T + L_T2I, (sum, weight)), L_I2T = mean_i CE(A_t[i], A_s[i]) with
+    A = softmax(scale * I T^T) per image row; L_T2I the same per text row. It is minimal,
+    equal to the teacher's affinity entropy, when the student's affinities equal its own.
+    """
+    valid = weights > 0
+    s_i2t, s_t2i = _affinity_log_probs(student_image, student_text, student_scale, valid)
+    t_i2t, t_t2i = _affinity_log_probs(*jax.lax.stop_gradient(
+        (teacher_image, teacher_text, teacher_scale)), valid)
+
+    def cross_entropy(log_p_t, log_p_s):
+        p_t = jnp.exp(log_p_t)
+        # 0 * log 0 at masked columns: both are -inf there; count them as 0.
+        return -jnp.sum(jnp.where(valid[None, :], p_t * log_p_s, 0.0), axis=-1)
+
+    per_row = cross_entropy(t_i2t, s_i2t) + cross_entropy(t_t2i, s_t2i)
+    return _weighted_mean(per_row, weights)
