@@ -13,6 +13,13 @@ override what differs, and register the class in `train/tasks/__init__.TASKS`:
   init_args(batch)            -> (args, kwargs) of model.init for a host batch [1, ...]
   loss_fn(params, model_state, batch, rng, train[, step])
                               -> (loss, (metrics, model_state)); jitted, traced once
+  predict(params, model_state, batch, rng, train)
+                              -> (outputs, model_state): the model's outputs that the loss
+                              is computed from ({"logits", "targets", "weights"} for the
+                              cross-entropy tasks; the embeddings for contrastive), and
+  metrics_of(outputs, batch)  -> (loss, metrics) from them; a task with both gets
+                              loss_fn for free and can be distilled (train/distill.py
+                              applies the same predict to the teacher)
   derived_metrics(means)      extra metrics from split means (host side): perplexity, IoU
   report(params, model_state, workdir)
                               cheap after-training numbers without an evaluation loop
@@ -46,6 +53,7 @@ import ml_collections
 import optax
 
 from train import optim
+from train.tasks import common
 from train.state import TrainState
 
 
@@ -84,7 +92,22 @@ class Task:
         raise NotImplementedError(f"{type(self).__name__} must define init_args")
 
     def loss_fn(self, params, model_state, batch, rng, train: bool, **step_kwargs):
-        raise NotImplementedError(f"{type(self).__name__} must define loss_fn")
+        """predict, then metrics_of (a task defines both, or overrides loss_fn)."""
+        outputs, model_state = self.predict(params, model_state, batch, rng, train)
+        loss, metrics = self.metrics_of(outputs, batch)
+        return loss, (metrics, model_state)
+
+    def predict(self, params, model_state, batch, rng, train: bool):
+        raise NotImplementedError(f"{type(self).__name__} defines neither loss_fn nor "
+                                  "predict")
+
+    def metrics_of(self, outputs: dict, batch) -> tuple:
+        raise NotImplementedError(f"{type(self).__name__} defines predict without metrics_of")
+
+    @classmethod
+    def has_predict(cls) -> bool:
+        """Whether the task splits its loss into predict + metrics_of (distillable)."""
+        return cls.predict is not Task.predict
 
     def derived_metrics(self, means: dict) -> dict:
         return {}
@@ -127,6 +150,12 @@ class CrossEntropyTask(Task):
         if not 0.0 <= config.task.label_smoothing < 1.0:
             raise ValueError(f"task.label_smoothing={config.task.label_smoothing} must be in "
                              "[0, 1)")
+
+    def metrics_of(self, outputs: dict, batch) -> tuple:
+        """Token cross-entropy of outputs {"logits" [..., V], "targets" [...], "weights"
+        [...]} (label smoothing applied to the loss, not to the reported metric)."""
+        return common.token_metrics(outputs["logits"], outputs["targets"], outputs["weights"],
+                                    self.config.task.label_smoothing)
 
 
 def apply_model(model, params, model_state, inputs, rng, train: bool, *extra_inputs,

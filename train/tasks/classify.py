@@ -48,15 +48,19 @@ class ClassificationTask(CrossEntropyTask):
     def init_args(self, batch):
         return (batch[self.input_key],), {}
 
-    def loss_fn(self, params, model_state, batch, rng, train: bool):
+    def predict(self, params, model_state, batch, rng, train: bool):
         logits, model_state = apply_model(self.model, params, model_state,
                                           batch[self.input_key], rng, train)
         labels = batch["label"]
-        w = common.example_weights(batch, labels.shape[0])
+        return {"logits": logits, "targets": labels,
+                "weights": common.example_weights(batch, labels.shape[0])}, model_state
+
+    def metrics_of(self, outputs: dict, batch) -> tuple:
+        logits, labels, w = outputs["logits"], outputs["targets"], outputs["weights"]
         loss, nll = common.cross_entropy(logits, labels, self.config.task.label_smoothing)
         total = jnp.sum(w)
         metrics = {"loss": (jnp.sum(nll * w), total),
                    "accuracy": (jnp.sum(topk_correct(logits, labels, 1) * w), total)}
         if logits.shape[-1] > 5:
             metrics["top5_accuracy"] = (jnp.sum(topk_correct(logits, labels, 5) * w), total)
-        return jnp.sum(loss * w) / jnp.maximum(total, 1.0), (metrics, model_state)
+        return jnp.sum(loss * w) / jnp.maximum(total, 1.0), metrics

@@ -42,10 +42,16 @@ class ContrastiveTask(Task):
     def init_args(self, batch):
         return (batch["image"], batch["caption"]), {}
 
-    def loss_fn(self, params, model_state, batch, rng, train: bool):
+    def predict(self, params, model_state, batch, rng, train: bool):
+        """{"image", "text" (normalized embeddings), "logit_scale", "logit_bias",
+        "weights"} of the batch."""
         out, model_state = apply_model(self.model, params, model_state, batch["image"], rng,
                                        train, batch["caption"])
-        w = common.example_weights(batch, batch["image"].shape[0])
+        return {**out, "weights": common.example_weights(batch, batch["image"].shape[0])}, \
+            model_state
+
+    def metrics_of(self, out: dict, batch) -> tuple:
+        w = out["weights"]
         if self.config.task.loss == "infonce":
             loss, _ = losses.infonce_loss(out["image"], out["text"], out["logit_scale"], w)
         else:
@@ -62,4 +68,4 @@ class ContrastiveTask(Task):
         metrics = {"loss": (loss * total, total),
                    "batch_image_to_text_accuracy": (jnp.sum(hit * w), total),
                    "logit_scale": (out["logit_scale"] * total, total)}
-        return loss, (metrics, model_state)
+        return loss, metrics

@@ -21,16 +21,14 @@ class LanguageModelTask(CrossEntropyTask):
     def init_args(self, batch):
         return (batch["tokens"][:, :-1],), {}
 
-    def loss_fn(self, params, model_state, batch, rng, train: bool):
+    def predict(self, params, model_state, batch, rng, train: bool):
         tokens = batch["tokens"]
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         logits = self.model.apply({"params": params, **model_state}, inputs, train=train,
                                   rngs={"dropout": rng})
         weights = jnp.broadcast_to(
             common.example_weights(batch, tokens.shape[0])[:, None], targets.shape)
-        loss, metrics = common.token_metrics(logits, targets, weights,
-                                             self.config.task.label_smoothing)
-        return loss, (metrics, model_state)
+        return {"logits": logits, "targets": targets, "weights": weights}, model_state
 
     def derived_metrics(self, metrics: dict) -> dict:
         """Bits per token: the corpus is byte-level, so this is bits per byte."""

@@ -77,7 +77,9 @@ class MaskedLanguageModelTask(CrossEntropyTask):
         return {"mask_id": tok.mask_id, "first_regular_id": 0,
                 "special_ids": tok.special_ids}
 
-    def loss_fn(self, params, model_state, batch, rng, train: bool):
+    def predict(self, params, model_state, batch, rng, train: bool):
+        """The corruption depends on `rng` only, so a teacher given the same rng sees the
+        same masked inputs."""
         t = self.config.task
         targets = batch["tokens"][:, :-1]
         mask_rng, dropout_rng = jax.random.split(rng)
@@ -90,8 +92,7 @@ class MaskedLanguageModelTask(CrossEntropyTask):
                                   valid=jnp.ones(inputs.shape, bool),
                                   rngs={"dropout": dropout_rng})
         weights = selected * common.example_weights(batch, targets.shape[0])[:, None]
-        loss, metrics = common.token_metrics(logits, targets, weights, t.label_smoothing)
-        return loss, (metrics, model_state)
+        return {"logits": logits, "targets": targets, "weights": weights}, model_state
 
     def derived_metrics(self, metrics: dict) -> dict:
         return {"perplexity": common.perplexity(metrics["loss"])}

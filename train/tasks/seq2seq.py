@@ -41,14 +41,12 @@ class Seq2SeqTask(CrossEntropyTask):
     def init_args(self, batch):
         return (batch["inputs"], shift_right(batch["targets"])), {}
 
-    def loss_fn(self, params, model_state, batch, rng, train: bool):
+    def predict(self, params, model_state, batch, rng, train: bool):
         inputs, targets = batch["inputs"], batch["targets"]
         logits = self.model.apply({"params": params, **model_state}, inputs,
                                   shift_right(targets), train=train, rngs={"dropout": rng})
         weights = (targets != PAD) * common.example_weights(batch, targets.shape[0])[:, None]
-        loss, metrics = common.token_metrics(logits, targets, weights,
-                                             self.config.task.label_smoothing)
-        return loss, (metrics, model_state)
+        return {"logits": logits, "targets": targets, "weights": weights}, model_state
 
     def derived_metrics(self, metrics: dict) -> dict:
         return {"perplexity": common.perplexity(metrics["loss"])}
