@@ -329,7 +329,7 @@ class CompressedTask(Task):
     def __init__(self, task: Task, forward):
         super().__init__(task.config, task.model, task.data)
         self.uncompressed, self._forward = task, forward
-        self.needs_step = task.needs_step
+        self.needs_step, self.needs_frozen = task.needs_step, task.needs_frozen
 
     def init_args(self, batch):
         return self.uncompressed.init_args(batch)

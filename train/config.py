@@ -18,6 +18,8 @@ A run config (an `ml_collections.ConfigDict`) has these sections; every config f
   compress    train.compression.default_config(): quantization, pruning, LoRA
   init_from   train.init_from.default_config(): start from (or, with 0 steps, evaluate)
               the matching parameters of a trained run
+  distill     train.distill.default_config(): a frozen teacher workdir and the weights of
+              the distillation terms (off without a teacher)
 
 `validate(config)` raises ValueError naming the key and what is allowed: unknown keys
 (typos a config file could add), wrong types, impossible values, a task/model mismatch.
@@ -29,7 +31,7 @@ from numbers import Integral, Real
 
 import ml_collections
 
-from train import compression, optim, sharding
+from train import compression, distill, optim, sharding
 from train import data as data_lib
 from train import evaluators as evaluators_lib
 from train import families
@@ -84,6 +86,7 @@ def base_config(task: str, variant: str, family: str = "transformer",
     c.sharding = sharding.default_config()
     c.compress = compression.default_config()
     c.init_from = init_from_lib.default_config()
+    c.distill = distill.default_config()
     return c
 
 
@@ -211,6 +214,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     optim.validate(config.optim, optim.schedule_steps(config.optim, t.num_steps))
     compression.validate(config.compress, t.num_steps)
     init_from_lib.validate(config.init_from)
+    distill.validate(config.distill)
+    if distill.enabled(config.distill) and not task_cls.has_predict():
+        raise ValueError(f"distill.teacher with task.name={task!r} is not supported: the "
+                         "task has no predict/metrics_of split; distillable: lm, mlm, "
+                         "classify, seq2seq, contrastive")
     sharding.validate(config.sharding, config.data.batch_size)
     num_devices = len(sharding.devices_for(config.sharding))
     if config.data.eval_batch_size % num_devices:

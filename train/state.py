@@ -12,7 +12,8 @@ train/tasks/base.py, the GAN's phased step, a compressed run's) advances the sta
 `advance`, so the step counter and the NaN marker are written once.
 
 On disk a state is the dict `to_dict()` gives ({"step", "params", "opt_state",
-"model_state", "nonfinite_step"}): checkpoints do not depend on this class.
+"model_state", "nonfinite_step"}): checkpoints do not depend on this class. `frozen` (a
+distillation teacher's variables) is state the step reads but a checkpoint never holds.
 """
 from __future__ import annotations
 
@@ -32,6 +33,10 @@ class TrainState:
     opt_state: Any            # the optimizer's state for `params`
     model_state: Any          # non-parameter collections, e.g. {"batch_stats": ...}
     nonfinite_step: jax.Array  # int32 [], first step with a NaN/Inf loss or gradient; -1
+    # Variables the step reads and never trains (a distillation teacher's): an argument of
+    # the jitted step, not differentiated, not checkpointed (to_dict leaves it out; the
+    # run reloads it from its source on every start).
+    frozen: Any = struct.field(default_factory=dict)
 
     @classmethod
     def create(cls, params, opt_state, model_state=None) -> "TrainState":
@@ -52,5 +57,6 @@ class TrainState:
         return {name: getattr(self, name) for name in FIELDS}
 
     @classmethod
-    def from_dict(cls, tree: dict) -> "TrainState":
-        return cls(**{name: tree[name] for name in FIELDS})
+    def from_dict(cls, tree: dict, frozen=None) -> "TrainState":
+        return cls(**{name: tree[name] for name in FIELDS},
+                   frozen={} if frozen is None else frozen)

@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from train import checkpoint as ckpt_lib
 from train import compression as compression_lib
+from train import distill as distill_lib
 from train import config as config_lib
 from train import evaluators as evaluators_lib
 from train import families, optim, sharding
@@ -133,7 +134,8 @@ def _train_and_evaluate(config, wd: workdir_lib.Workdir, current: dict, mesh,
                                               init_from=config.init_from)
     model, _ = families.build(config.model, config.task.name, **data.info,
                               **compression.model_code(for_export=False))
-    task = compression.wrap_task(make_task(config, model, data))
+    distillation = distill_lib.Distillation(config, data)
+    task = compression.wrap_task(distillation.wrap_task(make_task(config, model, data)))
     base_tx = task.make_optimizer(config.optim, optim.schedule_steps(config.optim, num_steps))
     tx = compression.wrap_optimizer(base_tx)
 
@@ -158,6 +160,10 @@ def _train_and_evaluate(config, wd: workdir_lib.Workdir, current: dict, mesh,
         {"params": init_key, "dropout": init_key}, *init_args, **init_kwargs))["params"]
     state_sh = sharding.state_sharding(abstract_state, mesh, config.sharding, logical_params)
     state = jax.jit(init_state, out_shardings=state_sh)(*init_inputs)
+    # A distillation teacher's variables, replicated ({} without one).
+    frozen_sh = jax.tree.map(lambda _: replicated, distillation.frozen())
+    state_sh = state_sh.replace(frozen=frozen_sh)
+    state = state.replace(frozen=jax.device_put(distillation.frozen(), frozen_sh))
     n_params, n_bytes = _param_count_and_bytes(state.params)
     logging.info("model %s/%s for %s: %d parameters, %.2f MB", config.model.family,
                  config.model.variant, config.task.name, n_params, n_bytes / 1e6)
@@ -257,13 +263,15 @@ def _train_and_evaluate(config, wd: workdir_lib.Workdir, current: dict, mesh,
         for bad_step, why in skipped:
             logging.warning("%s; resuming from step %d instead", why, from_step)
         corrupt = [bad_step for bad_step, _ in skipped]
-        state = TrainState.from_dict(restored)
+        state = TrainState.from_dict(restored, frozen=state.frozen)
         logging.info("resumed from step %d in %s", from_step, ckpt.directory)
         if from_step > num_steps:
             raise ConfigError(f"train.num_steps={num_steps} is below step {from_step} of "
                               f"the checkpoint in {ckpt.directory}: a run can be extended, "
                               "not shortened")
     check_metric_names(config, task, data, p_eval_step, state, eval_key)
+    if distillation.enabled:  # the teacher's fit to the student is checked while tracing
+        jax.eval_shape(p_train_step, state, sharding.shard_batch(train_ds.batch(0), mesh))
 
     # ---- Commit: from here on the run writes to its workdir --------------------------------
     wd.commit(current, resume_step=int(state.step), corrupt_steps=corrupt,

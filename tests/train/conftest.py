@@ -86,6 +86,22 @@ def pretrained_run(converted: str, workdir: str, *overrides: str) -> dict:
 
 
 @pytest.fixture(scope="session")
+def tiny_lm_workdir(tmp_path_factory):
+    """A finished 4-step run of configs/gpt.py:tiny (checkpoints at 2 and 4, no sample):
+    shared by the generation and distillation tests."""
+    from configs import gpt  # noqa: PLC0415
+    from train import trainer  # noqa: PLC0415
+
+    c = gpt.get_config("tiny")
+    c.train.update(num_steps=4, eval_every=4, log_every=1)
+    c.checkpoint.every = 2
+    c.evals.sample.every = -1
+    workdir = str(tmp_path_factory.mktemp("tiny_lm") / "run")
+    trainer.train_and_evaluate(c, workdir)
+    return workdir
+
+
+@pytest.fixture(scope="session")
 def interop():
     return SimpleNamespace(assert_trees_equal=assert_trees_equal,
                            convert_in_and_out=convert_in_and_out, bpe_tokenizer=bpe_tokenizer,

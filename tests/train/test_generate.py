@@ -2,19 +2,12 @@
 flaxlab's own runs), deterministic when greedy; user errors are one line."""
 import pytest
 
-from configs import gpt
-from train import errors, generate, trainer
+from train import errors, generate
 
 
 @pytest.fixture(scope="module")
-def lm_workdir(tmp_path_factory):
-    c = gpt.get_config("tiny")
-    c.train.update(num_steps=4, eval_every=4, log_every=4)
-    c.checkpoint.every = 4
-    c.evals.sample.every = -1
-    workdir = tmp_path_factory.mktemp("lm")
-    trainer.train_and_evaluate(c, str(workdir))
-    return str(workdir)
+def lm_workdir(tiny_lm_workdir):
+    return tiny_lm_workdir
 
 
 def test_greedy_continuation_is_deterministic_and_printed(lm_workdir, capsys):

@@ -65,6 +65,9 @@ class Task:
     # name): a new objective for an existing model, e.g. "lm" for any decoder task.
     model_kind: ClassVar[str] = ""
     needs_step: ClassVar[bool] = False
+    # True: the train step passes loss_fn(..., frozen=state.frozen) (a distillation
+    # teacher's variables; train/distill.py).
+    needs_frozen: ClassVar[bool] = False
     default_evals: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
@@ -184,6 +187,8 @@ def train_step(task: Task, tx, train_key, optim_cfg):
         step = state.step
         rng = jax.random.fold_in(train_key, step)
         step_kwargs: dict[str, Any] = {"step": step} if task.needs_step else {}
+        if task.needs_frozen:
+            step_kwargs["frozen"] = state.frozen
 
         def loss_of(params):
             loss, (metrics, model_state) = task.loss_fn(params, state.model_state, batch,

@@ -1,0 +1,132 @@
+"""config.distill: a frozen teacher inside the jitted step. The objective is the hard loss
+plus the weighted KD term; the teacher gets no gradient and never changes; a distilled run
+resumed mid-way equals an uninterrupted one; the affinity loss on 8 devices equals one
+device; bad teachers are one error line."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from configs import gpt
+from train import errors, init_from, main, trainer
+from train.tasks import distill_losses
+
+STEPS = 4
+
+
+def tiny_lm(num_steps=STEPS, **model):
+    c = gpt.get_config("tiny")
+    c.train.update(num_steps=num_steps, eval_every=num_steps, log_every=1)
+    c.checkpoint.every = 2
+    c.evals.sample.every = -1
+    c.model.update(model)
+    return c
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_lm_workdir):
+    return tiny_lm_workdir
+
+
+def student(teacher_dir, **distill):
+    c = tiny_lm(num_layers=1)
+    c.distill.update(teacher=teacher_dir, temperature=2.0, kd_weight=0.5, **distill)
+    return c
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def checkpoint_bytes(workdir):
+    out = {}
+    for root, _, files in os.walk(os.path.join(workdir, "checkpoints")):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                out[os.path.join(root, name)] = f.read()
+    return out
+
+
+def test_objective_is_hard_plus_weighted_kd_and_resume_is_bit_exact(tmp_path, teacher):
+    before = checkpoint_bytes(teacher)
+    whole = str(tmp_path / "whole")
+    summary = trainer.train_and_evaluate(student(teacher), whole)
+    train_lines = [m for m in read_metrics(whole) if m["split"] == "train"]
+    assert len(train_lines) == STEPS
+    for m in train_lines:  # objective = hard loss + 0.5 * T^2 KL (no smoothing, no L2)
+        assert abs(m["objective"] - (m["loss"] + 0.5 * m["distill_kd"])) < 1e-5
+        assert m["distill_kd"] > 0
+    assert "validation/distill_kd" not in summary  # evaluation: the task's own metrics
+    assert checkpoint_bytes(teacher) == before     # the teacher is never written
+
+    resumed = str(tmp_path / "resumed")
+    assert trainer.train_and_evaluate(student(teacher), resumed,
+                                      stop_after_steps=2)["status"] == "stopped"
+    trainer.train_and_evaluate(student(teacher), resumed)
+    for a, b in zip(jax.tree.leaves(init_from.load_variables(whole, "latest")[0]),
+                    jax.tree.leaves(init_from.load_variables(resumed, "latest")[0]),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_teacher_gets_no_gradient(teacher):
+    from train import distill, families, run_data  # noqa: PLC0415
+    from train.tasks import TASKS  # noqa: PLC0415
+
+    config = student(teacher)
+    data = run_data.RunData(config.data, config.seed)
+    model, _ = families.build(config.model, "lm", **data.info)
+    d = distill.Distillation(config, data)
+    task = d.wrap_task(TASKS["lm"](config, model, data))
+    batch = jax.tree.map(lambda x: x[:4], data.train.batch(0))
+    params = model.init(jax.random.key(0), batch["tokens"][:, :-1])["params"]
+    frozen = jax.tree.map(jnp.asarray, d.frozen())
+
+    def loss_of(p, f):
+        return task.loss_fn(p, {}, batch, jax.random.key(1), True, frozen=f)[0]
+
+    g_student, g_teacher = jax.jit(jax.grad(loss_of, argnums=(0, 1)))(params, frozen)
+    assert all(not np.asarray(g).any() for g in jax.tree.leaves(g_teacher))
+    assert any(np.asarray(g).any() for g in jax.tree.leaves(g_student))
+    evaluate = jax.jit(lambda p, f: (task.loss_fn(p, {}, batch, jax.random.key(1), False,
+                                                  frozen=f)[0],
+                                     task.inner.loss_fn(p, {}, batch, jax.random.key(1),
+                                                        False)[0]))
+    distilled, plain = evaluate(params, frozen)  # evaluation: the task's own loss
+    assert float(distilled) == float(plain)
+
+
+def test_affinity_loss_on_8_devices_equals_one_device():
+    rng = np.random.default_rng(0)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    si, st, ti, tt = (unit(rng.normal(size=(16, d)).astype(np.float32)) for d in (6, 6, 9, 9))
+    w = np.ones(16, np.float32)
+    w[-3:] = 0.0
+    f = jax.jit(lambda *a: distill_losses.affinity_loss(a[0], a[1], 10.0, a[2], a[3], 20.0,
+                                                        a[4])[0])
+    one = float(f(si, st, ti, tt, w))
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    rows = NamedSharding(mesh, P("data"))
+    sharded = [jax.device_put(x, rows) for x in (si, st, ti, tt, w)]
+    assert float(f(*sharded)) == pytest.approx(one, rel=1e-6)
+
+
+def test_bad_teachers_are_one_line(tmp_path, teacher, capsys):
+    config_file = os.path.join(os.path.dirname(gpt.__file__), "gpt.py")
+    clip_file = os.path.join(os.path.dirname(gpt.__file__), "clip.py")
+    runs = [[f"--config={config_file}:tiny", f"--config.distill.teacher={tmp_path}/none"],
+            [f"--config={clip_file}:tiny", f"--config.distill.teacher={teacher}"],
+            [f"--config={config_file}:tiny", f"--config.distill.teacher={teacher}",
+             "--config.distill.temperature=0"]]
+    for args in runs:
+        assert main.run(["main", *args, f"--workdir={tmp_path}/run"]) == errors.EXIT_CONFIG
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("flaxlab:")]
+    assert len(lines) == 3 and "config.json does not exist" in lines[0]
+    assert "is a 'lm' run; this run's task is 'contrastive'" in lines[1]
+    assert "distill.temperature=0" in lines[2]
+    assert not os.path.exists(tmp_path / "run")

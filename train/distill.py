@@ -1,0 +1,189 @@
+"""Knowledge distillation as configuration: `config.distill` on any distillable task.
+
+A frozen teacher -- any flaxlab workdir of the same task (a trained run, or a checkpoint
+`train.convert` wrote), built from its own config.json -- runs in eval mode inside the
+jitted train step on the student's batch, and the student's loss becomes
+
+    hard_weight * (the task's own loss)                       ground truth
+  + kd_weight * T^2 KL(softmax(z_t/T) || softmax(z_s/T))      logit tasks: lm, mlm,
+                                                              classify, seq2seq (padding
+                                                              and MLM's unselected
+                                                              positions excluded)
+  + affinity_weight * (L_I2T + L_T2I)                         contrastive: TinyCLIP's
+                                                              affinity mimicking over the
+                                                              global batch
+
+(train/tasks/distill_losses.py; Hinton et al. 2015, Wu et al. 2023). Each term is off at
+weight 0, so an ablation is one override. The teacher sees exactly the student's inputs:
+the same batch and, for MLM, the same masked positions (the corruption comes from the
+step's rng, which both share). Evaluation reports the task's own metrics only, so
+distilled and undistilled runs compare directly; training logs `distill_kd` /
+`distill_affinity` beside the loss.
+
+The teacher's variables live in `TrainState.frozen`: an argument of the jitted step (never
+a constant baked into the program), outside the gradient (only `params` are
+differentiated) and outside checkpoints (reloaded, fingerprint-verified, from the teacher's
+workdir on every start, so a resumed run sees the same teacher).
+
+    python -m train.main --config=configs/gpt.py:tiny --workdir=runs/student \
+        --config.distill.teacher=runs/teacher --config.distill.temperature=2
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+from absl import logging
+
+from train import families
+from train import init_from as init_from_lib
+from train.tasks import distill_losses
+from train.tasks.base import Task
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `distill` section; off while `teacher` is ""."""
+    c = ml_collections.ConfigDict()
+    c.teacher = ""             # the teacher's workdir ("" = no distillation)
+    c.teacher_step = "best"    # best | latest | a step, as a string
+    c.temperature = 2.0        # softmax temperature T of the KD term
+    c.hard_weight = 1.0        # the task's own (ground-truth) loss
+    c.kd_weight = 1.0          # soft targets (tasks with logits)
+    c.affinity_weight = 1.0    # affinity mimicking (contrastive)
+    return c
+
+
+def enabled(c: ml_collections.ConfigDict) -> bool:
+    return bool(c.teacher)
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """ValueError naming the `distill.*` key and what is allowed (files are checked when
+    the teacher is loaded)."""
+    if not enabled(c):
+        return
+    if not isinstance(c.teacher_step, str) or not (
+            c.teacher_step in init_from_lib.STEP_NAMES or c.teacher_step.isdigit()):
+        raise ValueError(f"distill.teacher_step={c.teacher_step!r} must be 'best', 'latest' "
+                         "or an integer step (as a string)")
+    if not c.temperature > 0:
+        raise ValueError(f"distill.temperature={c.temperature} must be > 0")
+    weights = {k: c[k] for k in ("hard_weight", "kd_weight", "affinity_weight")}
+    for key, value in weights.items():
+        if value < 0:
+            raise ValueError(f"distill.{key}={value} must be >= 0 (0 = the term is off)")
+    if not any(weights.values()):
+        raise ValueError("distill: every weight is 0; at least one term must be on")
+
+
+def _teacher_config(workdir: str) -> dict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"distill.teacher={workdir!r}: {path} does not exist (expected a "
+                         "flaxlab workdir: a trained run or a train.convert output)")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class Distillation:
+    """`config.distill` bound to one run (inactive when no teacher is given). The trainer
+    calls, unconditionally: wrap_task(task), frozen() (the teacher's variables for
+    TrainState.frozen; {} when off)."""
+
+    def __init__(self, config, data):
+        self.cfg, self.config, self.data = config.distill, config, data
+        self.enabled = enabled(self.cfg)
+        self._frozen = {}
+        if not self.enabled:
+            return
+        saved = _teacher_config(self.cfg.teacher)
+        task_name = saved.get("task", {}).get("name")
+        if task_name != config.task.name:
+            raise ValueError(f"distill.teacher={self.cfg.teacher!r} is a {task_name!r} run; "
+                             f"this run's task is {config.task.name!r} (a teacher must solve "
+                             "the same task)")
+        model_cfg = ml_collections.ConfigDict(saved["model"])
+        self.teacher_model, _ = families.build(model_cfg, config.task.name, **data.info)
+        params, model_state, step = init_from_lib.load_variables(self.cfg.teacher,
+                                                                 self.cfg.teacher_step)
+        self._frozen = {"params": params, "model_state": model_state}
+        logging.info("distill: teacher %s step %d (%s/%s), T=%g, weights hard %g, kd %g, "
+                     "affinity %g", self.cfg.teacher, step, model_cfg.family,
+                     model_cfg.get("variant", "?"), self.cfg.temperature,
+                     self.cfg.hard_weight, self.cfg.kd_weight, self.cfg.affinity_weight)
+
+    def wrap_task(self, task: Task) -> Task:
+        if not self.enabled:
+            return task
+        if not task.has_predict():
+            raise ValueError(f"distill: task {task.name!r} cannot be distilled (it has no "
+                             "predict/metrics_of split); distillable: lm, mlm, classify, "
+                             "seq2seq, contrastive")
+        teacher_task = type(task)(self.config, self.teacher_model, self.data)
+        return DistilledTask(task, teacher_task, self.cfg)
+
+    def frozen(self):
+        """The teacher's {"params", "model_state"} (host arrays; the trainer places them)."""
+        return self._frozen
+
+
+class DistilledTask(Task):
+    """The student task with the distillation terms added to its training loss; every
+    other hook (evaluation included) is the student task's own."""
+
+    needs_frozen = True
+
+    def __init__(self, task: Task, teacher_task: Task, cfg):
+        self.inner, self.teacher_task, self.cfg = task, teacher_task, cfg
+        self.name, self.default_evals = task.name, task.default_evals
+        self.config, self.model, self.data = task.config, task.model, task.data
+        self.needs_step = task.needs_step
+
+    def init_args(self, batch):
+        return self.inner.init_args(batch)
+
+    def predict(self, params, model_state, batch, rng, train):
+        return self.inner.predict(params, model_state, batch, rng, train)
+
+    def metrics_of(self, outputs, batch):
+        return self.inner.metrics_of(outputs, batch)
+
+    def derived_metrics(self, means):
+        return self.inner.derived_metrics(means)
+
+    def report(self, params, model_state, workdir):
+        return self.inner.report(params, model_state, workdir)
+
+    def model_params(self, params):
+        return self.inner.model_params(params)
+
+    def after_evaluation(self, step, params, model_state, workdir):
+        return self.inner.after_evaluation(step, params, model_state, workdir)
+
+    def loss_fn(self, params, model_state, batch, rng, train, frozen=None, **step_kwargs):
+        if not train or not frozen:
+            return self.inner.loss_fn(params, model_state, batch, rng, train, **step_kwargs)
+        c = self.cfg
+        out, model_state = self.inner.predict(params, model_state, batch, rng, True)
+        hard, metrics = self.inner.metrics_of(out, batch)
+        teacher, _ = self.teacher_task.predict(frozen["params"], frozen["model_state"], batch,
+                                               rng, False)
+        teacher = jax.lax.stop_gradient(teacher)
+        loss = c.hard_weight * hard
+        if "logits" in out:
+            if out["logits"].shape != teacher["logits"].shape:
+                raise ValueError(f"distill: the student's logits {out['logits'].shape} and "
+                                 f"the teacher's {teacher['logits'].shape} differ (a teacher "
+                                 "needs the same vocabulary / classes)")
+            if c.kd_weight:
+                kd, metrics["distill_kd"] = distill_losses.kd_loss(
+                    out["logits"], teacher["logits"], c.temperature, out["weights"])
+                loss = loss + c.kd_weight * kd
+        elif c.affinity_weight:
+            aff, metrics["distill_affinity"] = distill_losses.affinity_loss(
+                out["image"], out["text"], out["logit_scale"], teacher["image"],
+                teacher["text"], teacher["logit_scale"], out["weights"])
+            loss = loss + c.affinity_weight * aff
+        return loss, (metrics, model_state)
