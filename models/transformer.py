@@ -57,6 +57,8 @@ class TransformerConfig:
     num_decoder_layers: int | None = None   # encoder-decoder only; default num_layers
     num_heads: int = 2
     num_kv_heads: int | None = None         # < num_heads: grouped-query attention
+    head_dim: int | None = None             # None: d_model // num_heads (a model with
+                                            # heads removed keeps its head width)
     d_model: int = 64
     mlp_dim: int = 256
     max_length: int = 128                   # learned position table size / longest input
@@ -95,9 +97,11 @@ class TransformerConfig:
                     "max_length"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"model.{key} must be positive, got {getattr(self, key)}")
-        if self.d_model % self.num_heads:
+        if self.head_dim is None and self.d_model % self.num_heads:
             raise ValueError(f"model.d_model ({self.d_model}) must be divisible by "
-                             f"model.num_heads ({self.num_heads})")
+                             f"model.num_heads ({self.num_heads}), or set model.head_dim")
+        if self.head_dim is not None and self.head_dim <= 0:
+            raise ValueError(f"model.head_dim must be positive (or None), got {self.head_dim}")
         kv = self.num_kv_heads or self.num_heads
         if self.num_heads % kv:
             raise ValueError(f"model.num_heads ({self.num_heads}) must be a multiple of "
@@ -183,7 +187,7 @@ def _attention(cfg: TransformerConfig, name: str, decode: bool = False,
     # fused_qkv applies to self-attention only: cross-attention projects the query and the
     # keys/values from different inputs, so it always keeps separate projections.
     return MultiHeadAttention(
-        num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+        num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
         fused_qkv=cfg.fused_qkv and not cross,
         use_bias=cfg.use_bias, dropout_rate=cfg.attention_dropout_rate,
         implementation=cfg.attention_impl, decode=decode, dtype=cfg.compute_dtype,

@@ -1,0 +1,270 @@
+"""Weight inheritance: a physically smaller transformer from a trained one (pure functions).
+
+TinyCLIP (Wu et al. 2023, sec. 3.2) starts a student from the teacher's most important
+weights instead of from scratch: whole layers (the text tower is redundant in depth),
+attention heads and MLP neurons, and residual-stream channels (the image tower is
+redundant in width). The functions here take a params tree and return the smaller tree and
+the model-config fields that build it, so the result runs as an ordinary model with fewer
+FLOPs (it is not a mask; `prune_structured` masks, this removes).
+
+  inherit_stack(stack, ...)      a transformer stack (`layers_i` or scanned `layers`, plus
+                                 its final_norm): keep k layers (first | last | uniform, i.e.
+                                 every n/k-th as DistilBERT does | importance), then per kept
+                                 layer the most important heads and MLP neurons
+  channel_scores / inherit_channels(tree, keep)
+                                 the residual width: slice every leaf along its d_model axis
+                                 (CHANNEL_RULES, by parameter path), embeddings and heads
+                                 included
+  shrink(params, cfg, ...)       all of it for a model whose config is a TransformerConfig
+                                 or nests one (ViT's `encoder`): -> (params, overrides)
+
+Importance is the squared L2 norm of a unit's weights (Li et al. 2017 for channels; heads
+and neurons by the weights that read and write them), or a score array the caller gives
+(e.g. learned masks). Ties go to the lower index. Kept units stay in their original order,
+so keeping everything reproduces the model exactly; a head keeps its width (`head_dim`) when
+other heads go. A narrower residual stream is not exact -- LayerNorm then normalizes over
+the kept channels only -- which is why inheritance is followed by distillation.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from models import transformer
+
+LAYER_CHOICES = ("first", "last", "uniform", "importance")
+_LAYER = re.compile(r"^layers_(\d+)$")
+_QKV = ("query", "key", "value")
+
+# Which axes of a leaf run along the residual stream (d_model), by its path ("/"-joined);
+# the first matching rule wins. A leaf no rule matches has no d_model axis.
+CHANNEL_RULES: tuple[tuple[str, tuple[int, ...]], ...] = (
+    (r"(^|/)[a-z_]*norm/(scale|bias)$", (0,)),                  # every LayerNorm / RMSNorm
+    (r"_attention/(query|key|value|qkv)/kernel$", (0,)),        # [D, H, hd]
+    (r"_attention/out/kernel$", (-1,)),                         # [H, hd, D]
+    (r"_attention/out/bias$", (0,)),
+    (r"mlp/fc1[^/]*/kernel$", (0,)),                            # [D, F] (and a GLU gate)
+    (r"mlp/fc2/kernel$", (-1,)),                                # [F, D]
+    (r"mlp/fc2/bias$", (0,)),
+    (r"(^|/)embed/[a-z_]+/embedding$", (-1,)),                  # tokens, positions, types
+    (r"(^|/)unembed/logits/kernel$", (0,)),                     # [D, V]
+    (r"^embedding/kernel$", (-1,)), (r"^embedding/bias$", (0,)),  # ViT's patch projection
+    (r"^(cls|pos_embedding)$", (-1,)),
+    (r"^(head|pre_logits)/kernel$", (0,)),                       # classifier [D, classes]
+    (r"^(mlm_transform|pooler)/kernel$", (0, 1)),               # BERT's [D, D] heads
+    (r"^(mlm_transform|pooler)/bias$", (0,)),
+)
+
+
+def _top(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest scores (ties: the lower index), in ascending order."""
+    scores = np.asarray(scores, np.float64)
+    if not 0 < k <= scores.shape[0]:
+        raise ValueError(f"cannot keep {k} of {scores.shape[0]} units (1..{scores.shape[0]})")
+    order = np.lexsort((np.arange(scores.shape[0]), -scores))
+    return np.sort(order[:k])
+
+
+def _sq(x, axes) -> np.ndarray:
+    return np.sum(np.square(np.asarray(x, np.float64)), axis=axes)
+
+
+def _layers(stack: dict) -> list[dict]:
+    names = sorted((k for k in stack if _LAYER.match(k)), key=lambda k: int(k.split("_")[1]))
+    if not names:
+        raise ValueError("no layers_i entries in this stack (is it a transformer stack?)")
+    return [stack[k] for k in names]
+
+
+def _attention(layer: dict) -> dict:
+    return layer["self_attention"]
+
+
+# ---- Importance -------------------------------------------------------------------------
+def head_scores(attention: dict) -> np.ndarray:
+    """[H] squared norms of each head's query, key, value and output weights."""
+    if "qkv" in attention:
+        kernel = np.asarray(attention["qkv"]["kernel"])  # [D, 3H, hd]
+        h = attention["out"]["kernel"].shape[0]
+        if kernel.shape[1] != 3 * h:
+            raise ValueError("head selection of grouped-query (fused) attention is not "
+                             "supported: query and key/value head counts differ")
+        qkv = _sq(kernel, (0, 2)).reshape(3, h).sum(0)
+    else:
+        if attention["key"]["kernel"].shape[1] != attention["query"]["kernel"].shape[1]:
+            raise ValueError("head selection of grouped-query attention is not supported")
+        qkv = sum(_sq(attention[n]["kernel"], (0, 2)) for n in _QKV)
+    return qkv + _sq(attention["out"]["kernel"], (1, 2))
+
+
+def neuron_scores(mlp: dict) -> np.ndarray:
+    """[F] squared norms of each hidden unit's input (fc1, and a gate) and output weights."""
+    score = _sq(mlp["fc2"]["kernel"], 1)
+    for name, sub in mlp.items():
+        if name.startswith("fc1"):
+            score = score + _sq(sub["kernel"], 0)
+    return score
+
+
+def layer_scores(stack: dict) -> np.ndarray:
+    """[L] squared norms of what each layer writes to the residual stream (attention out
+    and MLP fc2 kernels): a layer that writes little is the first to go."""
+    return np.array([_sq(_attention(l)["out"]["kernel"], None) + _sq(l["mlp"]["fc2"]["kernel"],
+                                                                      None)
+                     for l in _layers(stack)])
+
+
+def choose_layers(num_layers: int, keep: int, how: str = "uniform",
+                  scores: np.ndarray | None = None) -> list[int]:
+    """Indices of `keep` of `num_layers` layers: first | last | uniform (i * n // k: every
+    other layer for half, as DistilBERT's student) | importance (top `scores`)."""
+    if how not in LAYER_CHOICES:
+        raise ValueError(f"layer choice {how!r}; allowed: {', '.join(LAYER_CHOICES)}")
+    if not 0 < keep <= num_layers:
+        raise ValueError(f"cannot keep {keep} of {num_layers} layers")
+    if how == "first":
+        return list(range(keep))
+    if how == "last":
+        return list(range(num_layers - keep, num_layers))
+    if how == "uniform":
+        return [i * num_layers // keep for i in range(keep)]
+    if scores is None or len(scores) != num_layers:
+        raise ValueError("importance layer choice needs one score per layer")
+    return [int(i) for i in _top(scores, keep)]
+
+
+# ---- Selection ---------------------------------------------------------------------------
+def select_heads(attention: dict, keep: np.ndarray) -> dict:
+    """The attention params with only heads `keep` (query/key/value [D, H, hd] and their
+    biases [H, hd] on axis 1 / 0, out [H, hd, D] on axis 0)."""
+    keep = np.asarray(keep)
+    out = dict(attention)
+    if "qkv" in attention:
+        h = attention["out"]["kernel"].shape[0]
+        idx = np.concatenate([keep, keep + h, keep + 2 * h])
+        out["qkv"] = {k: np.asarray(v)[:, idx] if k == "kernel" else np.asarray(v)[idx]
+                      for k, v in attention["qkv"].items()}
+    else:
+        for n in _QKV:
+            out[n] = {k: np.asarray(v)[:, keep] if k == "kernel" else np.asarray(v)[keep]
+                      for k, v in attention[n].items()}
+    out["out"] = {**attention["out"], "kernel": np.asarray(attention["out"]["kernel"])[keep]}
+    return out
+
+
+def select_neurons(mlp: dict, keep: np.ndarray) -> dict:
+    """The MLP params with only hidden units `keep` (fc1* [D, F] columns and biases, fc2
+    [F, D] rows)."""
+    out = dict(mlp)
+    for name, sub in mlp.items():
+        if name.startswith("fc1"):
+            out[name] = {k: np.asarray(v)[..., keep] for k, v in sub.items()}
+    out["fc2"] = {**mlp["fc2"], "kernel": np.asarray(mlp["fc2"]["kernel"])[keep]}
+    return out
+
+
+def inherit_stack(stack: dict, *, num_layers: int | None = None, layers: str = "uniform",
+                  num_heads: int | None = None, mlp_dim: int | None = None,
+                  layer_score: np.ndarray | None = None,
+                  head_score: list[np.ndarray] | None = None,
+                  neuron_score: list[np.ndarray] | None = None) -> tuple[dict, dict]:
+    """A transformer stack's params (unrolled `layers_i` or scanned `layers`, plus
+    final_norm etc.) -> (smaller stack in the same layout, {"kept_layers", "kept_heads",
+    "kept_neurons"}). None keeps everything of that kind; scores (per layer; per kept
+    layer for heads and neurons) default to the weight norms."""
+    scanned = "layers" in stack
+    stack = transformer.unstack_layers(stack) if scanned else stack
+    old = _layers(stack)
+    keep = choose_layers(len(old), num_layers or len(old), layers,
+                         layer_scores(stack) if layer_score is None and layers == "importance"
+                         else layer_score)
+    out = {k: v for k, v in stack.items() if not _LAYER.match(k)}
+    info = {"kept_layers": keep, "kept_heads": [], "kept_neurons": []}
+    for j, i in enumerate(keep):
+        layer = dict(old[i])
+        att = _attention(layer)
+        h = att["out"]["kernel"].shape[0]
+        heads = _top(head_scores(att) if head_score is None else head_score[j],
+                     num_heads or h)
+        layer["self_attention"] = select_heads(att, heads)
+        f = layer["mlp"]["fc2"]["kernel"].shape[0]
+        neurons = _top(neuron_scores(layer["mlp"]) if neuron_score is None else
+                       neuron_score[j], mlp_dim or f)
+        layer["mlp"] = select_neurons(layer["mlp"], neurons)
+        out[f"layers_{j}"] = layer
+        info["kept_heads"].append(heads.tolist())
+        info["kept_neurons"].append(neurons.tolist())
+    return (transformer.stack_layers(out) if scanned else out), info
+
+
+def _channel_axes(path: str):
+    for pattern, axes in CHANNEL_RULES:
+        if re.search(pattern, path):
+            return axes
+    return ()
+
+
+def channel_scores(tree: dict, d_model: int) -> np.ndarray:
+    """[d_model] squared norms of every weight on each residual channel (CHANNEL_RULES)."""
+    score = np.zeros(d_model)
+    for path, leaf in flatten_dict(transformer.unstack_layers(tree)).items():
+        for axis in _channel_axes("/".join(path)):
+            x = np.moveaxis(np.asarray(leaf, np.float64), axis, 0)
+            if x.shape[0] != d_model:
+                raise ValueError(f"{'/'.join(path)}: axis {axis} has {x.shape[0]} entries, "
+                                 f"not d_model={d_model}")
+            score += np.sum(np.square(x.reshape(d_model, -1)), axis=1)
+    return score
+
+
+def inherit_channels(tree: dict, keep: np.ndarray) -> dict:
+    """`tree` with every d_model axis (CHANNEL_RULES) cut to channels `keep`."""
+    scanned_paths = {p for p in flatten_dict(tree) if "layers" in p}
+    flat = flatten_dict(transformer.unstack_layers(tree) if scanned_paths else tree)
+    out = {}
+    for path, leaf in flat.items():
+        x = np.asarray(leaf)
+        for axis in _channel_axes("/".join(path)):
+            x = np.take(x, keep, axis=axis)
+        out[path] = x
+    tree = unflatten_dict(out)
+    return transformer.stack_layers(tree) if scanned_paths else tree
+
+
+# ---- Whole models ------------------------------------------------------------------------
+def _stack_key(params: dict) -> str:
+    for key in ("decoder", "encoder"):
+        if key in params:
+            return key
+    raise ValueError(f"no transformer stack ('decoder' or 'encoder') among {sorted(params)}")
+
+
+def shrink(params: dict, cfg, *, num_layers: int | None = None, layers: str = "uniform",
+           num_heads: int | None = None, mlp_dim: int | None = None,
+           d_model: int | None = None) -> tuple[dict, dict]:
+    """A smaller model from `params` of a model whose config `cfg` is a TransformerConfig
+    (Decoder, Encoder) or holds one as `cfg.encoder` (ViT). Returns (params, overrides):
+    the config fields of the smaller model (for ViT nested under "encoder"), e.g.
+    {"num_layers": 2, "num_heads": 2, "head_dim": 16, "mlp_dim": 128, "d_model": 32}."""
+    nested = not isinstance(cfg, transformer.TransformerConfig)
+    stack_cfg = cfg.encoder if nested else cfg
+    key = _stack_key(params)
+    stack, _ = inherit_stack(params[key], num_layers=num_layers, layers=layers,
+                             num_heads=num_heads, mlp_dim=mlp_dim)
+    out = {**params, key: stack}
+    head_dim = stack_cfg.head_dim or stack_cfg.d_model // stack_cfg.num_heads
+    fields = {"num_layers": num_layers or stack_cfg.num_layers,
+              "num_heads": num_heads or stack_cfg.num_heads,
+              "mlp_dim": mlp_dim or stack_cfg.mlp_dim, "d_model": d_model or stack_cfg.d_model}
+    if fields["num_heads"] * head_dim != fields["d_model"]:
+        fields["head_dim"] = head_dim
+    if d_model and d_model != stack_cfg.d_model:
+        keep = _top(channel_scores(out, stack_cfg.d_model), d_model)
+        out = inherit_channels(out, keep)
+    return out, ({"encoder": fields} if nested else fields)
+
+
+def count_params(params) -> int:
+    return int(sum(np.size(x) for x in flatten_dict(params).values()))

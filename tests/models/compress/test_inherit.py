@@ -1,0 +1,124 @@
+"""Weight inheritance: keeping everything reproduces the model bit-exactly; k of n layers
+is the model built from those layers; dropped heads / neurons equal zeroing their output
+weights in the full model; parameter counts equal the hand count; widths shrink for the
+decoder and ViT."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from models import transformer as T
+from models import vit
+from models.compress import inherit
+
+V, P, D, L, H, F = 40, 16, 32, 4, 4, 48
+
+
+def decoder(**overrides):
+    cfg = T.make_config("tiny", vocab_size=V, max_length=P, d_model=D, num_layers=L,
+                        num_heads=H, mlp_dim=F, **overrides)
+    return T.Decoder(cfg), cfg
+
+
+@pytest.fixture(scope="module")
+def trained_like():
+    """A decoder with random (not init-scale) weights, so every unit's norm differs."""
+    model, cfg = decoder()
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, V, (2, 12)))
+    params = nn.unbox(model.init(jax.random.key(0), tokens)["params"])
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda x: np.asarray(x) + 0.05 * rng.normal(size=x.shape).astype(
+        np.float32), params)
+    return model, cfg, params, tokens
+
+
+def logits(cfg, params, tokens):
+    return np.asarray(T.Decoder(cfg).apply({"params": params}, tokens))
+
+
+def test_keeping_everything_is_the_same_model(trained_like):
+    model, cfg, params, tokens = trained_like
+    same, fields = inherit.shrink(params, cfg)
+    jax.tree.map(np.testing.assert_array_equal, same, params)
+    assert fields == {"num_layers": L, "num_heads": H, "mlp_dim": F, "d_model": D}
+    scanned = T.stack_layers(jax.tree.map(np.asarray, params))
+    again, _ = inherit.inherit_stack(scanned["decoder"])   # the scanned layout too
+    jax.tree.map(np.testing.assert_array_equal, again, scanned["decoder"])
+
+
+def test_k_of_n_layers_is_the_model_built_from_those_layers(trained_like):
+    _, cfg, params, tokens = trained_like
+    small, fields = inherit.shrink(params, cfg, num_layers=2)   # uniform: layers 0 and 2
+    by_hand = {**params, "decoder": {"layers_0": params["decoder"]["layers_0"],
+                                     "layers_1": params["decoder"]["layers_2"],
+                                     "final_norm": params["decoder"]["final_norm"]}}
+    small_cfg = cfg.replace(**fields)
+    np.testing.assert_array_equal(logits(small_cfg, small, tokens),
+                                  logits(small_cfg, by_hand, tokens))
+    assert inherit.choose_layers(12, 6) == [0, 2, 4, 6, 8, 10]   # DistilBERT's student
+    assert inherit.choose_layers(6, 2, "last") == [4, 5]
+    assert inherit.choose_layers(3, 2, "importance", np.array([1.0, 0.5, 2.0])) == [0, 2]
+
+
+def zeroed(params, heads=None, neurons=None):
+    """The full model with the dropped heads' output rows / neurons' fc2 rows zeroed."""
+    out = jax.tree.map(np.array, params)
+    for i in range(L):
+        layer = out["decoder"][f"layers_{i}"]
+        if heads is not None:
+            drop = np.setdiff1d(np.arange(H), heads[i])
+            layer["self_attention"]["out"]["kernel"][drop] = 0.0
+        if neurons is not None:
+            drop = np.setdiff1d(np.arange(F), neurons[i])
+            layer["mlp"]["fc2"]["kernel"][drop] = 0.0
+    return out
+
+
+def test_dropped_heads_and_neurons_equal_zeroing_their_outputs(trained_like):
+    _, cfg, params, tokens = trained_like
+    stack, info = inherit.inherit_stack(params["decoder"], num_heads=2, mlp_dim=20)
+    small_cfg = cfg.replace(num_heads=2, head_dim=D // H, mlp_dim=20)
+    ours = logits(small_cfg, {**params, "decoder": stack}, tokens)
+    reference = logits(cfg, zeroed(params, info["kept_heads"], info["kept_neurons"]), tokens)
+    np.testing.assert_allclose(ours, reference, atol=2e-5)
+    # the kept heads are the largest by weight norm, in their original order
+    att = params["decoder"]["layers_1"]["self_attention"]
+    scores = inherit.head_scores(att)
+    assert info["kept_heads"][1] == sorted(np.argsort(-scores)[:2].tolist())
+
+
+def hand_count(v, p, d, layers, heads, hd, f):
+    layer = 2 * 2 * d + 3 * (d * heads * hd + heads * hd) + heads * hd * d + d \
+        + d * f + f + f * d + d
+    return v * d + p * d + layers * layer + 2 * d
+
+
+def test_parameter_counts_equal_the_hand_count_and_widths_shrink(trained_like):
+    _, cfg, params, tokens = trained_like
+    small, fields = inherit.shrink(params, cfg, num_layers=2, num_heads=2, mlp_dim=24,
+                                   d_model=24)
+    assert fields == {"num_layers": 2, "num_heads": 2, "mlp_dim": 24, "d_model": 24,
+                      "head_dim": 8}
+    small_cfg = cfg.replace(**fields)
+    expected = jax.eval_shape(T.Decoder(small_cfg).init, jax.random.key(0), tokens)["params"]
+    jax.tree.map(lambda a, b: np.testing.assert_equal(np.shape(a), b.shape), small,
+                 nn.unbox(expected))
+    assert inherit.count_params(small) == hand_count(V, P, 24, 2, 2, 8, 24)
+    assert inherit.count_params(params) == hand_count(V, P, D, L, H, D // H, F)
+    assert np.isfinite(logits(small_cfg, small, tokens)).all()
+    keep_all = inherit.inherit_channels(params, np.arange(D))     # all channels: identity
+    jax.tree.map(np.testing.assert_array_equal, keep_all, jax.tree.map(np.asarray, params))
+
+
+def test_a_vit_shrinks_in_depth_and_width():
+    cfg = vit.make_config("tiny/4", image_size=16, num_classes=3)
+    images = jnp.asarray(np.random.default_rng(0).random((2, 16, 16, 3)), jnp.float32)
+    params = nn.unbox(vit.ViT(cfg).init(jax.random.key(0), images)["params"])
+    small, fields = inherit.shrink(params, cfg, num_layers=1, d_model=cfg.encoder.d_model // 2)
+    small_cfg = vit.make_config("tiny/4", image_size=16, num_classes=3, **{
+        "encoder": {**fields["encoder"]}})
+    expected = nn.unbox(jax.eval_shape(vit.ViT(small_cfg).init, jax.random.key(0),
+                                       images)["params"])
+    jax.tree.map(lambda a, b: np.testing.assert_equal(np.shape(a), b.shape), small, expected)
+    assert np.isfinite(np.asarray(vit.ViT(small_cfg).apply({"params": small}, images))).all()
