@@ -17,6 +17,11 @@ Keys (the `init_from` section):
   exclude    patterns never loaded (they keep their fresh initialization)
   allow_new  patterns of this model's parameters that may start fresh because the source
              lacks them or holds them at another shape (a new head, another vocabulary)
+  inherit    "" = off; else weight inheritance (TinyCLIP): the source is first shrunk to
+             this model's depth, heads, MLP width and residual width -- its most important
+             layers / units by weight norm (models/compress/inherit.py), layers chosen
+             uniform | first | last | importance -- so a smaller student starts from its
+             teacher: --config.init_from.workdir=runs/teacher --config.init_from.inherit=uniform
 
 A pattern matches a path when, as a glob (`fnmatch`; `*` crosses "/") or as a regular
 expression (`re.fullmatch`), it matches the whole path or a leading part of it that ends
@@ -53,7 +58,7 @@ import numpy as np
 from absl import logging
 
 from models import transformer
-from models.compress import common, lora
+from models.compress import common, inherit, lora
 
 STEP_NAMES = ("best", "latest")
 PATTERN_KEYS = ("include", "exclude", "allow_new")
@@ -69,6 +74,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.include = ()        # patterns of parameter paths to load; () = all
     c.exclude = ()        # patterns never loaded
     c.allow_new = ()      # patterns that may start fresh (absent or reshaped in the source)
+    # Weight inheritance (TinyCLIP): "" = off; else the source is first shrunk to this
+    # model's layers, heads, MLP units and width, the most important by weight norm
+    # (models/compress/inherit.py), choosing layers by: uniform (every n/k-th, DistilBERT)
+    # | first | last | importance.
+    c.inherit = ""
     return c
 
 
@@ -87,6 +97,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
                                                            for p in value):
             raise ValueError(f"init_from.{key}={value!r} must be a tuple of non-empty "
                              "patterns, e.g. ('unembed/*',)")
+    if c.inherit and c.inherit not in inherit.LAYER_CHOICES:
+        raise ValueError(f"init_from.inherit={c.inherit!r}; allowed: '' (off), "
+                         f"{', '.join(inherit.LAYER_CHOICES)}")
     if not c.workdir:
         changed = [k for k in ("step",) + PATTERN_KEYS if c[k] != default_config()[k]]
         if changed:
@@ -288,6 +301,11 @@ def load_into(c: ml_collections.ConfigDict, params, model_state):
     ignored."""
     src_params, src_state, step = load_variables(c.workdir, c.step)
     where = f"{c.workdir} step {step}"
+    if c.inherit:
+        src_params = inherit.shrink_to(jax.device_get(src_params), jax.device_get(params),
+                                       c.inherit)
+        logging.info("init_from: inherited %s into this model's sizes (layers: %s)", where,
+                     c.inherit)
     params, model_state, report = fit(src_params, src_state, params, model_state, c, where)
     log_report(report, where)
     return params, model_state

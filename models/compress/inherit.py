@@ -17,6 +17,8 @@ FLOPs (it is not a mask; `prune_structured` masks, this removes).
                                  included
   shrink(params, cfg, ...)       all of it for a model whose config is a TransformerConfig
                                  or nests one (ViT's `encoder`): -> (params, overrides)
+  shrink_to(params, template)    into the sizes of a smaller model's params (each tower of
+                                 a CLIP on its own): what `init_from.inherit` does
 
 Importance is the squared L2 norm of a unit's weights (Li et al. 2017 for channels; heads
 and neurons by the weights that read and write them), or a score array the caller gives
@@ -251,6 +253,8 @@ def shrink(params: dict, cfg, *, num_layers: int | None = None, layers: str = "u
     nested = not isinstance(cfg, transformer.TransformerConfig)
     stack_cfg = cfg.encoder if nested else cfg
     key = _stack_key(params)
+    keep = (_top(channel_scores(params, stack_cfg.d_model), d_model)
+            if d_model and d_model != stack_cfg.d_model else None)
     stack, _ = inherit_stack(params[key], num_layers=num_layers, layers=layers,
                              num_heads=num_heads, mlp_dim=mlp_dim)
     out = {**params, key: stack}
@@ -260,10 +264,62 @@ def shrink(params: dict, cfg, *, num_layers: int | None = None, layers: str = "u
               "mlp_dim": mlp_dim or stack_cfg.mlp_dim, "d_model": d_model or stack_cfg.d_model}
     if fields["num_heads"] * head_dim != fields["d_model"]:
         fields["head_dim"] = head_dim
-    if d_model and d_model != stack_cfg.d_model:
-        keep = _top(channel_scores(out, stack_cfg.d_model), d_model)
+    if keep is not None:
         out = inherit_channels(out, keep)
     return out, ({"encoder": fields} if nested else fields)
+
+
+def _has_stack(tree) -> bool:
+    return isinstance(tree, dict) and any(
+        k in tree and isinstance(tree[k], dict) and (
+            "layers" in tree[k] or any(_LAYER.match(n) for n in tree[k]))
+        for k in ("decoder", "encoder"))
+
+
+def _stack_sizes(stack: dict) -> dict:
+    """num_layers, num_heads, mlp_dim, d_model of a stack's params (either layout)."""
+    stack = transformer.unstack_layers(stack) if "layers" in stack else stack
+    layers = _layers(stack)
+    out_kernel = np.shape(_attention(layers[0])["out"]["kernel"])   # [H, hd, D]
+    return {"num_layers": len(layers), "num_heads": out_kernel[0],
+            "mlp_dim": np.shape(layers[0]["mlp"]["fc2"]["kernel"])[0], "d_model": out_kernel[-1]}
+
+
+def shrink_to(source: dict, template: dict, layers: str = "uniform") -> dict:
+    """`source` params inherited into the sizes of `template` (a smaller model's params of
+    the same family, e.g. a fresh init): every transformer stack -- the model's own, or
+    each tower's (CLIP's image_tower / text_tower, whose `<tower>_projection` rows follow
+    the tower's channels) -- keeps the template's number of layers (chosen by `layers`),
+    heads, MLP units and residual channels, the most important by weight norm."""
+    towers = [""] if _has_stack(source) else [k for k, v in source.items() if _has_stack(v)]
+    if not towers:
+        raise ValueError("weight inheritance needs a transformer (a decoder or encoder "
+                         "stack, or towers holding one)")
+    out = dict(source)
+    for name in towers:
+        tower, target = (source, template) if not name else (source[name], template[name])
+        key = _stack_key(tower)
+        have, want = _stack_sizes(tower[key]), _stack_sizes(target[key])
+        larger = [f"{k} {want[k]} > {have[k]}" for k in want if want[k] > have[k]]
+        if larger:
+            raise ValueError(f"weight inheritance shrinks; this model{' ' + name if name else ''}"
+                             f" is larger than its source: {', '.join(larger)}")
+        # Channel importance is read off the whole source tower, before units go.
+        keep = (_top(channel_scores(tower, have["d_model"]), want["d_model"])
+                if want["d_model"] != have["d_model"] else None)
+        stack, _ = inherit_stack(tower[key], num_layers=want["num_layers"], layers=layers,
+                                 num_heads=want["num_heads"], mlp_dim=want["mlp_dim"])
+        tower = {**tower, key: stack}
+        if keep is not None:
+            tower = inherit_channels(tower, keep)
+            projection = f"{name.removesuffix('_tower')}_projection"
+            if name and projection in out:
+                out[projection] = {k: np.asarray(v)[keep] for k, v in out[projection].items()}
+        if name:
+            out[name] = tower
+        else:
+            out = tower
+    return out
 
 
 def count_params(params) -> int:

@@ -130,3 +130,28 @@ def test_bad_teachers_are_one_line(tmp_path, teacher, capsys):
     assert "is a 'lm' run; this run's task is 'contrastive'" in lines[1]
     assert "distill.temperature=0" in lines[2]
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_init_from_inherit_starts_a_smaller_student_from_its_teacher(teacher):
+    """--config.init_from.inherit: the teacher's params shrunk to the student's sizes (its
+    kept layers, heads, units and channels) are the student's start."""
+    from flax import linen as nn  # noqa: PLC0415
+
+    from models import transformer  # noqa: PLC0415
+    from models.compress import inherit  # noqa: PLC0415
+
+    c = student(teacher)
+    c.model.update(num_heads=1, head_dim=16, mlp_dim=40, d_model=24)
+    c.init_from.update(workdir=teacher, inherit="uniform")
+    cfg = transformer.make_config(c.model.variant, **{
+        k: c.model[k] for k in ("num_layers", "num_heads", "head_dim", "mlp_dim", "d_model",
+                                "max_length")}, vocab_size=260)
+    fresh = nn.unbox(jax.jit(transformer.Decoder(cfg).init)(
+        jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    params, _ = init_from.load_into(c.init_from, fresh, {})
+    want = inherit.shrink_to(init_from.load_variables(teacher)[0], jax.device_get(fresh))
+    jax.tree.map(np.testing.assert_array_equal, params, want)
+    c.init_from.inherit = "biggest"
+    with pytest.raises(ValueError, match="init_from.inherit='biggest'; allowed: '' \\(off\\), "
+                                         "first, last, uniform, importance"):
+        init_from.validate(c.init_from)

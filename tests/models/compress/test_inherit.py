@@ -122,3 +122,30 @@ def test_a_vit_shrinks_in_depth_and_width():
                                        images)["params"])
     jax.tree.map(lambda a, b: np.testing.assert_equal(np.shape(a), b.shape), small, expected)
     assert np.isfinite(np.asarray(vit.ViT(small_cfg).apply({"params": small}, images))).all()
+
+
+def test_shrink_to_a_clip_template_inherits_each_tower():
+    """TinyCLIP's manual recipe in small: the text tower loses layers, the image tower
+    width; the image projection's rows follow the image tower's kept channels."""
+    from models import clip  # noqa: PLC0415
+
+    images, texts = jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 48), jnp.int32)
+    teacher_cfg = clip.make_config("clip_tiny")
+    teacher = nn.unbox(clip.ClipModel(teacher_cfg).init(jax.random.key(0), images,
+                                                        texts)["params"])
+    student_cfg = clip.make_config("clip_tiny", text={"num_layers": 1},
+                                   vit={"encoder": {"d_model": 32, "mlp_dim": 64,
+                                                    "head_dim": 32}})
+    template = nn.unbox(clip.ClipModel(student_cfg).init(jax.random.key(1), images,
+                                                         texts)["params"])
+    student = inherit.shrink_to(teacher, template)
+    jax.tree.map(lambda a, b: np.testing.assert_equal(np.shape(a), np.shape(b)), student,
+                 template)
+    np.testing.assert_array_equal(student["text_tower"]["encoder"]["layers_0"]["mlp"]["fc1"][
+        "kernel"], teacher["text_tower"]["encoder"]["layers_0"]["mlp"]["fc1"]["kernel"])
+    keep = inherit._top(inherit.channel_scores(teacher["image_tower"], 64), 32)
+    np.testing.assert_array_equal(student["image_projection"]["kernel"],
+                                  np.asarray(teacher["image_projection"]["kernel"])[keep])
+    with pytest.raises(ValueError, match="image_tower is larger than its source: mlp_dim "
+                                         "256 > 64, d_model 64 > 32"):
+        inherit.shrink_to(student, teacher)
