@@ -23,14 +23,24 @@ from configs.common import cadence, warmup_cosine
 from train.config import base_config, shrink_for_smoke_test
 
 MODEL_VARIANTS = {"default": "clip_tiny", "siglip": "siglip_tiny", "align": "align_tiny",
-                  "tiny": "clip_tiny"}
+                  "tiny": "clip_tiny", "teacher": "clip_tiny", "student": "clip_tiny"}
+# The distillation teacher: the default at twice the width (image tower 128, text 64).
+TEACHER = dict(vit={"encoder": {"d_model": 128, "mlp_dim": 512, "num_heads": 4}},
+               text={"d_model": 64, "mlp_dim": 128, "num_heads": 2})
+# Its student at 51% of the parameters, shrunk as TinyCLIP's manual inheritance does:
+# the image tower in width (128 -> 80, heads kept at width 32), the text tower in depth
+# (2 -> 1 layers).
+STUDENT = dict(vit={"encoder": {"d_model": 80, "mlp_dim": 320, "num_heads": 4,
+                                "head_dim": 32}},
+               text={"d_model": 64, "mlp_dim": 128, "num_heads": 2, "num_layers": 1})
 
 
 def get_config(variant: str = "default"):
     if variant not in MODEL_VARIANTS:
         raise ValueError(f"unknown clip variant {variant!r}; allowed: "
                          f"{', '.join(MODEL_VARIANTS)}")
-    c = base_config("contrastive", MODEL_VARIANTS[variant], family="clip")
+    sizes = {"teacher": TEACHER, "student": STUDENT}.get(variant, {})
+    c = base_config("contrastive", MODEL_VARIANTS[variant], family="clip", **sizes)
     c.task.loss = "siglip" if variant == "siglip" else "infonce"
     c.data.source = "shapes"
     c.data.shapes.exclude_heldout_from_train = True   # the zero-shot classes stay unseen

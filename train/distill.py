@@ -52,6 +52,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.hard_weight = 1.0        # the task's own (ground-truth) loss
     c.kd_weight = 1.0          # soft targets (tasks with logits)
     c.affinity_weight = 1.0    # affinity mimicking (contrastive)
+    # Multi-stage progressive distillation (train/stages.py): intermediate models as
+    # "key=value;key=value" overrides, largest first; the run's own model is the last stage.
+    c.stages = ()
     return c
 
 
@@ -76,6 +79,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
             raise ValueError(f"distill.{key}={value} must be >= 0 (0 = the term is off)")
     if not any(weights.values()):
         raise ValueError("distill: every weight is 0; at least one term must be on")
+    if isinstance(c.stages, str) or not all(isinstance(s, str) for s in c.stages):
+        raise ValueError(f"distill.stages={c.stages!r} must be a tuple of 'key=value;...' "
+                         "strings, one per intermediate model")
 
 
 def _teacher_config(workdir: str) -> dict:

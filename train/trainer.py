@@ -88,8 +88,17 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
     """
     try:
         config_lib.validate(config)
+        if config.distill.stages:  # progressive distillation: one run per stage
+            from train import stages  # noqa: PLC0415
+
+            stages.stage_configs(config, workdir)  # every stage checked before any runs
+            if restart_from_step is not None:
+                raise ValueError("--restart_from_step applies to one run; rerun the stage's "
+                                 "own workdir (<workdir>/stage_<i>) with it")
     except ValueError as e:
         raise (e if isinstance(e, FlaxlabError) else ConfigError(str(e))) from e
+    if config.distill.stages:
+        return stages.run(config, workdir, stop_after_steps)
     current = json.loads(config.to_json_best_effort(sort_keys=True))
     with workdir_lib.Workdir(workdir) as wd:
         defaults = config_lib.base_config(config.task.name, config.model.variant,

@@ -281,7 +281,7 @@ def _stack_sizes(stack: dict) -> dict:
     stack = transformer.unstack_layers(stack) if "layers" in stack else stack
     layers = _layers(stack)
     out_kernel = np.shape(_attention(layers[0])["out"]["kernel"])   # [H, hd, D]
-    return {"num_layers": len(layers), "num_heads": out_kernel[0],
+    return {"num_layers": len(layers), "num_heads": out_kernel[0], "head_dim": out_kernel[1],
             "mlp_dim": np.shape(layers[0]["mlp"]["fc2"]["kernel"])[0], "d_model": out_kernel[-1]}
 
 
@@ -300,6 +300,11 @@ def shrink_to(source: dict, template: dict, layers: str = "uniform") -> dict:
         tower, target = (source, template) if not name else (source[name], template[name])
         key = _stack_key(tower)
         have, want = _stack_sizes(tower[key]), _stack_sizes(target[key])
+        if want["head_dim"] != have["head_dim"]:
+            raise ValueError(f"weight inheritance keeps each head's width: this model"
+                             f"{' ' + name if name else ''} has head_dim {want['head_dim']}, "
+                             f"its source {have['head_dim']} (set head_dim="
+                             f"{have['head_dim']} in its model config)")
         larger = [f"{k} {want[k]} > {have[k]}" for k in want if want[k] > have[k]]
         if larger:
             raise ValueError(f"weight inheritance shrinks; this model{' ' + name if name else ''}"

@@ -52,22 +52,31 @@ def checkpoint_bytes(workdir):
     return out
 
 
+def qat_student(teacher_dir):
+    """Distillation composed with quantization-aware training (int8 fake-quant)."""
+    c = student(teacher_dir)
+    c.compress.quantize.mode = "qat"
+    return c
+
+
 def test_objective_is_hard_plus_weighted_kd_and_resume_is_bit_exact(tmp_path, teacher):
+    """With QAT in the same run: the distilled loss sees the fake-quantized student."""
     before = checkpoint_bytes(teacher)
     whole = str(tmp_path / "whole")
-    summary = trainer.train_and_evaluate(student(teacher), whole)
+    summary = trainer.train_and_evaluate(qat_student(teacher), whole)
     train_lines = [m for m in read_metrics(whole) if m["split"] == "train"]
     assert len(train_lines) == STEPS
     for m in train_lines:  # objective = hard loss + 0.5 * T^2 KL (no smoothing, no L2)
         assert abs(m["objective"] - (m["loss"] + 0.5 * m["distill_kd"])) < 1e-5
         assert m["distill_kd"] > 0
     assert "validation/distill_kd" not in summary  # evaluation: the task's own metrics
+    assert "compressed/validation/loss" in summary  # and the int8 export is evaluated
     assert checkpoint_bytes(teacher) == before     # the teacher is never written
 
     resumed = str(tmp_path / "resumed")
-    assert trainer.train_and_evaluate(student(teacher), resumed,
+    assert trainer.train_and_evaluate(qat_student(teacher), resumed,
                                       stop_after_steps=2)["status"] == "stopped"
-    trainer.train_and_evaluate(student(teacher), resumed)
+    trainer.train_and_evaluate(qat_student(teacher), resumed)
     for a, b in zip(jax.tree.leaves(init_from.load_variables(whole, "latest")[0]),
                     jax.tree.leaves(init_from.load_variables(resumed, "latest")[0]),
                     strict=True):
@@ -155,3 +164,35 @@ def test_init_from_inherit_starts_a_smaller_student_from_its_teacher(teacher):
     with pytest.raises(ValueError, match="init_from.inherit='biggest'; allowed: '' \\(off\\), "
                                          "first, last, uniform, importance"):
         init_from.validate(c.init_from)
+
+
+def staged(teacher_dir):
+    """2 stages of 2 steps: 2 layers of width 24, then the 1-layer student of width 16."""
+    c = student(teacher_dir)
+    c.model.update(num_heads=1, head_dim=16, mlp_dim=32, d_model=16)
+    c.distill.stages = ("model.num_layers=2;model.d_model=24;model.mlp_dim=48",)
+    return c
+
+
+def test_multi_stage_run_killed_mid_stage_resumes_bit_exactly(tmp_path, teacher):
+    whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
+    summary = trainer.train_and_evaluate(staged(teacher), whole)
+    assert "stage_0/validation/loss" in summary and "validation/loss" in summary
+    with open(os.path.join(whole, "stage_1", "config.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    assert saved["init_from"]["workdir"] == os.path.join(whole, "stage_0")
+    assert saved["init_from"]["inherit"] == "uniform" and saved["train"]["num_steps"] == 2
+    assert saved["distill"]["teacher"] == teacher
+    stopped = trainer.train_and_evaluate(staged(teacher), resumed, stop_after_steps=3)
+    assert stopped["status"] == "stopped" and stopped["stage"] == 1
+    trainer.train_and_evaluate(staged(teacher), resumed)
+    for name in ("stage_0", "stage_1"):
+        for a, b in zip(jax.tree.leaves(init_from.load_variables(f"{whole}/{name}")[0]),
+                        jax.tree.leaves(init_from.load_variables(f"{resumed}/{name}")[0]),
+                        strict=True):
+            np.testing.assert_array_equal(a, b)
+    bad = staged(teacher)
+    bad.distill.stages = ("model.num_layers=2;model.d_model=24",)  # head width 12 != 16
+    bad.model.head_dim = None
+    with pytest.raises(errors.ConfigError, match="keeps each head's width"):
+        trainer.train_and_evaluate(bad, str(tmp_path / "bad"))
