@@ -57,3 +57,33 @@ def get_config(variant: str = "default"):
         c.evals.retrieval.examples = 64
         c.evals.linear_probe.examples = 128
     return c
+
+
+# The intermediate model of the multi-stage row: image width 104 (77% of the teacher's
+# parameters), text depth still 2.
+STAGE_75 = ("model.vit.encoder.d_model=104;model.vit.encoder.mlp_dim=416;"
+            "model.vit.encoder.head_dim=32;model.text.num_layers=2")
+
+
+def get_sweep(variant: str = "student"):
+    """The distillation ablation (TinyCLIP in small) on the student config:
+
+        python -m train.main --config=configs/clip.py:teacher --workdir=runs/clip_teacher
+        python -m train.sweep --config=configs/clip.py:student --workdir=runs/clip_distill \
+            --sort=zero_shot/top1_among_heldout
+
+    Rows at the same student size (51% of the teacher) and step budget: (a) from scratch,
+    (b) + affinity mimicking from runs/clip_teacher, (c) + manual weight inheritance
+    (init_from.inherit: the text tower's uniform layers, the image tower's widest
+    channels), (e) multi-stage 100% -> 77% -> 51% (each stage inheritance + affinity
+    mimicking). Zero-shot accuracy is evaluated every 250 steps, so the steps each row
+    needs to reach (a)'s final accuracy can be read off metrics.jsonl.
+    """
+    if variant != "student":
+        raise ValueError(f"no sweep for clip variant {variant!r}; allowed: student")
+    teacher = "runs/clip_teacher"
+    every = {"evals.zero_shot.every": 250}
+    distill = {**every, "distill.teacher": teacher}
+    inherit = {**distill, "init_from.workdir": teacher, "init_from.inherit": "uniform"}
+    return [("row", [{**every}, distill, inherit,
+                     {**distill, "distill.stages": (STAGE_75,)}])]

@@ -13,6 +13,8 @@ Variants:
               job), 200 fine-tuning steps at a low learning rate; each sweep run switches on
               one compression (get_sweep("compress")). With --config.train.num_steps=0 it
               only evaluates: post-training compression.
+  distill     the default config: the base of get_sweep("distill") (a 2-layer student of a
+              6-layer teacher, alone and distilled)
   gpt2_small  GPT-2 small (12 layers, 768 wide, 1024 context) in bf16 with fused attention:
               the GPU benchmark shape.
 """
@@ -29,6 +31,8 @@ def get_config(variant: str = "default"):
         c.train.eval_max_batches = 8
         warmup_cosine(c, 3e-3, warmup_steps=50, weight_decay=0.01)
         c.optim.schedule.end_lr_fraction = 0.1
+    elif variant == "distill":  # the base of get_sweep("distill"): the default config
+        c = get_config("default")
     elif variant == "compress":
         c = get_config("default")
         c.init_from.workdir = "runs/gpt"
@@ -56,8 +60,8 @@ def get_config(variant: str = "default"):
         c.optim.schedule.name = "warmup_cosine"
         c.optim.schedule.warmup_steps = 100
     else:
-        raise ValueError(f"unknown gpt variant {variant!r}; allowed: default, compress, tiny, "
-                         "gpt2_small")
+        raise ValueError(f"unknown gpt variant {variant!r}; allowed: default, compress, "
+                         "distill, tiny, gpt2_small")
     return c
 
 
@@ -79,9 +83,12 @@ def get_sweep(variant: str = "default"):
         return [("optimizer", adamw + sgd), ("model.num_layers", [2, 4])]
     if variant == "tiny":
         return [("model.num_layers", [1, 2])]
+    if variant == "distill":
+        return distill_sweep()
     if variant == "compress":
         return compression_sweep()
-    raise ValueError(f"no sweep for gpt variant {variant!r}; allowed: default, compress, tiny")
+    raise ValueError(f"no sweep for gpt variant {variant!r}; allowed: default, compress, "
+                     "distill, tiny")
 
 
 def compression_sweep():
@@ -112,3 +119,21 @@ def compression_sweep():
          "compress.prune.frequency": 25},
         {"compress.lora.rank": 8, "compress.quantize.mode": "ptq"},    # QLoRA, int8 base
     ]
+
+
+def distill_sweep():
+    """A 2-layer student of a 6-layer teacher, alone and distilled, at equal steps:
+
+        python -m train.main --config=configs/gpt.py --workdir=runs/gpt6 \
+            --config.model.num_layers=6
+        python -m train.sweep --config=configs/gpt.py:distill --workdir=runs/gpt_distill \
+            --sort=validation/perplexity
+
+    The distilled rows add Hinton KD at T=2 (weight 1, beside the hard loss); the last also
+    starts from the teacher's layers 0 and 3 (init_from.inherit="uniform").
+    """
+    teacher = "runs/gpt6"
+    alone = {"model.num_layers": 2}
+    distilled = {**alone, "distill.teacher": teacher, "distill.temperature": 2.0}
+    inherited = {**distilled, "init_from.workdir": teacher, "init_from.inherit": "uniform"}
+    return [("row", [alone, distilled, inherited])]

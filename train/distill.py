@@ -9,6 +9,9 @@ jitted train step on the student's batch, and the student's loss becomes
                                                               classify, seq2seq (padding
                                                               and MLM's unselected
                                                               positions excluded)
+  + cosine_weight * (1 - cos(h_s, h_t))                       lm, mlm: DistilBERT's cosine
+                                                              between the stacks' last
+                                                              hidden states (equal widths)
   + affinity_weight * (L_I2T + L_T2I)                         contrastive: TinyCLIP's
                                                               affinity mimicking over the
                                                               global batch
@@ -34,12 +37,13 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
 from train import families
 from train import init_from as init_from_lib
-from train.tasks import distill_losses
+from train.tasks import common, distill_losses
 from train.tasks.base import Task
 
 
@@ -52,6 +56,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.hard_weight = 1.0        # the task's own (ground-truth) loss
     c.kd_weight = 1.0          # soft targets (tasks with logits)
     c.affinity_weight = 1.0    # affinity mimicking (contrastive)
+    # DistilBERT's cosine embedding loss between the last hidden states (lm, mlm; student
+    # and teacher of the same width). 0 = off.
+    c.cosine_weight = 0.0
     # Multi-stage progressive distillation (train/stages.py): intermediate models as
     # "key=value;key=value" overrides, largest first; the run's own model is the last stage.
     c.stages = ()
@@ -73,7 +80,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
                          "or an integer step (as a string)")
     if not c.temperature > 0:
         raise ValueError(f"distill.temperature={c.temperature} must be > 0")
-    weights = {k: c[k] for k in ("hard_weight", "kd_weight", "affinity_weight")}
+    weights = {k: c[k] for k in ("hard_weight", "kd_weight", "affinity_weight",
+                                 "cosine_weight")}
     for key, value in weights.items():
         if value < 0:
             raise ValueError(f"distill.{key}={value} must be >= 0 (0 = the term is off)")
@@ -128,6 +136,7 @@ class Distillation:
                              "predict/metrics_of split); distillable: lm, mlm, classify, "
                              "seq2seq, contrastive")
         teacher_task = type(task)(self.config, self.teacher_model, self.data)
+        task.capture_hidden = teacher_task.capture_hidden = bool(self.cfg.cosine_weight)
         return DistilledTask(task, teacher_task, self.cfg)
 
     def frozen(self):
@@ -187,7 +196,23 @@ class DistilledTask(Task):
                 kd, metrics["distill_kd"] = distill_losses.kd_loss(
                     out["logits"], teacher["logits"], c.temperature, out["weights"])
                 loss = loss + c.kd_weight * kd
-        elif c.affinity_weight:
+        if c.cosine_weight:
+            if "hidden" not in out:
+                raise ValueError(f"distill.cosine_weight needs hidden states; task "
+                                 f"{self.name!r} gives none (lm and mlm do)")
+            if out["hidden"].shape != teacher["hidden"].shape:
+                raise ValueError(f"distill.cosine_weight compares hidden states of equal "
+                                 f"width: the student's are {out['hidden'].shape}, the "
+                                 f"teacher's {teacher['hidden'].shape}")
+            # Every real token's hidden state, as DistilBERT does (not only MLM's selected
+            # positions, which are all its soft-target term sees).
+            hidden = out["hidden"]
+            tokens = common.example_weights(batch, hidden.shape[0]).reshape(
+                (-1,) + (1,) * (hidden.ndim - 2)) * jnp.ones(hidden.shape[:-1])
+            cos, metrics["distill_cosine"] = distill_losses.cosine_loss(
+                hidden, teacher["hidden"], tokens)
+            loss = loss + c.cosine_weight * cos
+        if "image" in out and c.affinity_weight:
             aff, metrics["distill_affinity"] = distill_losses.affinity_loss(
                 out["image"], out["text"], out["logit_scale"], teacher["image"],
                 teacher["text"], teacher["logit_scale"], out["weights"])

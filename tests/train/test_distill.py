@@ -34,7 +34,8 @@ def teacher(tiny_lm_workdir):
 
 def student(teacher_dir, **distill):
     c = tiny_lm(num_layers=1)
-    c.distill.update(teacher=teacher_dir, temperature=2.0, kd_weight=0.5, **distill)
+    c.distill.update({"teacher": teacher_dir, "temperature": 2.0, "kd_weight": 0.5,
+                      **distill})
     return c
 
 
@@ -196,3 +197,30 @@ def test_multi_stage_run_killed_mid_stage_resumes_bit_exactly(tmp_path, teacher)
     bad.model.head_dim = None
     with pytest.raises(errors.ConfigError, match="keeps each head's width"):
         trainer.train_and_evaluate(bad, str(tmp_path / "bad"))
+
+
+def test_cosine_term_compares_the_stacks_last_hidden_states(teacher):
+    """distill.cosine_weight: the captured hidden states are the decoder stack's output,
+    and the logged term is 1 - cos against the teacher's on every real token."""
+    from train import distill, families, run_data  # noqa: PLC0415
+    from train.tasks import TASKS  # noqa: PLC0415
+
+    config = student(teacher, cosine_weight=1.0, kd_weight=0.0)
+    config.model.num_layers = 2  # the teacher's own shape: start from its weights
+    data = run_data.RunData(config.data, config.seed)
+    model, _ = families.build(config.model, "lm", **data.info)
+    task = distill.Distillation(config, data).wrap_task(TASKS["lm"](config, model, data))
+    frozen = jax.tree.map(jnp.asarray, distill.Distillation(config, data).frozen())
+    batch = jax.tree.map(lambda x: x[:4], data.train.batch(0))
+    out, _ = task.inner.predict(frozen["params"], {}, batch, jax.random.key(0), False)
+    assert out["hidden"].shape == (4, batch["tokens"].shape[1] - 1, config.model.d_model)
+    # the last hidden state: the tied unembedding of it is the logits
+    embedding = np.asarray(frozen["params"]["embed"]["tokens"]["embedding"])
+    np.testing.assert_allclose(np.asarray(out["logits"]), np.asarray(out["hidden"]) @ embedding.T,
+                               atol=1e-4)
+    step = jax.jit(lambda p, f: task.loss_fn(p, {}, batch, jax.random.key(0), True,
+                                             frozen=f)[1][0])
+    metrics = step(frozen["params"], frozen)   # the student is the teacher: cosine 1
+    total, weight = metrics["distill_cosine"]
+    assert float(weight) == out["hidden"].shape[0] * out["hidden"].shape[1]
+    assert abs(float(total) / float(weight)) < 1e-5

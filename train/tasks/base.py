@@ -107,6 +107,25 @@ class Task:
     def metrics_of(self, outputs: dict, batch) -> tuple:
         raise NotImplementedError(f"{type(self).__name__} defines predict without metrics_of")
 
+    # Set by distillation (distill.cosine_weight): predict adds outputs["hidden"], the
+    # output of the model's transformer stack [B, L, D] (tasks that call apply_capturing).
+    capture_hidden: bool = False
+
+    def apply_capturing(self, variables, *args, **kwargs):
+        """(model.apply(variables, *args, **kwargs), extras): extras is {"hidden": the
+        output of the model's "decoder" / "encoder" stack} when capture_hidden, else {}."""
+        if not self.capture_hidden:
+            return self.model.apply(variables, *args, **kwargs), {}
+        out, captured = self.model.apply(
+            variables, *args, capture_intermediates=lambda m, method: m.name in (
+                "decoder", "encoder") and method == "__call__", mutable=["intermediates"],
+            **kwargs)
+        for name in ("decoder", "encoder"):
+            if name in captured["intermediates"]:
+                return out, {"hidden": captured["intermediates"][name]["__call__"][0]}
+        raise ValueError(f"{type(self.model).__name__} has no transformer stack whose hidden "
+                         "states distill.cosine_weight could compare")
+
     @classmethod
     def has_predict(cls) -> bool:
         """Whether the task splits its loss into predict + metrics_of (distillable)."""

@@ -24,11 +24,12 @@ class LanguageModelTask(CrossEntropyTask):
     def predict(self, params, model_state, batch, rng, train: bool):
         tokens = batch["tokens"]
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        logits = self.model.apply({"params": params, **model_state}, inputs, train=train,
-                                  rngs={"dropout": rng})
+        logits, extras = self.apply_capturing({"params": params, **model_state}, inputs,
+                                              train=train, rngs={"dropout": rng})
         weights = jnp.broadcast_to(
             common.example_weights(batch, tokens.shape[0])[:, None], targets.shape)
-        return {"logits": logits, "targets": targets, "weights": weights}, model_state
+        return {"logits": logits, "targets": targets, "weights": weights, **extras}, \
+            model_state
 
     def derived_metrics(self, metrics: dict) -> dict:
         """Bits per token: the corpus is byte-level, so this is bits per byte."""

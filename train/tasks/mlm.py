@@ -88,11 +88,12 @@ class MaskedLanguageModelTask(CrossEntropyTask):
             mask_token_fraction=t.mask_token_fraction,
             random_token_fraction=t.random_token_fraction, vocab_size=self.model.cfg.vocab_size,
             **self._corruption_ids())
-        logits = self.model.apply({"params": params, **model_state}, inputs, train=train,
-                                  valid=jnp.ones(inputs.shape, bool),
-                                  rngs={"dropout": dropout_rng})
+        logits, extras = self.apply_capturing({"params": params, **model_state}, inputs,
+                                              train=train, valid=jnp.ones(inputs.shape, bool),
+                                              rngs={"dropout": dropout_rng})
         weights = selected * common.example_weights(batch, targets.shape[0])[:, None]
-        return {"logits": logits, "targets": targets, "weights": weights}, model_state
+        return {"logits": logits, "targets": targets, "weights": weights, **extras}, \
+            model_state
 
     def derived_metrics(self, metrics: dict) -> dict:
         return {"perplexity": common.perplexity(metrics["loss"])}
