@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from models import variants
-from models.layers import initializers, partitioning
+from models.layers import gates, initializers, partitioning
 from models.layers.attention import IMPLEMENTATIONS, MultiHeadAttention
 from models.layers.embedding import POSITION_KINDS, Embed, PositionEmbedding
 from models.layers.mlp import ACTIVATIONS, MlpBlock, get_activation
@@ -59,6 +59,8 @@ class TransformerConfig:
     num_kv_heads: int | None = None         # < num_heads: grouped-query attention
     head_dim: int | None = None             # None: d_model // num_heads (a model with
                                             # heads removed keeps its head width)
+    unit_gates: bool = False                # learnable L0 gates on every self-attention
+                                            # head and MLP unit (automatic inheritance)
     d_model: int = 64
     mlp_dim: int = 256
     max_length: int = 128                   # learned position table size / longest input
@@ -188,7 +190,7 @@ def _attention(cfg: TransformerConfig, name: str, decode: bool = False,
     # keys/values from different inputs, so it always keeps separate projections.
     return MultiHeadAttention(
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-        fused_qkv=cfg.fused_qkv and not cross,
+        fused_qkv=cfg.fused_qkv and not cross, head_gates=cfg.unit_gates and not cross,
         use_bias=cfg.use_bias, dropout_rate=cfg.attention_dropout_rate,
         implementation=cfg.attention_impl, decode=decode, dtype=cfg.compute_dtype,
         param_dtype=cfg.weight_dtype, kernel_init=cfg.init, dot_general=cfg.dot_general,
@@ -240,7 +242,7 @@ class TransformerBlock(nn.Module):
         mlp = MlpBlock(cfg.mlp_dim, activation=cfg.activation, dropout_rate=cfg.dropout_rate,
                        use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
                        param_dtype=cfg.weight_dtype, kernel_init=cfg.init,
-                       dot_general=cfg.dot_general, name="mlp")
+                       dot_general=cfg.dot_general, unit_gates=cfg.unit_gates, name="mlp")
         x = _Sublayer(cfg, det, name="mlp_sublayer")(
             x, lambda h: mlp(h, deterministic=det))
         x = partitioning.constrain(x, _HIDDEN)
@@ -279,6 +281,8 @@ class TransformerStack(nn.Module):
         if cfg.norm_position == "pre":
             x = make_norm(cfg.norm, epsilon=cfg.norm_epsilon, dtype=cfg.compute_dtype,
                           param_dtype=cfg.weight_dtype, name="final_norm")(x)
+        if cfg.unit_gates:  # the stack's sparsity multipliers (train/tasks/distill_losses)
+            self.param(gates.LAGRANGE, nn.initializers.zeros_init(), (1,), jnp.float32)
         return x
 
 

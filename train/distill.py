@@ -33,6 +33,7 @@ workdir on every start, so a resumed run sees the same teacher).
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -41,6 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
+from models.layers import gates
 from train import families
 from train import init_from as init_from_lib
 from train.tasks import common, distill_losses
@@ -59,6 +61,17 @@ def default_config() -> ml_collections.ConfigDict:
     # DistilBERT's cosine embedding loss between the last hidden states (lm, mlm; student
     # and teacher of the same width). 0 = off.
     c.cosine_weight = 0.0
+    # Automatic inheritance (TinyCLIP sec. 3.2): with model.unit_gates, learn L0 gates on
+    # every head and MLP unit under the constraint "expected sparsity = gate_target" (a
+    # Lagrangian, its multipliers learned by gradient ascent), ramped linearly from 0 over
+    # gate_warmup_steps. A later run inherits by the gates (init_from.inherit). 0 = off.
+    c.gate_target = 0.0
+    c.gate_warmup_steps = 0
+    c.gate_quadratic = 100.0   # the augmented Lagrangian's fixed mu (distill_losses)
+    # Learning-rate multipliers of the gates' log_alpha and of the multiplier (prepended
+    # to optim.layer_lr): the gates must move ~5 logits within the run.
+    c.gate_lr = 50.0
+    c.gate_lagrange_lr = 5.0
     # Multi-stage progressive distillation (train/stages.py): intermediate models as
     # "key=value;key=value" overrides, largest first; the run's own model is the last stage.
     c.stages = ()
@@ -87,6 +100,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
             raise ValueError(f"distill.{key}={value} must be >= 0 (0 = the term is off)")
     if not any(weights.values()):
         raise ValueError("distill: every weight is 0; at least one term must be on")
+    if not 0.0 <= c.gate_target < 1.0:
+        raise ValueError(f"distill.gate_target={c.gate_target} must be in [0, 1) (the "
+                         "fraction of gated parameters removed; 0 = off)")
+    for key in ("gate_quadratic", "gate_lr", "gate_lagrange_lr"):
+        if c[key] < 0:
+            raise ValueError(f"distill.{key}={c[key]} must be >= 0")
+    if c.gate_warmup_steps < 0:
+        raise ValueError(f"distill.gate_warmup_steps={c.gate_warmup_steps} must be >= 0")
     if isinstance(c.stages, str) or not all(isinstance(s, str) for s in c.stages):
         raise ValueError(f"distill.stages={c.stages!r} must be a tuple of 'key=value;...' "
                          "strings, one per intermediate model")
@@ -154,7 +175,7 @@ class DistilledTask(Task):
         self.inner, self.teacher_task, self.cfg = task, teacher_task, cfg
         self.name, self.default_evals = task.name, task.default_evals
         self.config, self.model, self.data = task.config, task.model, task.data
-        self.needs_step = task.needs_step
+        self.needs_step = task.needs_step or cfg.gate_target > 0
 
     def init_args(self, batch):
         return self.inner.init_args(batch)
@@ -177,7 +198,23 @@ class DistilledTask(Task):
     def after_evaluation(self, step, params, model_state, workdir):
         return self.inner.after_evaluation(step, params, model_state, workdir)
 
+    def make_optimizer(self, optim_cfg, num_steps: int):
+        c = self.cfg
+        if c.gate_target > 0:
+            optim_cfg = copy.deepcopy(optim_cfg)
+            optim_cfg.layer_lr = ((gates.PARAM, c.gate_lr), (gates.LAGRANGE, c.gate_lagrange_lr)
+                                  ) + tuple(optim_cfg.layer_lr)
+        return self.inner.make_optimizer(optim_cfg, num_steps)
+
+    def _target(self, step):
+        c = self.cfg
+        if not c.gate_warmup_steps:
+            return c.gate_target
+        return c.gate_target * jnp.minimum(1.0, step / c.gate_warmup_steps)
+
     def loss_fn(self, params, model_state, batch, rng, train, frozen=None, **step_kwargs):
+        step = step_kwargs.pop("step", None) if not self.inner.needs_step else \
+            step_kwargs.get("step")
         if not train or not frozen:
             return self.inner.loss_fn(params, model_state, batch, rng, train, **step_kwargs)
         c = self.cfg
@@ -217,4 +254,11 @@ class DistilledTask(Task):
                 out["image"], out["text"], out["logit_scale"], teacher["image"],
                 teacher["text"], teacher["logit_scale"], out["weights"])
             loss = loss + c.affinity_weight * aff
+        if c.gate_target > 0:
+            penalty, values = distill_losses.gate_penalty(params, self._target(step),
+                                                          c.gate_quadratic)
+            loss = loss + penalty
+            one = jnp.ones((), jnp.float32)
+            metrics.update({k: (v, one) for k, v in values.items()})
+            metrics["gate_target"] = (self._target(step) * one, one)
         return loss, (metrics, model_state)

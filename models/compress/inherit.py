@@ -35,6 +35,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from models import transformer
+from models.layers import gates
 
 LAYER_CHOICES = ("first", "last", "uniform", "importance")
 _LAYER = re.compile(r"^layers_(\d+)$")
@@ -167,6 +168,41 @@ def select_neurons(mlp: dict, keep: np.ndarray) -> dict:
     return out
 
 
+def fold_gates(stack: dict) -> tuple[dict, list | None, list | None]:
+    """A gated stack (models/layers/gates.py: automatic inheritance) -> (the same function
+    without gates: each head's output rows and each MLP unit's fc2 row scaled by its
+    deterministic gate, the gates and multipliers dropped; per layer the heads' and units'
+    P(gate open) as their scores). An ungated stack comes back as it is, scores None."""
+    layers = _layers(stack)
+    if "head_gate" not in _attention(layers[0]) and "unit_gate" not in layers[0]["mlp"]:
+        return stack, None, None
+    out = {k: v for k, v in stack.items() if not _LAYER.match(k) and k != gates.LAGRANGE}
+    head_score, neuron_score = [], []
+    for i, layer in enumerate(layers):
+        layer, att, mlp = dict(layer), dict(_attention(layer)), dict(layer["mlp"])
+        log_alpha = np.asarray(att.pop("head_gate")[gates.PARAM], np.float32)
+        z = np.asarray(gates.deterministic_gate(log_alpha))
+        att["out"] = {**att["out"], "kernel": np.asarray(att["out"]["kernel"]) * z[:, None, None]}
+        head_score.append(np.asarray(gates.prob_open(log_alpha)))
+        log_alpha = np.asarray(mlp.pop("unit_gate")[gates.PARAM], np.float32)
+        z = np.asarray(gates.deterministic_gate(log_alpha))
+        mlp["fc2"] = {**mlp["fc2"], "kernel": np.asarray(mlp["fc2"]["kernel"]) * z[:, None]}
+        neuron_score.append(np.asarray(gates.prob_open(log_alpha)))
+        layer["self_attention"], layer["mlp"] = att, mlp
+        out[f"layers_{i}"] = layer
+    return out, head_score, neuron_score
+
+
+def _expected_layer_sizes(stack: dict, head_score, neuron_score) -> np.ndarray:
+    """[L] parameters each layer's open gates are expected to keep."""
+    sizes = []
+    for layer, h, f in zip(_layers(stack), head_score, neuron_score):
+        out_kernel = np.shape(_attention(layer)["out"]["kernel"])    # [H, hd, D]
+        sizes.append(np.sum(h) * 4 * out_kernel[1] * out_kernel[2]
+                     + np.sum(f) * (2 * out_kernel[2] + 1))
+    return np.array(sizes)
+
+
 def inherit_stack(stack: dict, *, num_layers: int | None = None, layers: str = "uniform",
                   num_heads: int | None = None, mlp_dim: int | None = None,
                   layer_score: np.ndarray | None = None,
@@ -174,15 +210,24 @@ def inherit_stack(stack: dict, *, num_layers: int | None = None, layers: str = "
                   neuron_score: list[np.ndarray] | None = None) -> tuple[dict, dict]:
     """A transformer stack's params (unrolled `layers_i` or scanned `layers`, plus
     final_norm etc.) -> (smaller stack in the same layout, {"kept_layers", "kept_heads",
-    "kept_neurons"}). None keeps everything of that kind; scores (per layer; per kept
-    layer for heads and neurons) default to the weight norms."""
+    "kept_neurons"}). None keeps everything of that kind; scores (per layer of the
+    source, for layers, heads and neurons) default to the learned gates' P(open) where
+    the stack has gates (fold_gates), else to the weight norms."""
     scanned = "layers" in stack
     stack = transformer.unstack_layers(stack) if scanned else stack
+    stack, gate_heads, gate_neurons = fold_gates(stack)   # learned gates: the scores
+    if gate_heads is not None:
+        head_score = gate_heads if head_score is None else head_score
+        neuron_score = gate_neurons if neuron_score is None else neuron_score
+        if layer_score is None and layers == "importance":
+            layer_score = _expected_layer_sizes(stack, gate_heads, gate_neurons)
     old = _layers(stack)
     keep = choose_layers(len(old), num_layers or len(old), layers,
                          layer_scores(stack) if layer_score is None and layers == "importance"
                          else layer_score)
     out = {k: v for k, v in stack.items() if not _LAYER.match(k)}
+    head_score = None if head_score is None else [head_score[i] for i in keep]
+    neuron_score = None if neuron_score is None else [neuron_score[i] for i in keep]
     info = {"kept_layers": keep, "kept_heads": [], "kept_neurons": []}
     for j, i in enumerate(keep):
         layer = dict(old[i])

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from models.layers import initializers, partitioning
+from models.layers import gates, initializers, partitioning
 
 Array = jax.Array
 DotGeneral = Callable[..., Array]
@@ -270,6 +270,7 @@ class MultiHeadAttention(nn.Module):
     param_dtype: Any = jnp.float32
     kernel_init: Callable = initializers.get("xavier_uniform")
     dot_general: DotGeneral = lax.dot_general
+    head_gates: bool = False              # a learnable L0 gate per head (layers/gates.py)
 
     def _dense(self, features, names, axis=-1, name=None):
         """DenseGeneral whose kernel axes are called `names` (its bias: the output axes)."""
@@ -347,6 +348,9 @@ class MultiHeadAttention(nn.Module):
             self.sow("intermediates", "attention_weights", weights)
         out_features = self.out_features or features
         result = partitioning.constrain(result, _HEADS_ACTIVATION)
+        if self.head_gates:  # [batch, length, heads, head_dim] * z[heads]
+            result = gates.UnitGate(self.num_heads, name="head_gate")(
+                jnp.swapaxes(result, -1, -2), deterministic).swapaxes(-1, -2)
         return self._dense(out_features, ("heads", "kv", "embed"), axis=(-2, -1),
                            name="out")(result)
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from models.layers import initializers, partitioning
+from models.layers import gates, initializers, partitioning
 
 ACTIVATIONS: dict[str, Callable] = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),  # exact, x * Phi(x) (BERT)
@@ -50,6 +50,7 @@ class MlpBlock(nn.Module):
     param_dtype: Any = jnp.float32
     kernel_init: Callable = initializers.get("xavier_uniform")
     dot_general: Callable = lax.dot_general
+    unit_gates: bool = False       # a learnable L0 gate per hidden unit (layers/gates.py)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
@@ -65,5 +66,7 @@ class MlpBlock(nn.Module):
         if h.ndim >= 2:  # [batch, ..., mlp]: [batch, length, mlp] inside a transformer
             names = ("batch",) + (None,) * (h.ndim - 2) + ("activation_mlp",)
             h = partitioning.constrain(h, names)
+        if self.unit_gates:
+            h = gates.UnitGate(self.hidden_dim, name="unit_gate")(h, deterministic)
         h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
         return dense(self.out_features or x.shape[-1], ("mlp", "embed"), "fc2")(h)

@@ -224,3 +224,42 @@ def test_cosine_term_compares_the_stacks_last_hidden_states(teacher):
     total, weight = metrics["distill_cosine"]
     assert float(weight) == out["hidden"].shape[0] * out["hidden"].shape[1]
     assert abs(float(total) / float(weight)) < 1e-5
+
+
+def test_gates_reach_the_target_sparsity_and_a_student_inherits_by_them(tmp_path, teacher):
+    """Automatic inheritance: L0 gates on the teacher-size model, trained with the
+    distillation loss under the augmented Lagrangian, end within 1% of the target
+    expected sparsity; a smaller student then inherits the units the gates kept."""
+    from flax import linen as nn  # noqa: PLC0415
+
+    from models import transformer  # noqa: PLC0415
+    from models.compress import inherit  # noqa: PLC0415
+    from models.layers import gates  # noqa: PLC0415
+
+    c = tiny_lm(num_steps=100)
+    c.train.update(log_every=10, eval_every=100)
+    c.checkpoint.every = 100
+    c.model.unit_gates = True
+    c.init_from.workdir = teacher
+    c.distill.update(teacher=teacher, gate_target=0.5, gate_warmup_steps=50)
+    gated = str(tmp_path / "gated")
+    trainer.train_and_evaluate(c, gated)
+    last = [m for m in read_metrics(gated) if m["split"] == "train"][-1]
+    assert last["step"] == 100 and abs(last["gate_sparsity"] - 0.5) < 0.01
+    assert last["gate_target"] == pytest.approx(0.5)
+
+    params = init_from.load_variables(gated)[0]
+    layer = params["decoder"]["layers_1"]
+    cfg = transformer.make_config("tiny", vocab_size=260, max_length=c.model.max_length,
+                                  num_heads=1, head_dim=16, mlp_dim=32)
+    fresh = nn.unbox(jax.jit(transformer.Decoder(cfg).init)(
+        jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    c.init_from.update(workdir=gated, inherit="importance")
+    student_params, _ = init_from.load_into(c.init_from, fresh, {})
+    opened = np.asarray(gates.prob_open(layer["self_attention"]["head_gate"][gates.PARAM]))
+    best = int(np.argmax(opened))    # the kept head of layer 1 is its most open one
+    z = np.asarray(gates.deterministic_gate(layer["self_attention"]["head_gate"][gates.PARAM]))
+    np.testing.assert_allclose(
+        student_params["decoder"]["layers_1"]["self_attention"]["out"]["kernel"][0],
+        np.asarray(layer["self_attention"]["out"]["kernel"][best]) * z[best], rtol=1e-6)
+    assert inherit.count_params(student_params) == inherit.count_params(fresh)

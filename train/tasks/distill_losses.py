@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from models.layers import gates
 from train.tasks.contrastive_losses import l2_normalize
 
 
@@ -89,3 +90,76 @@ def affinity_loss(student_image, student_text, student_scale, teacher_image, tea
 
     per_row = cross_entropy(t_i2t, s_i2t) + cross_entropy(t_t2i, s_t2i)
     return _weighted_mean(per_row, weights)
+
+
+# ---- Automatic inheritance: the sparsity constraint on the L0 gates -------------------------
+def _reverse_gradient(x):
+    """Identity forward, negated gradient: descending the loss ascends the multipliers."""
+    return jax.lax.stop_gradient(2.0 * x) - x
+
+
+def _gated_stacks(tree, path=()):
+    """(path, stack params) of every transformer stack holding gate multipliers."""
+    if not isinstance(tree, dict):
+        return []
+    if gates.LAGRANGE in tree:
+        return [(path, tree)]
+    return [found for key, sub in tree.items() for found in _gated_stacks(sub, path + (key,))]
+
+
+def _gate_costs(stack):
+    """[(log_alpha [..., units], parameters one unit of it carries)] of a stack, either
+    layout (a scanned stack's gates have a leading layer axis)."""
+    out = []
+
+    def walk(tree):
+        for key, sub in tree.items():
+            if not isinstance(sub, dict):
+                continue
+            if key == "self_attention" and "head_gate" in sub:
+                kernel = sub["out"]["kernel"]                      # [..., H, hd, D]
+                per_head = 4 * kernel.shape[-2] * kernel.shape[-1]  # q, k, v, out
+                out.append((sub["head_gate"][gates.PARAM], per_head))
+            elif key == "mlp" and "unit_gate" in sub:
+                kernel = sub["fc2"]["kernel"]                      # [..., F, D]
+                out.append((sub["unit_gate"][gates.PARAM], 2 * kernel.shape[-1] + 1))
+            else:
+                walk(sub)
+    walk(stack)
+    return out
+
+
+def expected_sparsity(stack) -> jax.Array:
+    """The expected fraction of a gated stack's gated parameters that its gates remove:
+    1 - sum P(z > 0) * cost / sum cost (Louizos et al.'s expected L0, weighted by size)."""
+    kept = total = 0.0
+    for log_alpha, cost in _gate_costs(stack):
+        kept = kept + cost * jnp.sum(gates.prob_open(log_alpha))
+        total = total + cost * log_alpha.size
+    return 1.0 - kept / total
+
+
+def gate_penalty(params, target, quadratic: float):
+    """The sparsity constraint s = t of every gated stack of `params` as an augmented
+    Lagrangian (Hestenes 1969): lambda (s - t) + mu (s - t)^2, s its expected sparsity, t
+    `target`, mu = `quadratic` fixed, lambda learned. Wang et al. 2020 / CoFi learn both
+    coefficients; with a learned quadratic one the multiplier winds up while the gates lag
+    behind a rising target and the sparsity overshoots it (measured: 0.90 for a target
+    of 0.5 in a 60-step run), while a fixed mu restores in proportion to the gap at once
+    and lambda only removes the remaining bias. lambda (the stack's gate_lagrange[0])
+    receives a reversed gradient, so the one optimizer ascends it while it descends the
+    model. Returns (penalty, {"gate_sparsity": the mean s, "gate_lambda"})."""
+    stacks = _gated_stacks(params)
+    if not stacks:
+        raise ValueError("distill.gate_target needs gated stacks: set model.unit_gates=True "
+                         "(for CLIP: model.vit.encoder.unit_gates and model.text.unit_gates)")
+    penalty, sparsity, lams = 0.0, [], []
+    for _, stack in stacks:
+        s = expected_sparsity(stack)
+        lam = _reverse_gradient(stack[gates.LAGRANGE][0])
+        gap = s - target
+        penalty = penalty + lam * gap + quadratic * gap * gap
+        sparsity.append(s)
+        lams.append(stack[gates.LAGRANGE][0])
+    return penalty, {"gate_sparsity": jnp.mean(jnp.stack(sparsity)),
+                     "gate_lambda": jnp.mean(jnp.stack(lams))}

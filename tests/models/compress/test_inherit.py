@@ -149,3 +149,34 @@ def test_shrink_to_a_clip_template_inherits_each_tower():
     with pytest.raises(ValueError, match="image_tower is larger than its source: mlp_dim "
                                          "256 > 64, d_model 64 > 32"):
         inherit.shrink_to(student, teacher)
+
+
+def test_learned_gates_fold_into_the_inherited_model_exactly(trained_like):
+    """A gated model's evaluation forward (deterministic gates) equals the ungated model
+    inherited from it, and removing exactly the closed units changes nothing."""
+    from models.layers import gates  # noqa: PLC0415
+
+    _, cfg, params, tokens = trained_like
+    gated_cfg = cfg.replace(unit_gates=True)
+    gated = jax.tree.map(np.array, nn.unbox(T.Decoder(gated_cfg).init(
+        jax.random.key(0), tokens)["params"]))
+    rng = np.random.default_rng(5)
+    for i in range(L):      # the trained weights, and gates: 2 closed, 1 half, 1 open head
+        layer = gated["decoder"][f"layers_{i}"]
+        src = params["decoder"][f"layers_{i}"]
+        for key in ("attention_sublayer", "mlp_sublayer"):
+            layer[key] = src[key]
+        layer["self_attention"] = {**src["self_attention"], "head_gate": {
+            gates.PARAM: rng.permutation(np.array([-9.0, -9.0, 0.3, 6.0], np.float32))}}
+        neuron_alpha = np.full(F, 6.0, np.float32)
+        neuron_alpha[rng.permutation(F)[:F // 2]] = -9.0
+        layer["mlp"] = {**src["mlp"], "unit_gate": {gates.PARAM: neuron_alpha}}
+    gated["embed"], gated["decoder"]["final_norm"] = params["embed"], params["decoder"]["final_norm"]
+    reference = np.asarray(T.Decoder(gated_cfg).apply({"params": gated}, tokens))
+    folded, _, _ = inherit.fold_gates(gated["decoder"])
+    np.testing.assert_allclose(logits(cfg, {**gated, "decoder": folded}, tokens), reference,
+                               atol=1e-5)
+    small = inherit.shrink_to(gated, inherit.shrink(params, cfg, num_heads=2,
+                                                    mlp_dim=F // 2)[0])
+    small_cfg = cfg.replace(num_heads=2, head_dim=D // H, mlp_dim=F // 2)
+    np.testing.assert_allclose(logits(small_cfg, small, tokens), reference, atol=1e-5)
