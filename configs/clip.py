@@ -65,6 +65,16 @@ STAGE_75 = ("model.vit.encoder.d_model=104;model.vit.encoder.mlp_dim=416;"
             "model.vit.encoder.head_dim=32;model.text.num_layers=2")
 
 
+# Stage 0 of the automatic-inheritance row: the teacher's size with L0 gates on every
+# head and MLP unit of both towers, distilled under the constraint "half the gated
+# parameters removed"; the student then inherits the units (and the text layer) the
+# gates kept, its width by weight norm (there are no channel gates).
+AUTO_GATES = ("model.vit.encoder.d_model=128;model.vit.encoder.mlp_dim=512;"
+              "model.text.num_layers=2;model.vit.encoder.unit_gates=True;"
+              "model.text.unit_gates=True;distill.gate_target=0.5;"
+              "distill.gate_warmup_steps=375")
+
+
 def get_sweep(variant: str = "student"):
     """The distillation ablation (TinyCLIP in small) on the student config:
 
@@ -75,8 +85,9 @@ def get_sweep(variant: str = "student"):
     Rows at the same student size (51% of the teacher) and step budget: (a) from scratch,
     (b) + affinity mimicking from runs/clip_teacher, (c) + manual weight inheritance
     (init_from.inherit: the text tower's uniform layers, the image tower's widest
-    channels), (e) multi-stage 100% -> 77% -> 51% (each stage inheritance + affinity
-    mimicking). Zero-shot accuracy is evaluated every 250 steps, so the steps each row
+    channels), (d) + automatic inheritance (750 steps of gates learned at the teacher's
+    size, AUTO_GATES, then 750 of the student inheriting by them), (e) multi-stage
+    100% -> 77% -> 51% (each stage inheritance + affinity mimicking). Zero-shot accuracy is evaluated every 250 steps, so the steps each row
     needs to reach (a)'s final accuracy can be read off metrics.jsonl.
     """
     if variant != "student":
@@ -85,5 +96,6 @@ def get_sweep(variant: str = "student"):
     every = {"evals.zero_shot.every": 250}
     distill = {**every, "distill.teacher": teacher}
     inherit = {**distill, "init_from.workdir": teacher, "init_from.inherit": "uniform"}
-    return [("row", [{**every}, distill, inherit,
+    auto = {**distill, "distill.stages": (AUTO_GATES,), "init_from.inherit": "importance"}
+    return [("row", [{**every}, distill, inherit, auto,
                      {**distill, "distill.stages": (STAGE_75,)}])]
