@@ -67,3 +67,15 @@ def test_data_batch_smoke_reports_the_batch_it_times(tmp_path):
     assert r["arrays"]["image"] == [[8, 32, 32, 3], "float32"]
     assert r["batch_bytes"] == sum(
         math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in r["arrays"].values())
+
+
+def test_inherit_step_smoke_times_a_student_beside_its_teacher(tmp_path):
+    bench = _load("inherit_step")
+    out = tmp_path / "inherit.json"
+    bench.main(["--pairs=gpt", "--batch=2", "--steps=1", "--windows=1", "--warmup=1",
+                f"--out={out}"])
+    gpt = json.loads(out.read_text())["results"]["gpt"]
+    teacher, student = gpt["teacher"], gpt["student"]
+    assert student["params"] < teacher["params"]
+    assert student["params_ratio"] == student["params"] / teacher["params"]
+    assert len(student["window_ms"]) == 1 and student["time_ratio"] > 0
