@@ -112,7 +112,8 @@ def test_config_errors_name_the_field():
         clip.make_config("clip_tiny", logit_scale_init=math.log(1000.0))
     # Errors inside the nested towers name the full key.
     with pytest.raises(ValueError, match=r"^model.vit.encoder.d_model \(30\) must be "
-                                         r"divisible by model.vit.encoder.num_heads \(4\)$"):
+                                         r"divisible by model.vit.encoder.num_heads \(4\), or set "
+                                         r"model.vit.encoder.head_dim$"):
         clip.make_config("clip_tiny", vit=dict(encoder=dict(d_model=30, num_heads=4)))
     with pytest.raises(ValueError, match=r"^model.vit keys \['channels'\] are set by the "
                                          "clip config itself"):

@@ -219,7 +219,8 @@ def test_paper_parameter_count_by_hand():
     (dict(stride=0), "model.stride must be positive, got 0"),
     (dict(stride=-2), "model.stride must be positive, got -2"),
     (dict(encoder=dict(d_model=30, num_heads=4)),
-     r"^model.encoder.d_model \(30\) must be divisible by model.encoder.num_heads \(4\)$"),
+     r"^model.encoder.d_model \(30\) must be divisible by model.encoder.num_heads \(4\), "
+     r"or set model.encoder.head_dim$"),
     (dict(head_dropout=1.0), r"model.head_dropout must be in \[0, 1\)"),
     (dict(encoder=dict(norm="batchnorm")),
      "^model.encoder.norm='batchnorm' is not allowed; allowed: layernorm, rmsnorm$"),

@@ -260,7 +260,8 @@ def test_dot_general_hook_sees_every_matmul():
      r"model.image_size \(200\) must be divisible by model.patch_size \(16\)"),
     (lambda: vit.make_config("B/16", width=768), r"unknown vit config keys \['width'\]"),
     (lambda: vit.make_config("tiny/4", encoder=dict(d_model=33)),
-     r"^model.encoder.d_model \(33\) must be divisible by model.encoder.num_heads \(2\)$"),
+     r"^model.encoder.d_model \(33\) must be divisible by model.encoder.num_heads \(2\), "
+     r"or set model.encoder.head_dim$"),
     (lambda: vit.make_config("tiny/4", encoder=dict(dropout_rate=1.0)),
      r"^model.encoder.dropout_rate must be in \[0, 1\), got 1.0$"),
     (lambda: vit.make_config("tiny/4", encoder=dict(attention_impl="flash")),
