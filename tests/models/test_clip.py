@@ -21,7 +21,7 @@ def _texts():
 
 def _init(cfg, images, texts):
     model = clip.ClipModel(cfg)
-    variables = nn.unbox(model.init(jax.random.key(0), images, texts))  # plain, as trained
+    variables = nn.unbox(jax.jit(model.init)(jax.random.key(0), images, texts))  # plain
     return model, variables
 
 
@@ -75,17 +75,19 @@ def test_align_cls_pooling_bidirectional_text_and_batch_norm_tower():
     images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
     model, variables = _init(cfg, images, _texts())
     assert "batch_stats" in variables
-    np.testing.assert_allclose(model.apply(variables, images, _texts())["logit_scale"],
+    # Jitted applies: the EfficientNet tower op by op costs half a minute of CPU.
+    apply = jax.jit(model.apply, static_argnames=("method", "train", "mutable"))
+    np.testing.assert_allclose(apply(variables, images, _texts())["logit_scale"],
                                1 / 0.07, rtol=1e-5)
     # bidirectional + CLS pooling: a token after position 0 changes the embedding, padding
     # (masked keys) does not
     texts = _texts()
-    a = model.apply(variables, texts, method=model.encode_text)
-    padded_changed = model.apply(variables, texts.at[1, 6].set(PAD), method=model.encode_text)
+    a = apply(variables, texts, method=model.encode_text)
+    padded_changed = apply(variables, texts.at[1, 6].set(PAD), method=model.encode_text)
     np.testing.assert_allclose(a, padded_changed, atol=1e-6)
-    b = model.apply(variables, texts.at[0, 3].set(40), method=model.encode_text)
+    b = apply(variables, texts.at[0, 3].set(40), method=model.encode_text)
     assert not np.allclose(a[0], b[0], atol=1e-4)
-    _, updates = model.apply(variables, images, texts, train=True, mutable=["batch_stats"])
+    _, updates = apply(variables, images, texts, train=True, mutable="batch_stats")
     changed = jax.tree.map(lambda x, y: bool(np.any(x != y)), variables["batch_stats"],
                            updates["batch_stats"])
     assert any(jax.tree.leaves(changed))

@@ -73,7 +73,7 @@ def test_gpt2_fine_tunes_evaluates_like_transformers_and_exports(gpt2, interop):
     converted, run = str(root / "converted"), str(root / "tuned")
     tuned = interop.pretrained_run(
         converted, run, f"--config.data.stdlib_text.max_bytes={MAX_BYTES}",
-        "--config.data.batch_size=8", "--config.evals.sample.tokens=4",
+        "--config.data.batch_size=8", "--config.evals.sample.every=-1",
         "--config.train.num_steps=3", "--config.optim.learning_rate=1e-3")
     # The corpus in the checkpoint's tokens: every full validation window.
     tokens = text.corpus_splits(MAX_BYTES, 0.9, 0.05, 0.05,
@@ -116,7 +116,7 @@ def test_wordpiece_tokenizer_matches_transformers_and_a_bert_fine_tunes(tmp_path
     assert convert.run(["convert", "--from=hf", "--arch=bert", f"--checkpoint={tmp_path}/hf",
                         f"--workdir={tmp_path}/converted"]) == 0
     summary = interop.pretrained_run(
-        str(tmp_path / "converted"), str(tmp_path / "tuned"), "--config.train.num_steps=2",
+        str(tmp_path / "converted"), str(tmp_path / "tuned"), "--config.train.num_steps=1",
         f"--config.data.stdlib_text.max_bytes={MAX_BYTES}", "--config.data.batch_size=8")
     assert np.isfinite(summary["validation/loss"]) and summary["validation/loss"] < np.log(
         len(tok)) + 1.0

@@ -26,7 +26,7 @@ def trained_like():
     """A decoder with random (not init-scale) weights, so every unit's norm differs."""
     model, cfg = decoder()
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, V, (2, 12)))
-    params = nn.unbox(model.init(jax.random.key(0), tokens)["params"])
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens)["params"])
     rng = np.random.default_rng(1)
     params = jax.tree.map(lambda x: np.asarray(x) + 0.05 * rng.normal(size=x.shape).astype(
         np.float32), params)
@@ -34,7 +34,7 @@ def trained_like():
 
 
 def logits(cfg, params, tokens):
-    return np.asarray(T.Decoder(cfg).apply({"params": params}, tokens))
+    return np.asarray(jax.jit(T.Decoder(cfg).apply)({"params": params}, tokens))
 
 
 def test_keeping_everything_is_the_same_model(trained_like):
@@ -114,14 +114,15 @@ def test_parameter_counts_equal_the_hand_count_and_widths_shrink(trained_like):
 def test_a_vit_shrinks_in_depth_and_width():
     cfg = vit.make_config("tiny/4", image_size=16, num_classes=3)
     images = jnp.asarray(np.random.default_rng(0).random((2, 16, 16, 3)), jnp.float32)
-    params = nn.unbox(vit.ViT(cfg).init(jax.random.key(0), images)["params"])
+    params = nn.unbox(jax.jit(vit.ViT(cfg).init)(jax.random.key(0), images)["params"])
     small, fields = inherit.shrink(params, cfg, num_layers=1, d_model=cfg.encoder.d_model // 2)
     small_cfg = vit.make_config("tiny/4", image_size=16, num_classes=3, **{
         "encoder": {**fields["encoder"]}})
     expected = nn.unbox(jax.eval_shape(vit.ViT(small_cfg).init, jax.random.key(0),
                                        images)["params"])
     jax.tree.map(lambda a, b: np.testing.assert_equal(np.shape(a), b.shape), small, expected)
-    assert np.isfinite(np.asarray(vit.ViT(small_cfg).apply({"params": small}, images))).all()
+    assert np.isfinite(np.asarray(jax.jit(vit.ViT(small_cfg).apply)({"params": small},
+                                                                     images))).all()
 
 
 def test_shrink_to_a_clip_template_inherits_each_tower():
@@ -131,13 +132,15 @@ def test_shrink_to_a_clip_template_inherits_each_tower():
 
     images, texts = jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 48), jnp.int32)
     teacher_cfg = clip.make_config("clip_tiny")
-    teacher = nn.unbox(clip.ClipModel(teacher_cfg).init(jax.random.key(0), images,
-                                                        texts)["params"])
+    teacher = nn.unbox(jax.eval_shape(clip.ClipModel(teacher_cfg).init, jax.random.key(0),
+                                      images, texts)["params"])
+    rng = np.random.default_rng(0)   # random values at the init's shapes (no forward here)
+    teacher = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), teacher)
     student_cfg = clip.make_config("clip_tiny", text={"num_layers": 1},
                                    vit={"encoder": {"d_model": 32, "mlp_dim": 64,
                                                     "head_dim": 32}})
-    template = nn.unbox(clip.ClipModel(student_cfg).init(jax.random.key(1), images,
-                                                         texts)["params"])
+    template = nn.unbox(jax.eval_shape(clip.ClipModel(student_cfg).init, jax.random.key(1),
+                                       images, texts)["params"])
     student = inherit.shrink_to(teacher, template)
     jax.tree.map(lambda a, b: np.testing.assert_equal(np.shape(a), np.shape(b)), student,
                  template)
@@ -158,7 +161,7 @@ def test_learned_gates_fold_into_the_inherited_model_exactly(trained_like):
 
     _, cfg, params, tokens = trained_like
     gated_cfg = cfg.replace(unit_gates=True)
-    gated = jax.tree.map(np.array, nn.unbox(T.Decoder(gated_cfg).init(
+    gated = jax.tree.map(np.array, nn.unbox(jax.jit(T.Decoder(gated_cfg).init)(
         jax.random.key(0), tokens)["params"]))
     rng = np.random.default_rng(5)
     for i in range(L):      # the trained weights, and gates: 2 closed, 1 half, 1 open head
@@ -172,7 +175,7 @@ def test_learned_gates_fold_into_the_inherited_model_exactly(trained_like):
         neuron_alpha[rng.permutation(F)[:F // 2]] = -9.0
         layer["mlp"] = {**src["mlp"], "unit_gate": {gates.PARAM: neuron_alpha}}
     gated["embed"], gated["decoder"]["final_norm"] = params["embed"], params["decoder"]["final_norm"]
-    reference = np.asarray(T.Decoder(gated_cfg).apply({"params": gated}, tokens))
+    reference = np.asarray(jax.jit(T.Decoder(gated_cfg).apply)({"params": gated}, tokens))
     folded, _, _ = inherit.fold_gates(gated["decoder"])
     np.testing.assert_allclose(logits(cfg, {**gated, "decoder": folded}, tokens), reference,
                                atol=1e-5)
