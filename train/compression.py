@@ -379,6 +379,37 @@ def summary_entries(stats: dict, metrics: dict) -> dict:
 
 
 
+def _shrunken(config, model, float_params, stats: dict, data, code):
+    """Structured pruning's export: the physically smaller model without the removed heads
+    / MLP units (models/compress/inherit.py shrink_pruned), which the export is then
+    evaluated through; the masked model when the pruning removed other units (a log line
+    says why). Adds stats shrunken_params and shrunken_bytes."""
+    import copy  # noqa: PLC0415
+
+    from models.compress import inherit  # noqa: PLC0415
+    from train import families  # noqa: PLC0415
+
+    try:
+        small, fields = inherit.shrink_pruned(float_params, model.cfg)
+    except (ValueError, KeyError) as e:
+        logging.info("compressed model: not shrunk (%s); evaluated masked", e)
+        return model, float_params, lambda s: s
+    model_cfg = copy.deepcopy(config.model)
+    for key, value in fields.items():
+        if isinstance(value, dict):
+            model_cfg[key].update(value)
+        else:
+            model_cfg[key] = value
+    small_model, _ = families.build(model_cfg, config.task.name, **data.info, **code)
+    stats["shrunken_params"] = inherit.count_params(small)
+    stats["shrunken_bytes"] = quantize.tree_nbytes(small)
+    stats["bytes"] = min(stats["bytes"], stats["shrunken_bytes"])
+    stats["fraction_of_float"] = stats["bytes"] / stats["float_bytes"]
+    logging.info("compressed model: shrunk to %s (%d parameters)", fields,
+                 stats["shrunken_params"])
+    return small_model, small, lambda s: s
+
+
 def evaluate_export(compression: Compression, config, params, model_state, data,
                     evaluate) -> dict:
     """summary entries of the exported (quantized / pruned / merged) model, evaluated
@@ -407,6 +438,8 @@ def evaluate_export(compression: Compression, config, params, model_state, data,
         calibration = calibrate_activations(apply_fn, data["train"], config.compress.quantize)
         code = compression.model_code(for_export=True, calibration=calibration)
     model, _ = families.build(config.model, config.task.name, **data.info, **code)
+    if config.compress.prune.method in ("neurons", "heads"):
+        model, stored, decode = _shrunken(config, model, decode(stored), stats, data, code)
     inner = make_task(config, model, data)  # no training-time transform
 
     def compressed_eval_step(stored, model_state, batch, rng):

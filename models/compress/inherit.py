@@ -372,5 +372,38 @@ def shrink_to(source: dict, template: dict, layers: str = "uniform") -> dict:
     return out
 
 
+def shrink_pruned(params: dict, cfg) -> tuple[dict, dict]:
+    """The physically smaller form of a structurally pruned model (`prune_structured`:
+    whole heads, or hidden MLP units -- paths "mlp/fc1"): the units whose weights are all
+    zero -- a head's output rows, a unit's fc1 column -- are removed, every layer keeping
+    the same number. Returns (params, overrides) like `shrink`; the outputs are the pruned
+    model's. ValueError when a layer's count differs or nothing was removed."""
+    nested = not isinstance(cfg, transformer.TransformerConfig)
+    key = _stack_key(params)
+    stack = params[key]
+    scanned = "layers" in stack
+    layers = _layers(transformer.unstack_layers(stack) if scanned else stack)
+    heads = [np.any(np.asarray(_attention(l)["out"]["kernel"]) != 0, axis=(1, 2))
+             for l in layers]
+    units = [np.any(np.asarray(l["mlp"]["fc1"]["kernel"]) != 0, axis=0) for l in layers]
+    counts = {"heads": {int(h.sum()) for h in heads}, "units": {int(u.sum()) for u in units}}
+    for what, kept in counts.items():
+        if len(kept) > 1:
+            raise ValueError(f"the layers keep different numbers of {what} ({sorted(kept)}); "
+                             "one model config cannot hold them")
+    h, f = counts["heads"].pop(), counts["units"].pop()
+    stack_cfg = cfg.encoder if nested else cfg
+    if h == stack_cfg.num_heads and f == stack_cfg.mlp_dim:
+        raise ValueError("nothing to shrink: no whole head or MLP unit is zero")
+    small, _ = inherit_stack(stack, num_heads=h, mlp_dim=f,
+                             head_score=[x.astype(float) for x in heads],
+                             neuron_score=[x.astype(float) for x in units])
+    fields = {"num_heads": h, "mlp_dim": f}
+    head_dim = stack_cfg.head_dim or stack_cfg.d_model // stack_cfg.num_heads
+    if h * head_dim != stack_cfg.d_model:
+        fields["head_dim"] = head_dim
+    return {**params, key: small}, ({"encoder": fields} if nested else fields)
+
+
 def count_params(params) -> int:
     return int(sum(np.size(x) for x in flatten_dict(params).values()))

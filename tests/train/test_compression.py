@@ -91,6 +91,17 @@ def test_pruned_fine_tuning_keeps_the_sparsity_exactly(tmp_path, source_run, met
         prune.to_sparse(params, n_m=(2, 4) if method == "n_m" else None))
 
 
+def test_structured_pruning_exports_and_evaluates_the_shrunken_model(tmp_path, source_run):
+    """Heads pruning of the 2-head tiny GPT: the export is the 1-head model (weight
+    inheritance's shrink_pruned), evaluated through itself, equal to the masked model."""
+    workdir, s = _run(tmp_path, source_run, prune__method="heads", prune__sparsity=0.5,
+                      prune__paths="self_attention")
+    per_head = 4 * 32 * 16 + 3 * 16  # q, k, v, out kernels and q, k, v biases of one
+    #                                  16-wide head of the 32-wide model, in each of 2 layers
+    assert s["compressed/shrunken_params"] == s["params/count"] - 2 * per_head
+    assert s["compressed/validation/loss"] == pytest.approx(s["validation/loss"], abs=1e-5)
+
+
 def test_pruned_run_resumes_to_the_same_result(tmp_path, source_run):
     _, full = _run(tmp_path, source_run, num_steps=3, name="full", prune__method="magnitude")
     c = _config(source_run[0], prune__method="magnitude")

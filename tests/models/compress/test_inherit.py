@@ -183,3 +183,21 @@ def test_learned_gates_fold_into_the_inherited_model_exactly(trained_like):
                                                     mlp_dim=F // 2)[0])
     small_cfg = cfg.replace(num_heads=2, head_dim=D // H, mlp_dim=F // 2)
     np.testing.assert_allclose(logits(small_cfg, small, tokens), reference, atol=1e-5)
+
+
+def test_structured_pruning_exports_to_the_shrunken_model(trained_like):
+    """Heads and MLP units removed by prune_structured (masks) -> the smaller model with
+    the same outputs."""
+    from models.compress import prune_structured  # noqa: PLC0415
+
+    _, cfg, params, tokens = trained_like
+    pruned, _ = prune_structured.heads(params, count=2)
+    pruned, _ = prune_structured.neurons(jax.device_get(pruned), count=16, paths="mlp/fc1")
+    pruned = jax.device_get(pruned)
+    small, fields = inherit.shrink_pruned(pruned, cfg)
+    assert fields == {"num_heads": 2, "mlp_dim": F - 16, "head_dim": D // H}
+    np.testing.assert_allclose(logits(cfg.replace(**fields), small, tokens),
+                               logits(cfg, pruned, tokens), atol=2e-5)
+    assert inherit.count_params(small) < inherit.count_params(params)
+    with pytest.raises(ValueError, match="nothing to shrink"):
+        inherit.shrink_pruned(params, cfg)
