@@ -294,3 +294,19 @@ def test_pareto_front_keeps_only_undominated_runs():
     assert ("int8", 26.0, 5.05) in points and ("float", 100.0, 5.0) in points
     assert [p[0] for p in pareto_front(points, "min")] == ["int4", "int8", "float"]
     assert [p[0] for p in pareto_front(points, "max")] == ["int4", "bad"]
+
+
+def test_the_distillation_sweeps_parse_into_their_rows():
+    """configs/clip.py:student's TinyCLIP ablation (5 rows) and configs/gpt.py:distill's
+    (3 rows): every override is a key of the base config, and the rows are distinct."""
+    from configs import clip  # noqa: PLC0415
+
+    for module, variant, rows in ((clip, "student", 5), (gpt, "distill", 3)):
+        base = module.get_config(variant)
+        runs = sweep.parse_sweep(module.get_sweep(variant), base)
+        assert len(runs) == rows and len({sweep.run_name(r) for r in runs}) == rows
+        for run in runs:
+            sweep.apply_overrides(base, run)
+    teacher, student = clip.get_config("teacher"), clip.get_config("student")
+    assert teacher.model.vit.encoder.d_model == 2 * clip.get_config().model.vit.encoder.d_model
+    assert student.model.text.num_layers == 1 and student.train.num_steps == 1000
