@@ -310,3 +310,27 @@ def test_the_distillation_sweeps_parse_into_their_rows():
     teacher, student = clip.get_config("teacher"), clip.get_config("student")
     assert teacher.model.vit.encoder.d_model == 2 * clip.get_config().model.vit.encoder.d_model
     assert student.model.text.num_layers == 1 and student.train.num_steps == 1000
+
+
+def test_steps_to_reach_a_reference_including_staged_runs(tmp_path):
+    """train.sweep_reach: the first evaluation at the reference's final value; a staged
+    run's later stage counts after its earlier ones."""
+    from train import sweep_reach  # noqa: PLC0415
+
+    def lines(path, points):
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "metrics.jsonl"), "w", encoding="utf-8") as f:
+            for step, value in points:
+                f.write(json.dumps({"step": step, "split": "zero_shot", "top1": value}) + "\n")
+                f.write(json.dumps({"step": step, "split": "train", "top1": 9.0}) + "\n")
+    lines(tmp_path / "a", [(10, 0.2), (20, 0.5)])
+    lines(tmp_path / "b", [(10, 0.6), (20, 0.7)])
+    lines(tmp_path / "c" / "stage_0", [(10, 0.1)])
+    lines(tmp_path / "c" / "stage_1", [(5, 0.4), (10, 0.55)])
+    with open(tmp_path / "c" / "stages.json", "w", encoding="utf-8") as f:
+        json.dump({"workdirs": ["stage_0", "stage_1"], "steps_per_stage": 10}, f)
+    with open(tmp_path / "sweep.json", "w", encoding="utf-8") as f:
+        json.dump({"runs": [{"name": n} for n in "abc"]}, f)
+    rows = sweep_reach.reach_table(str(tmp_path), "zero_shot/top1")
+    assert [(r["final"], r["steps_to_reach"]) for r in rows] == [(0.5, 20), (0.7, 10),
+                                                                   (0.55, 20)]

@@ -1,0 +1,86 @@
+r"""How fast each run of a sweep reaches a reference run's final value of a metric:
+
+    python -m train.sweep_reach --workdir=runs/clip_distill \
+        --metric=zero_shot/test_top1 [--reference=0] [--mode=max]
+
+Reads every run of the sweep in DIR (sweep.json) from its metrics.jsonl -- the evaluator
+or split lines of the metric, e.g. "zero_shot/test_top1" is the key "test_top1" of the
+lines with "split": "zero_shot" -- and prints, per run, its final value and the first
+step at which it reached the reference run's final value (`--reference`: the run's index
+in sweep order). A multi-stage run (train/stages.py) counts the steps of its earlier
+stages before those of its later ones. Writes reach.json beside results.csv.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+from train.metrics_log import write_json
+
+
+def curve(run_dir: str, metric: str) -> list[tuple[int, float]]:
+    """[(global step, value)] of `metric` in a run's (or a staged run's) metrics.jsonl."""
+    split, _, key = metric.partition("/")
+    stages = os.path.join(run_dir, "stages.json")
+    if os.path.isfile(stages):
+        with open(stages, encoding="utf-8") as f:
+            info = json.load(f)
+        out = []
+        for i, name in enumerate(info["workdirs"]):
+            offset = i * info["steps_per_stage"]
+            out += [(offset + s, v) for s, v in curve(os.path.join(run_dir, name), metric)]
+        return out
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    points = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            m = json.loads(line)
+            if m.get("split") == split and key in m:
+                points.append((int(m["step"]), float(m[key])))
+    return points
+
+
+def first_reaching(points, target: float, mode: str = "max") -> int | None:
+    """The first step whose value is at least (max) / at most (min) `target`."""
+    for step, value in points:
+        if (value >= target) if mode == "max" else (value <= target):
+            return step
+    return None
+
+
+def reach_table(workdir: str, metric: str, reference: int = 0, mode: str = "max") -> list:
+    """[{"name", "final", "steps_to_reach"}] of every run of the sweep in `workdir`."""
+    with open(os.path.join(workdir, "sweep.json"), encoding="utf-8") as f:
+        names = [r["name"] for r in json.load(f)["runs"]]
+    curves = {n: curve(os.path.join(workdir, n), metric) for n in names}
+    if not 0 <= reference < len(names) or not curves[names[reference]]:
+        raise ValueError(f"--reference={reference}: no {metric} curve in run "
+                         f"{names[reference] if 0 <= reference < len(names) else '?'}")
+    target = curves[names[reference]][-1][1]
+    return [{"name": n, "final": c[-1][1] if c else None,
+             "steps_to_reach": first_reaching(c, target, mode), "target": target}
+            for n, c in curves.items()]
+
+
+def main(argv):
+    del argv
+    fv = flags.FLAGS
+    rows = reach_table(fv.workdir, fv.metric, fv.reference, fv.mode)
+    print(f"{fv.metric}: first step at the reference's final {rows[0]['target']:.4g}")
+    for i, r in enumerate(rows):
+        final = "-" if r["final"] is None else f"{r['final']:.4g}"
+        print(f"{i:>3} {final:>8} {str(r['steps_to_reach']):>8}  {r['name']}")
+    write_json(os.path.join(fv.workdir, "reach.json"), {"metric": fv.metric, "rows": rows})
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string("workdir", None, "The sweep's workdir.", required=True)
+    flags.DEFINE_string("metric", None, "split/key, e.g. zero_shot/test_top1.", required=True)
+    flags.DEFINE_integer("reference", 0, "The reference run's index (sweep order).")
+    flags.DEFINE_enum("mode", "max", ["max", "min"], "Larger (max) or smaller is better.")
+    sys.exit(app.run(main))
