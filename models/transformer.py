@@ -61,6 +61,9 @@ class TransformerConfig:
                                             # heads removed keeps its head width)
     unit_gates: bool = False                # learnable L0 gates on every self-attention
                                             # head and MLP unit (automatic inheritance)
+    hint_dim: int = 0                       # > 0: a linear regressor from the stack's
+                                            # output to this width (FitNets' hint layer:
+                                            # distill.hidden_weight to a wider teacher)
     d_model: int = 64
     mlp_dim: int = 256
     max_length: int = 128                   # learned position table size / longest input
@@ -111,6 +114,9 @@ class TransformerConfig:
         if self.num_decoder_layers is not None and self.num_decoder_layers <= 0:
             raise ValueError("model.num_decoder_layers must be positive (or None = "
                              f"num_layers), got {self.num_decoder_layers}")
+        if self.hint_dim < 0:
+            raise ValueError(f"model.hint_dim must be >= 0 (0 = no hint regressor), got "
+                             f"{self.hint_dim}")
         if self.type_vocab_size < 0:
             raise ValueError(f"model.type_vocab_size must be >= 0 (0 = no token types), "
                              f"got {self.type_vocab_size}")
@@ -283,7 +289,13 @@ class TransformerStack(nn.Module):
                           param_dtype=cfg.weight_dtype, name="final_norm")(x)
         if cfg.unit_gates:  # the stack's sparsity multipliers (train/tasks/distill_losses)
             self.param(gates.LAGRANGE, nn.initializers.zeros_init(), (1,), jnp.float32)
+        if cfg.hint_dim:  # declared here, applied by the distillation loss to the output
+            nn.Dense(cfg.hint_dim, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                     name=HINT)(x)
         return x
+
+
+HINT = "hint"  # the hint regressor's module name inside a stack
 
 
 class Embedder(nn.Module):

@@ -12,6 +12,10 @@ jitted train step on the student's batch, and the student's loss becomes
   + cosine_weight * (1 - cos(h_s, h_t))                       lm, mlm: DistilBERT's cosine
                                                               between the stacks' last
                                                               hidden states (equal widths)
+  + hidden_weight * MSE(W h_s + b, h_t)                       lm, mlm: FitNets' hint loss,
+                                                              W the student's learned
+                                                              regressor (model.hint_dim)
+                                                              where the widths differ
   + affinity_weight * (L_I2T + L_T2I)                         contrastive: TinyCLIP's
                                                               affinity mimicking over the
                                                               global batch
@@ -61,6 +65,10 @@ def default_config() -> ml_collections.ConfigDict:
     # DistilBERT's cosine embedding loss between the last hidden states (lm, mlm; student
     # and teacher of the same width). 0 = off.
     c.cosine_weight = 0.0
+    # Mean squared error between the last hidden states (lm, mlm), the student's through
+    # its learned hint regressor (model.hint_dim = the teacher's width) where the widths
+    # differ (FitNets). 0 = off.
+    c.hidden_weight = 0.0
     # Automatic inheritance (TinyCLIP sec. 3.2): with model.unit_gates, learn L0 gates on
     # every head and MLP unit under the constraint "expected sparsity = gate_target" (a
     # Lagrangian, its multipliers learned by gradient ascent), ramped linearly from 0 over
@@ -94,7 +102,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if not c.temperature > 0:
         raise ValueError(f"distill.temperature={c.temperature} must be > 0")
     weights = {k: c[k] for k in ("hard_weight", "kd_weight", "affinity_weight",
-                                 "cosine_weight")}
+                                 "cosine_weight", "hidden_weight")}
     for key, value in weights.items():
         if value < 0:
             raise ValueError(f"distill.{key}={value} must be >= 0 (0 = the term is off)")
@@ -157,7 +165,8 @@ class Distillation:
                              "predict/metrics_of split); distillable: lm, mlm, classify, "
                              "seq2seq, contrastive")
         teacher_task = type(task)(self.config, self.teacher_model, self.data)
-        task.capture_hidden = teacher_task.capture_hidden = bool(self.cfg.cosine_weight)
+        task.capture_hidden = teacher_task.capture_hidden = bool(
+            self.cfg.cosine_weight or self.cfg.hidden_weight)
         return DistilledTask(task, teacher_task, self.cfg)
 
     def frozen(self):
@@ -198,6 +207,40 @@ class DistilledTask(Task):
     def after_evaluation(self, step, params, model_state, workdir):
         return self.inner.after_evaluation(step, params, model_state, workdir)
 
+    def _hidden_terms(self, params, out, teacher, batch, metrics):
+        """cosine_weight * (1 - cos) + hidden_weight * MSE of the last hidden states, over
+        every real token (as DistilBERT: not only MLM's selected positions)."""
+        c = self.cfg
+        if "hidden" not in out:
+            raise ValueError(f"distill.cosine_weight / hidden_weight need hidden states; "
+                             f"task {self.name!r} gives none (lm and mlm do)")
+        hidden, target = out["hidden"], teacher["hidden"]
+        tokens = common.example_weights(batch, hidden.shape[0]).reshape(
+            (-1,) + (1,) * (hidden.ndim - 2)) * jnp.ones(hidden.shape[:-1])
+        total = 0.0
+        if c.cosine_weight:
+            if hidden.shape != target.shape:
+                raise ValueError(f"distill.cosine_weight compares hidden states of equal "
+                                 f"width: the student's are {hidden.shape}, the teacher's "
+                                 f"{target.shape} (distill.hidden_weight with "
+                                 "model.hint_dim handles other widths)")
+            cos, metrics["distill_cosine"] = distill_losses.cosine_loss(hidden, target,
+                                                                        tokens)
+            total = total + c.cosine_weight * cos
+        if c.hidden_weight:
+            hint = _hint_params(params)
+            if hint is not None:  # FitNets' regressor, trained by this term only
+                hidden = hidden @ hint["kernel"] + hint["bias"]
+            if hidden.shape != target.shape:
+                raise ValueError(f"distill.hidden_weight: the student's hidden states "
+                                 f"{out['hidden'].shape} do not match the teacher's "
+                                 f"{target.shape}; set model.hint_dim={target.shape[-1]} "
+                                 "(a learned projection to the teacher's width)")
+            mse, metrics["distill_hidden"] = distill_losses.hidden_mse_loss(hidden, target,
+                                                                            tokens)
+            total = total + c.hidden_weight * mse
+        return total
+
     def make_optimizer(self, optim_cfg, num_steps: int):
         c = self.cfg
         if c.gate_target > 0:
@@ -233,22 +276,8 @@ class DistilledTask(Task):
                 kd, metrics["distill_kd"] = distill_losses.kd_loss(
                     out["logits"], teacher["logits"], c.temperature, out["weights"])
                 loss = loss + c.kd_weight * kd
-        if c.cosine_weight:
-            if "hidden" not in out:
-                raise ValueError(f"distill.cosine_weight needs hidden states; task "
-                                 f"{self.name!r} gives none (lm and mlm do)")
-            if out["hidden"].shape != teacher["hidden"].shape:
-                raise ValueError(f"distill.cosine_weight compares hidden states of equal "
-                                 f"width: the student's are {out['hidden'].shape}, the "
-                                 f"teacher's {teacher['hidden'].shape}")
-            # Every real token's hidden state, as DistilBERT does (not only MLM's selected
-            # positions, which are all its soft-target term sees).
-            hidden = out["hidden"]
-            tokens = common.example_weights(batch, hidden.shape[0]).reshape(
-                (-1,) + (1,) * (hidden.ndim - 2)) * jnp.ones(hidden.shape[:-1])
-            cos, metrics["distill_cosine"] = distill_losses.cosine_loss(
-                hidden, teacher["hidden"], tokens)
-            loss = loss + c.cosine_weight * cos
+        if c.cosine_weight or c.hidden_weight:
+            loss = loss + self._hidden_terms(params, out, teacher, batch, metrics)
         if "image" in out and c.affinity_weight:
             aff, metrics["distill_affinity"] = distill_losses.affinity_loss(
                 out["image"], out["text"], out["logit_scale"], teacher["image"],
@@ -262,3 +291,13 @@ class DistilledTask(Task):
             metrics.update({k: (v, one) for k, v in values.items()})
             metrics["gate_target"] = (self._target(step) * one, one)
         return loss, (metrics, model_state)
+
+
+def _hint_params(params):
+    """The hint regressor's {"kernel", "bias"} of the model's stack, or None."""
+    from models import transformer  # noqa: PLC0415
+
+    for key in ("decoder", "encoder"):
+        if isinstance(params.get(key), dict) and transformer.HINT in params[key]:
+            return params[key][transformer.HINT]
+    return None

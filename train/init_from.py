@@ -62,9 +62,10 @@ from models.compress import common, inherit, lora
 from models.layers import gates
 
 STEP_NAMES = ("best", "latest")
-# Automatic inheritance's gates and multipliers (models/layers/gates.py) are a training
-# construct: a gated model starts them fresh from any source.
-GATE_PARAMS = (gates.PARAM, gates.LAGRANGE)
+# Training-only parameters -- automatic inheritance's gates and multipliers
+# (models/layers/gates.py), a distillation hint regressor -- start fresh from any source.
+TRAINING_ONLY = (gates.PARAM, gates.LAGRANGE, f"{transformer.HINT}/kernel",
+                 f"{transformer.HINT}/bias")
 PATTERN_KEYS = ("include", "exclude", "allow_new")
 _LISTED = 50  # paths listed in one log line or error before "... and N more"
 _LAYER_KEY = re.compile(r"^layers_\d+$")  # an unrolled layer of models/transformer.py
@@ -204,7 +205,7 @@ def _fit_tree(source, template, c, names_of, report: Report):
             continue
         why = ("absent from the source" if got is None else
                f"source {tuple(np.shape(got))} vs model {tuple(fresh.shape)}")
-        if _any_matches(c.allow_new, names) or path.endswith(GATE_PARAMS):
+        if _any_matches(c.allow_new, names) or path.endswith(TRAINING_ONLY):
             report.fresh_allowed.append(f"{path} ({why})")
         else:
             report.misfits.append(f"{path}: {why}")

@@ -266,3 +266,41 @@ def test_gates_reach_the_target_sparsity_and_a_student_inherits_by_them(tmp_path
         student_params["decoder"]["layers_1"]["self_attention"]["out"]["kernel"][0],
         np.asarray(layer["self_attention"]["out"]["kernel"][best]) * z[best], rtol=1e-6)
     assert inherit.count_params(student_params) == inherit.count_params(fresh)
+
+
+def test_hidden_mse_through_the_hint_regressor_to_a_wider_teacher(teacher):
+    """distill.hidden_weight with model.hint_dim: the student's (24 wide) last hidden
+    states through its learned regressor against the teacher's (32 wide); the regressor
+    gets gradients from that term, the MSE equals NumPy's."""
+    from flax import linen as nn  # noqa: PLC0415
+
+    from train import distill, families, run_data  # noqa: PLC0415
+    from train.tasks import TASKS  # noqa: PLC0415
+
+    config = student(teacher, hidden_weight=1.0, kd_weight=0.0, hard_weight=0.0)
+    config.model.update(num_heads=1, head_dim=16, d_model=24, mlp_dim=40, hint_dim=32)
+    data = run_data.RunData(config.data, config.seed)
+    model, _ = families.build(config.model, "lm", **data.info)
+    d = distill.Distillation(config, data)
+    task = d.wrap_task(TASKS["lm"](config, model, data))
+    frozen = jax.tree.map(jnp.asarray, d.frozen())
+    batch = jax.tree.map(lambda x: x[:4], data.train.batch(0))
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), batch["tokens"][:, :-1])[
+        "params"])
+    rng = jax.random.key(1)
+
+    def loss_of(p):
+        loss, (metrics, _) = task.loss_fn(p, {}, batch, rng, True, frozen=frozen)
+        return loss, metrics
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_of, has_aux=True))(params)
+    assert np.asarray(grads["decoder"]["hint"]["kernel"]).any()
+    student_out, _ = jax.jit(lambda p: task.inner.predict(p, {}, batch, rng, True))(params)
+    teacher_out, _ = jax.jit(lambda f: task.teacher_task.predict(
+        f["params"], {}, batch, rng, False))(frozen)
+    hint = params["decoder"]["hint"]
+    h = np.asarray(student_out["hidden"], np.float64) @ np.asarray(hint["kernel"]) + np.asarray(
+        hint["bias"])
+    want = np.mean((h - np.asarray(teacher_out["hidden"], np.float64)) ** 2)
+    total, weight = metrics["distill_hidden"]
+    assert float(total) / float(weight) == pytest.approx(want, rel=1e-4)
+    assert float(loss) == pytest.approx(want, rel=1e-4)   # the only term on
