@@ -1,5 +1,8 @@
 """config.compress end to end: PTQ of a trained run, QAT, pruning (one-shot, N:M, gradual),
 LoRA / QLoRA, activation quantization -- each through train.trainer on the tiny GPT."""
+import json
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -20,12 +23,11 @@ def _config(source=None, **compress):
 
 
 @pytest.fixture(scope="module")
-def source_run(tmp_path_factory):
-    """A trained float run to compress: (workdir, summary)."""
-    workdir = str(tmp_path_factory.mktemp("source"))
-    c = gpt.get_config("tiny")
-    c.train.num_steps = 6
-    return workdir, trainer.train_and_evaluate(c, workdir)
+def source_run(tiny_lm_workdir):
+    """A trained float run to compress (the session's 4-step tiny GPT): (workdir,
+    summary)."""
+    with open(os.path.join(tiny_lm_workdir, "summary.json"), encoding="utf-8") as f:
+        return tiny_lm_workdir, json.load(f)
 
 
 def _run(tmp_path, source, num_steps=2, name="run", **compress):
