@@ -61,7 +61,7 @@ def qat_student(teacher_dir):
     return c
 
 
-def test_objective_is_hard_plus_weighted_kd_and_resume_is_bit_exact(tmp_path, teacher):
+def test_objective_is_hard_plus_weighted_kd_and_the_teacher_untouched(tmp_path, teacher):
     """With QAT in the same run: the distilled loss sees the fake-quantized student."""
     before = checkpoint_bytes(teacher)
     whole = str(tmp_path / "whole")
@@ -75,14 +75,8 @@ def test_objective_is_hard_plus_weighted_kd_and_resume_is_bit_exact(tmp_path, te
     assert "compressed/validation/loss" in summary  # and the int8 export is evaluated
     assert checkpoint_bytes(teacher) == before     # the teacher is never written
 
-    resumed = str(tmp_path / "resumed")
-    assert trainer.train_and_evaluate(qat_student(teacher), resumed,
-                                      stop_after_steps=2)["status"] == "stopped"
-    trainer.train_and_evaluate(qat_student(teacher), resumed)
-    for a, b in zip(jax.tree.leaves(init_from.load_variables(whole, "latest")[0]),
-                    jax.tree.leaves(init_from.load_variables(resumed, "latest")[0]),
-                    strict=True):
-        np.testing.assert_array_equal(a, b)
+    # Resuming a distilled run bit-exactly: the multi-stage test below (every stage is a
+    # distilled run, one of them killed mid-way).
 
 
 def test_the_teacher_gets_no_gradient(teacher):
