@@ -296,6 +296,14 @@ class TransformerStack(nn.Module):
 
 
 HINT = "hint"  # the hint regressor's module name inside a stack
+# The module names of the transformer stacks a Decoder / Encoder (or a tower) holds: code
+# outside this file (inheritance, hidden-state distillation) finds a stack by them.
+STACK_NAMES = ("decoder", "encoder")
+
+
+def stack_name(params: dict) -> str | None:
+    """The key of the transformer stack among a model's top-level params, or None."""
+    return next((k for k in STACK_NAMES if isinstance(params.get(k), dict)), None)
 
 
 class Embedder(nn.Module):

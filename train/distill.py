@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
+from models import transformer
 from models.layers import gates
 from train import families
 from train import init_from as init_from_lib
@@ -95,10 +96,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     the teacher is loaded)."""
     if not enabled(c):
         return
-    if not isinstance(c.teacher_step, str) or not (
-            c.teacher_step in init_from_lib.STEP_NAMES or c.teacher_step.isdigit()):
-        raise ValueError(f"distill.teacher_step={c.teacher_step!r} must be 'best', 'latest' "
-                         "or an integer step (as a string)")
+    init_from_lib.check_step(c.teacher_step, "distill.teacher_step")
     if not c.temperature > 0:
         raise ValueError(f"distill.temperature={c.temperature} must be > 0")
     weights = {k: c[k] for k in ("hard_weight", "kd_weight", "affinity_weight",
@@ -295,9 +293,5 @@ class DistilledTask(Task):
 
 def _hint_params(params):
     """The hint regressor's {"kernel", "bias"} of the model's stack, or None."""
-    from models import transformer  # noqa: PLC0415
-
-    for key in ("decoder", "encoder"):
-        if isinstance(params.get(key), dict) and transformer.HINT in params[key]:
-            return params[key][transformer.HINT]
-    return None
+    key = transformer.stack_name(params)
+    return params[key].get(transformer.HINT) if key else None

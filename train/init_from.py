@@ -91,11 +91,16 @@ def enabled(c: ml_collections.ConfigDict) -> bool:
     return bool(c.workdir)
 
 
+def check_step(step, key: str) -> None:
+    """ValueError unless `step` (config key `key`) is "best", "latest" or digits."""
+    if not isinstance(step, str) or not (step in STEP_NAMES or step.isdigit()):
+        raise ValueError(f"{key}={step!r} must be 'best', 'latest' or an integer step, "
+                         "e.g. '1200'")
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     """ValueError naming the `init_from.*` key and what is allowed."""
-    if not isinstance(c.step, str) or not (c.step in STEP_NAMES or c.step.isdigit()):
-        raise ValueError(f"init_from.step={c.step!r} must be 'best', 'latest' or an integer "
-                         "step, e.g. '1200'")
+    check_step(c.step, "init_from.step")
     for key in PATTERN_KEYS:
         value = c[key]
         if not isinstance(value, (tuple, list)) or not all(isinstance(p, str) and p

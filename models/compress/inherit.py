@@ -282,10 +282,11 @@ def inherit_channels(tree: dict, keep: np.ndarray) -> dict:
 
 # ---- Whole models ------------------------------------------------------------------------
 def _stack_key(params: dict) -> str:
-    for key in ("decoder", "encoder"):
-        if key in params:
-            return key
-    raise ValueError(f"no transformer stack ('decoder' or 'encoder') among {sorted(params)}")
+    key = transformer.stack_name(params)
+    if key is None:
+        raise ValueError(f"no transformer stack {transformer.STACK_NAMES} among "
+                         f"{sorted(params)}")
+    return key
 
 
 def shrink(params: dict, cfg, *, num_layers: int | None = None, layers: str = "uniform",
@@ -318,7 +319,7 @@ def _has_stack(tree) -> bool:
     return isinstance(tree, dict) and any(
         k in tree and isinstance(tree[k], dict) and (
             "layers" in tree[k] or any(_LAYER.match(n) for n in tree[k]))
-        for k in ("decoder", "encoder"))
+        for k in transformer.STACK_NAMES)
 
 
 def _stack_sizes(stack: dict) -> dict:

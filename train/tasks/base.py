@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from models import transformer
 from train import optim
 from train.tasks import common
 from train.state import TrainState
@@ -117,10 +118,10 @@ class Task:
         if not self.capture_hidden:
             return self.model.apply(variables, *args, **kwargs), {}
         out, captured = self.model.apply(
-            variables, *args, capture_intermediates=lambda m, method: m.name in (
-                "decoder", "encoder") and method == "__call__", mutable=["intermediates"],
+            variables, *args, capture_intermediates=lambda m, method: m.name in
+            transformer.STACK_NAMES and method == "__call__", mutable=["intermediates"],
             **kwargs)
-        for name in ("decoder", "encoder"):
+        for name in transformer.STACK_NAMES:
             if name in captured["intermediates"]:
                 return out, {"hidden": captured["intermediates"][name]["__call__"][0]}
         raise ValueError(f"{type(self.model).__name__} has no transformer stack whose hidden "
