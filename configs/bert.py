@@ -8,9 +8,10 @@ Variants:
            CPU cores: 600 steps in ~4 minutes; masked-token accuracy 29.6% and masked-token
            perplexity 18.9 on validation (a byte-level MLM learns slowly: only 15% of the
            tokens carry a loss).
+  teacher  the distillation teacher: the default trained 4x as long (2400 steps).
   distilbert  DistilBERT's recipe (Sanh et al. 2019) in small: the default at half depth
-           (2 layers), initialized from every other layer of a trained default run
-           (runs/bert, init_from.inherit="uniform": layers 0 and 2) and trained with its
+           (2 layers), initialized from every other layer of the teacher
+           (runs/bert_teacher, init_from.inherit="uniform": layers 0 and 2) and trained with its
            triple loss -- soft targets at T=2 (weight 5), the masked-LM loss (2) and the
            cosine between last hidden states (1).
   tiny     a seconds-long smoke run (tests).
@@ -34,13 +35,16 @@ def get_config(variant: str = "default"):
         c.data.stdlib_text.seq_len = 32
         c.data.stdlib_text.max_bytes = 200_000
         c.train.eval_max_batches = 2
+    elif variant == "teacher":
+        c = get_config("default")
+        cadence(c, 2400, 600)
     elif variant == "distilbert":
         c = get_config("default")
         c.model.num_layers = 2
-        c.init_from.update(workdir="runs/bert", inherit="uniform")
-        c.distill.update(teacher="runs/bert", temperature=2.0, kd_weight=5.0, hard_weight=2.0,
+        c.init_from.update(workdir="runs/bert_teacher", inherit="uniform")
+        c.distill.update(teacher="runs/bert_teacher", temperature=2.0, kd_weight=5.0, hard_weight=2.0,
                          cosine_weight=1.0)
     else:
-        raise ValueError(f"unknown bert variant {variant!r}; allowed: default, distilbert, "
-                         "tiny")
+        raise ValueError(f"unknown bert variant {variant!r}; allowed: default, teacher, "
+                         "distilbert, tiny")
     return c

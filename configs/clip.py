@@ -71,14 +71,15 @@ STAGE_75 = ("model.vit.encoder.d_model=104;model.vit.encoder.mlp_dim=416;"
             "model.vit.encoder.head_dim=32;model.text.num_layers=2")
 
 
-# Stage 0 of the automatic-inheritance row: the teacher's size with L0 gates on every
-# head and MLP unit of both towers, distilled under the constraint "half the gated
-# parameters removed"; the student then inherits the units (and the text layer) the
-# gates kept, its width by weight norm (there are no channel gates).
+# Stage 0 of the automatic-inheritance row: the teacher's size with L0 gates on both
+# towers -- every head and MLP unit, each layer's attention and MLP, and the image tower's
+# residual channels (TinyCLIP's masks) -- distilled under the constraint "half the gated
+# parameters removed"; the student then inherits the channels, layers and units the gates
+# kept.
 AUTO_GATES = ("model.vit.encoder.d_model=128;model.vit.encoder.mlp_dim=512;"
               "model.text.num_layers=2;model.vit.encoder.unit_gates=True;"
-              "model.text.unit_gates=True;distill.gate_target=0.5;"
-              "distill.gate_warmup_steps=250")
+              "model.vit.encoder.channel_gates=True;model.text.unit_gates=True;"
+              "distill.gate_target=0.5;distill.gate_warmup_steps=250")
 
 
 def get_sweep(variant: str = "student"):
@@ -94,8 +95,9 @@ def get_sweep(variant: str = "student"):
     (init_from.inherit: the text tower's uniform layers, the image tower's widest
     channels), (d) + automatic inheritance (500 steps of gates learned at the teacher's
     size, AUTO_GATES, then 500 of the student inheriting by them), (e) multi-stage
-    100% -> 77% -> 51% (each stage inheritance + affinity mimicking). Zero-shot accuracy is evaluated every 250 steps, so the steps each row
-    needs to reach (a)'s final accuracy can be read off metrics.jsonl.
+    100% -> 77% -> 51% (each stage inheritance + affinity mimicking). Zero-shot accuracy
+    is evaluated every 250 steps, so the steps each row needs to reach (a)'s final
+    accuracy can be read off metrics.jsonl.
     """
     if variant != "student":
         raise ValueError(f"no sweep for clip variant {variant!r}; allowed: student")

@@ -36,7 +36,7 @@ from models.layers import gates, initializers, partitioning
 from models.layers.attention import IMPLEMENTATIONS, MultiHeadAttention
 from models.layers.embedding import POSITION_KINDS, Embed, PositionEmbedding
 from models.layers.mlp import ACTIVATIONS, MlpBlock, get_activation
-from models.layers.normalization import NORMS, make_norm
+from models.layers.normalization import NORMS, ChannelWeightedNorm, make_norm
 
 # Logical axes of the hidden states [batch, length, d_model].
 _HIDDEN = ("batch", "length", "activation_embed")
@@ -60,7 +60,10 @@ class TransformerConfig:
     head_dim: int | None = None             # None: d_model // num_heads (a model with
                                             # heads removed keeps its head width)
     unit_gates: bool = False                # learnable L0 gates on every self-attention
-                                            # head and MLP unit (automatic inheritance)
+                                            # head and MLP unit, and on each layer's
+                                            # attention and MLP (automatic inheritance)
+    channel_gates: bool = False             # a learnable L0 gate per residual channel,
+                                            # shared by all layers (automatic width)
     hint_dim: int = 0                       # > 0: a linear regressor from the stack's
                                             # output to this width (FitNets' hint layer:
                                             # distill.hidden_weight to a wider teacher)
@@ -204,19 +207,41 @@ def _attention(cfg: TransformerConfig, name: str, decode: bool = False,
 
 
 class _Sublayer(nn.Module):
-    """Residual wrapper: pre-norm x + drop(f(norm(x))) or post-norm norm(x + drop(f(x)))."""
+    """Residual wrapper: pre-norm x + drop(f(norm(x))) or post-norm norm(x + drop(f(x))).
+
+    Gated (automatic inheritance, models/layers/gates.py): with `cfg.unit_gates` f's output
+    is scaled by the sublayer's own gate (`layer_gate`: CoFi's whole-MHA / whole-FFN masks,
+    Xia et al. 2022), and with `channels` z [d] (the stack's channel gates) the norm's
+    statistics are over the open channels and the norm's and f's outputs are multiplied
+    by z, so closed channels stay 0 in the residual stream (CoFi's hidden mask)."""
     cfg: TransformerConfig
     deterministic: bool
+    gated: bool = True      # False: cross-attention, which the gates leave alone
 
     @nn.compact
-    def __call__(self, x, fn):
-        norm = make_norm(self.cfg.norm, epsilon=self.cfg.norm_epsilon,
-                         dtype=self.cfg.compute_dtype, param_dtype=self.cfg.weight_dtype,
-                         name="norm")
-        drop = nn.Dropout(self.cfg.dropout_rate)
-        if self.cfg.norm_position == "pre":
-            return x + drop(fn(norm(x)), deterministic=self.deterministic)
-        return norm(x + drop(fn(x), deterministic=self.deterministic))
+    def __call__(self, x, fn, channels=None):
+        cfg = self.cfg
+        if channels is None:
+            norm = make_norm(cfg.norm, epsilon=cfg.norm_epsilon, dtype=cfg.compute_dtype,
+                             param_dtype=cfg.weight_dtype, name="norm")
+        else:
+            weighted = ChannelWeightedNorm(cfg.norm, epsilon=cfg.norm_epsilon,
+                                           dtype=cfg.compute_dtype,
+                                           param_dtype=cfg.weight_dtype, name="norm")
+            norm = lambda h: weighted(h, channels)  # noqa: E731
+        drop = nn.Dropout(cfg.dropout_rate)
+
+        def branch(h):
+            out = fn(h)
+            if cfg.unit_gates and self.gated:
+                out = gates.UnitGate(1, name="layer_gate")(out, self.deterministic)
+            if channels is not None:
+                out = out * channels.astype(out.dtype)
+            return drop(out, deterministic=self.deterministic)
+
+        if cfg.norm_position == "pre":
+            return x + branch(norm(x))
+        return norm(x + branch(x))
 
 
 class TransformerBlock(nn.Module):
@@ -233,16 +258,16 @@ class TransformerBlock(nn.Module):
     scanned: bool = False
 
     @nn.compact
-    def __call__(self, x, valid=None, encoded=None, encoded_valid=None,
+    def __call__(self, x, valid=None, encoded=None, encoded_valid=None, channels=None,
                  deterministic: bool = True, decode: bool = False):
         cfg, det = self.cfg, deterministic
         self_attn = _attention(cfg, "self_attention", decode=decode)
         x = _Sublayer(cfg, det, name="attention_sublayer")(
             x, lambda h: self_attn(h, is_causal=self.causal, key_valid=valid,
-                                   deterministic=det))
+                                   deterministic=det), channels)
         if self.cross_attention:
             cross_attn = _attention(cfg, "cross_attention", cross=True)
-            x = _Sublayer(cfg, det, name="cross_attention_sublayer")(
+            x = _Sublayer(cfg, det, gated=False, name="cross_attention_sublayer")(
                 x, lambda h: cross_attn(h, encoded, key_valid=encoded_valid,
                                         deterministic=det))
         mlp = MlpBlock(cfg.mlp_dim, activation=cfg.activation, dropout_rate=cfg.dropout_rate,
@@ -250,13 +275,15 @@ class TransformerBlock(nn.Module):
                        param_dtype=cfg.weight_dtype, kernel_init=cfg.init,
                        dot_general=cfg.dot_general, unit_gates=cfg.unit_gates, name="mlp")
         x = _Sublayer(cfg, det, name="mlp_sublayer")(
-            x, lambda h: mlp(h, deterministic=det))
+            x, lambda h: mlp(h, deterministic=det), channels)
         x = partitioning.constrain(x, _HIDDEN)
         return (x, None) if self.scanned else x
 
 
 class TransformerStack(nn.Module):
-    """`num_layers` blocks (unrolled or scanned) and, for pre-norm, a final norm."""
+    """`num_layers` blocks (unrolled or scanned) and, for pre-norm, a final norm. With
+    `cfg.channel_gates` one gate per residual channel (`channel_gate`) masks the stack's
+    input, every sublayer and the output."""
     cfg: TransformerConfig
     num_layers: int
     causal: bool = False
@@ -268,11 +295,15 @@ class TransformerStack(nn.Module):
         cfg = self.cfg
         block_cls = TransformerBlock
         if cfg.remat_policy != "none":
-            # static_argnums count `self` as 0: (deterministic, decode) are args 5 and 6.
+            # static_argnums count `self` as 0: (deterministic, decode) are args 6 and 7.
             block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[cfg.remat_policy],
-                                 prevent_cse=not cfg.scan_layers, static_argnums=(5, 6))
+                                 prevent_cse=not cfg.scan_layers, static_argnums=(6, 7))
         kwargs = dict(cfg=cfg, causal=self.causal, cross_attention=self.cross_attention)
-        args = (valid, encoded, encoded_valid, deterministic, decode)
+        channels = None
+        if cfg.channel_gates:
+            channels = gates.GateValues(x.shape[-1], name=CHANNEL_GATE)(deterministic)
+            x = x * channels.astype(x.dtype)
+        args = (valid, encoded, encoded_valid, channels, deterministic, decode)
         if cfg.scan_layers:
             scanned = nn.scan(block_cls,
                               variable_axes={"params": 0, "cache": 0, "intermediates": 0},
@@ -284,10 +315,14 @@ class TransformerStack(nn.Module):
         else:
             for i in range(self.num_layers):
                 x = block_cls(**kwargs, name=f"layers_{i}")(x, *args)
-        if cfg.norm_position == "pre":
+        if cfg.norm_position == "pre" and channels is not None:
+            x = ChannelWeightedNorm(cfg.norm, epsilon=cfg.norm_epsilon,
+                                    dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                                    name="final_norm")(x, channels)
+        elif cfg.norm_position == "pre":
             x = make_norm(cfg.norm, epsilon=cfg.norm_epsilon, dtype=cfg.compute_dtype,
                           param_dtype=cfg.weight_dtype, name="final_norm")(x)
-        if cfg.unit_gates:  # the stack's sparsity multipliers (train/tasks/distill_losses)
+        if cfg.unit_gates or cfg.channel_gates:  # the sparsity multiplier (distill_losses)
             self.param(gates.LAGRANGE, nn.initializers.zeros_init(), (1,), jnp.float32)
         if cfg.hint_dim:  # declared here, applied by the distillation loss to the output
             nn.Dense(cfg.hint_dim, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
@@ -296,6 +331,7 @@ class TransformerStack(nn.Module):
 
 
 HINT = "hint"  # the hint regressor's module name inside a stack
+CHANNEL_GATE = "channel_gate"  # the residual channels' gates inside a stack
 # The module names of the transformer stacks a Decoder / Encoder (or a tower) holds: code
 # outside this file (inheritance, hidden-state distillation) finds a stack by them.
 STACK_NAMES = ("decoder", "encoder")
@@ -502,6 +538,9 @@ class EncoderDecoder(nn.Module):
 
     def setup(self):
         cfg = self.cfg
+        if cfg.channel_gates:  # two stacks and a shared table: one width, two gate sets
+            raise ValueError("model.channel_gates is for one stack (decoder, encoder, a ViT "
+                             "or CLIP tower), not an encoder-decoder; allowed: False")
         self.embedder = Embedder(cfg, name="embed")
         self.encoder = TransformerStack(cfg, cfg.num_layers, name="encoder")
         self.decoder = TransformerStack(cfg, cfg.decoder_layers,

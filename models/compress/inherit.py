@@ -168,38 +168,91 @@ def select_neurons(mlp: dict, keep: np.ndarray) -> dict:
     return out
 
 
-def fold_gates(stack: dict) -> tuple[dict, list | None, list | None]:
+def _scaled(sub: dict, z, **axes_of) -> dict:
+    """`sub` with leaves `name` multiplied by z along their axis axes_of[name] (0 or -1)."""
+    out = dict(sub)
+    for name, axis in axes_of.items():
+        if name in sub:
+            x = np.asarray(sub[name])
+            out[name] = x * (np.reshape(z, (-1,) + (1,) * (x.ndim - 1)) if axis == 0 else z)
+    return out
+
+
+def _pop_gate(sub: dict, name: str):
+    """(sub without gate `name`, its (deterministic z, P(open))) or (sub, None)."""
+    if name not in sub:
+        return sub, None
+    sub = dict(sub)
+    log_alpha = np.asarray(sub.pop(name)[gates.PARAM], np.float32)
+    return sub, (np.asarray(gates.deterministic_gate(log_alpha)),
+                 np.asarray(gates.prob_open(log_alpha)))
+
+
+def fold_gates(stack: dict) -> tuple[dict, dict | None]:
     """A gated stack (models/layers/gates.py: automatic inheritance) -> (the same function
-    without gates: each head's output rows and each MLP unit's fc2 row scaled by its
-    deterministic gate, the gates and multipliers dropped; per layer the heads' and units'
-    P(gate open) as their scores). An ungated stack comes back as it is, scores None."""
+    without gates, the gates' P(open) as scores). Each gate's deterministic value is
+    multiplied into the weights it scales: a head's output rows, an MLP unit's fc2 row, a
+    layer's attention or MLP output (CoFi's layer masks), and a residual channel's norm
+    scale and bias and every write to it (attention out, fc2). The stack's input masking
+    by the channel gates cannot be folded (the embeddings lie outside the stack), nor can
+    the norms' statistics over the open channels: the folded stack is exact once the
+    closed channels are removed (inherit_channels) and the open ones' gates are 1, which
+    hard-concrete gates reach. Scores: {"heads", "neurons": per layer [H] / [F];
+    "attention", "mlp": [L] P(layer open); "channels": [D] or None}. An ungated stack
+    comes back as it is, scores None."""
     layers = _layers(stack)
-    if "head_gate" not in _attention(layers[0]) and "unit_gate" not in layers[0]["mlp"]:
-        return stack, None, None
+    first = layers[0]
+    if not any(("head_gate" in _attention(first), "unit_gate" in first["mlp"],
+                "layer_gate" in first["attention_sublayer"],
+                transformer.CHANNEL_GATE in stack)):
+        return stack, None
     out = {k: v for k, v in stack.items() if not _LAYER.match(k) and k != gates.LAGRANGE}
-    head_score, neuron_score = [], []
+    out, channel = _pop_gate(out, transformer.CHANNEL_GATE)
+    z_c = 1.0 if channel is None else channel[0]
+    if "final_norm" in out:
+        out["final_norm"] = _scaled(out["final_norm"], z_c, scale=0, bias=0)
+    scores = {"heads": [], "neurons": [], "attention": [], "mlp": [],
+              "channels": None if channel is None else channel[1]}
+    d = np.shape(_attention(first)["out"]["kernel"])[-1]
     for i, layer in enumerate(layers):
-        layer, att, mlp = dict(layer), dict(_attention(layer)), dict(layer["mlp"])
-        log_alpha = np.asarray(att.pop("head_gate")[gates.PARAM], np.float32)
-        z = np.asarray(gates.deterministic_gate(log_alpha))
-        att["out"] = {**att["out"], "kernel": np.asarray(att["out"]["kernel"]) * z[:, None, None]}
-        head_score.append(np.asarray(gates.prob_open(log_alpha)))
-        log_alpha = np.asarray(mlp.pop("unit_gate")[gates.PARAM], np.float32)
-        z = np.asarray(gates.deterministic_gate(log_alpha))
-        mlp["fc2"] = {**mlp["fc2"], "kernel": np.asarray(mlp["fc2"]["kernel"]) * z[:, None]}
-        neuron_score.append(np.asarray(gates.prob_open(log_alpha)))
+        layer = dict(layer)
+        att, heads = _pop_gate(_attention(layer), "head_gate")
+        mlp, units = _pop_gate(layer["mlp"], "unit_gate")
+        h, f = np.shape(att["out"]["kernel"])[0], np.shape(mlp["fc2"]["kernel"])[0]
+        for sub, weights, unit in (("attention_sublayer", "att", heads),
+                                   ("mlp_sublayer", "mlp", units)):
+            layer[sub], gate = _pop_gate(layer[sub], "layer_gate")
+            layer[sub] = {**layer[sub], "norm": _scaled(layer[sub]["norm"], z_c, scale=0,
+                                                        bias=0)}
+            z_layer, p_layer = (1.0, 1.0) if gate is None else (float(gate[0][0]),
+                                                                  float(gate[1][0]))
+            scores["attention" if weights == "att" else "mlp"].append(p_layer)
+            if weights == "att":
+                z_rows = np.ones(h) if unit is None else unit[0]
+                att["out"] = _scaled(att["out"], z_rows, kernel=0)
+                att["out"] = _scaled(att["out"], z_layer * np.broadcast_to(z_c, d), kernel=-1,
+                                     bias=0)
+                scores["heads"].append(np.ones(h) if unit is None else unit[1])
+            else:
+                z_rows = np.ones(f) if unit is None else unit[0]
+                mlp["fc2"] = _scaled(mlp["fc2"], z_rows, kernel=0)
+                mlp["fc2"] = _scaled(mlp["fc2"], z_layer * np.broadcast_to(z_c, d), kernel=-1,
+                                     bias=0)
+                scores["neurons"].append(np.ones(f) if unit is None else unit[1])
         layer["self_attention"], layer["mlp"] = att, mlp
         out[f"layers_{i}"] = layer
-    return out, head_score, neuron_score
+    scores["attention"], scores["mlp"] = np.array(scores["attention"]), np.array(scores["mlp"])
+    return out, scores
 
 
-def _expected_layer_sizes(stack: dict, head_score, neuron_score) -> np.ndarray:
+def _expected_layer_sizes(stack: dict, scores: dict) -> np.ndarray:
     """[L] parameters each layer's open gates are expected to keep."""
     sizes = []
-    for layer, h, f in zip(_layers(stack), head_score, neuron_score):
+    for layer, h, f, p_att, p_mlp in zip(_layers(stack), scores["heads"], scores["neurons"],
+                                         scores["attention"], scores["mlp"]):
         out_kernel = np.shape(_attention(layer)["out"]["kernel"])    # [H, hd, D]
-        sizes.append(np.sum(h) * 4 * out_kernel[1] * out_kernel[2]
-                     + np.sum(f) * (2 * out_kernel[2] + 1))
+        sizes.append(p_att * np.sum(h) * 4 * out_kernel[1] * out_kernel[2]
+                     + p_mlp * np.sum(f) * (2 * out_kernel[2] + 1))
     return np.array(sizes)
 
 
@@ -215,12 +268,12 @@ def inherit_stack(stack: dict, *, num_layers: int | None = None, layers: str = "
     the stack has gates (fold_gates), else to the weight norms."""
     scanned = "layers" in stack
     stack = transformer.unstack_layers(stack) if scanned else stack
-    stack, gate_heads, gate_neurons = fold_gates(stack)   # learned gates: the scores
-    if gate_heads is not None:
-        head_score = gate_heads if head_score is None else head_score
-        neuron_score = gate_neurons if neuron_score is None else neuron_score
+    stack, learned = fold_gates(stack)   # learned gates: the scores
+    if learned is not None:
+        head_score = learned["heads"] if head_score is None else head_score
+        neuron_score = learned["neurons"] if neuron_score is None else neuron_score
         if layer_score is None and layers == "importance":
-            layer_score = _expected_layer_sizes(stack, gate_heads, gate_neurons)
+            layer_score = _expected_layer_sizes(stack, learned)
     old = _layers(stack)
     keep = choose_layers(len(old), num_layers or len(old), layers,
                          layer_scores(stack) if layer_score is None and layers == "importance"
@@ -266,6 +319,15 @@ def channel_scores(tree: dict, d_model: int) -> np.ndarray:
     return score
 
 
+def _channel_importance(tower: dict, key: str, d_model: int) -> np.ndarray:
+    """[d_model] scores of the residual channels: the channel gates' P(open) where the
+    stack `tower[key]` has them, else the weight norms (channel_scores)."""
+    gate = tower[key].get(transformer.CHANNEL_GATE)
+    if gate is not None:
+        return np.asarray(gates.prob_open(np.asarray(gate[gates.PARAM], np.float32)))
+    return channel_scores(tower, d_model)
+
+
 def inherit_channels(tree: dict, keep: np.ndarray) -> dict:
     """`tree` with every d_model axis (CHANNEL_RULES) cut to channels `keep`."""
     scanned_paths = {p for p in flatten_dict(tree) if "layers" in p}
@@ -299,7 +361,7 @@ def shrink(params: dict, cfg, *, num_layers: int | None = None, layers: str = "u
     nested = not isinstance(cfg, transformer.TransformerConfig)
     stack_cfg = cfg.encoder if nested else cfg
     key = _stack_key(params)
-    keep = (_top(channel_scores(params, stack_cfg.d_model), d_model)
+    keep = (_top(_channel_importance(params, key, stack_cfg.d_model), d_model)
             if d_model and d_model != stack_cfg.d_model else None)
     stack, _ = inherit_stack(params[key], num_layers=num_layers, layers=layers,
                              num_heads=num_heads, mlp_dim=mlp_dim)
@@ -356,7 +418,7 @@ def shrink_to(source: dict, template: dict, layers: str = "uniform") -> dict:
             raise ValueError(f"weight inheritance shrinks; this model{' ' + name if name else ''}"
                              f" is larger than its source: {', '.join(larger)}")
         # Channel importance is read off the whole source tower, before units go.
-        keep = (_top(channel_scores(tower, have["d_model"]), want["d_model"])
+        keep = (_top(_channel_importance(tower, key, have["d_model"]), want["d_model"])
                 if want["d_model"] != have["d_model"] else None)
         stack, _ = inherit_stack(tower[key], num_layers=want["num_layers"], layers=layers,
                                  num_heads=want["num_heads"], mlp_dim=want["mlp_dim"])

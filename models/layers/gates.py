@@ -11,9 +11,11 @@ attention head, an MLP neuron) has a gate z in [0, 1] with a learned log_alpha,
   P(z > 0) = sigmoid(log_alpha - beta * log(-l / r))   (differentiable: the expected L0)
 
 with beta = 2/3, (l, r) = (-0.1, 1.1). The stretch makes exact zeros and ones reachable,
-so after training most gates are exactly 0 or 1. `UnitGate` is the module; the parameter
-is named `gate_log_alpha` so the sparsity objective (train/auto_inherit.py) and
-`models/compress/inherit.py` find every gate by name.
+so after training most gates are exactly 0 or 1. `UnitGate` gates its input; `GateValues`
+returns z itself, for a gate shared by several places (a residual channel's gate acts in
+every layer, CoFi's hidden-dimension mask). The parameter is named `gate_log_alpha` so the
+sparsity objective (train/tasks/distill_losses.py) and `models/compress/inherit.py` find
+every gate by name.
 """
 from __future__ import annotations
 
@@ -45,6 +47,14 @@ def prob_open(log_alpha):
     return jax.nn.sigmoid(log_alpha - BETA * jnp.log(-LIMIT_L / LIMIT_R))
 
 
+def _gate(module: nn.Module, units: int, deterministic: bool):
+    log_alpha = module.param(PARAM, nn.initializers.constant(INIT_LOG_ALPHA), (units,),
+                             jnp.float32)
+    if deterministic:
+        return deterministic_gate(log_alpha)
+    return sampled_gate(log_alpha, module.make_rng("dropout"))
+
+
 class UnitGate(nn.Module):
     """x [..., units] -> x * z (z sampled with the "dropout" rng in training, the
     deterministic value otherwise)."""
@@ -52,8 +62,14 @@ class UnitGate(nn.Module):
 
     @nn.compact
     def __call__(self, x, deterministic: bool):
-        log_alpha = self.param(PARAM, nn.initializers.constant(INIT_LOG_ALPHA), (self.units,),
-                               jnp.float32)
-        z = deterministic_gate(log_alpha) if deterministic else sampled_gate(
-            log_alpha, self.make_rng("dropout"))
-        return x * z.astype(x.dtype)
+        return x * _gate(self, self.units, deterministic).astype(x.dtype)
+
+
+class GateValues(nn.Module):
+    """() -> z [units] float32: one draw of the gates (the deterministic values in
+    evaluation), for the caller to apply wherever the units occur."""
+    units: int
+
+    @nn.compact
+    def __call__(self, deterministic: bool):
+        return _gate(self, self.units, deterministic)

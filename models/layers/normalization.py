@@ -1,6 +1,8 @@
 """Normalization layers, built here only, so every model computes its statistics alike.
 
   make_norm(kind)   "layernorm" | "rmsnorm" over the last axis (the transformer stacks)
+  ChannelWeightedNorm  the same norms with statistics over weighted channels (a stack
+                    whose residual channels are gated: automatic width inheritance)
   layer_norm(...)   flax nn.LayerNorm with the two-pass variance
   group_norm(...)   flax nn.GroupNorm with the two-pass variance
   BatchNorm         batch norm with running statistics (flax's names: params scale, bias;
@@ -62,6 +64,44 @@ def make_norm(kind: str, *, epsilon: float = 1e-6, dtype: Any = jnp.float32,
         return nn.RMSNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
                           scale_init=scale_init)
     raise ValueError(f"unknown norm {kind!r}; allowed: {', '.join(NORMS)}")
+
+
+class ChannelWeightedNorm(nn.Module):
+    """make_norm's LayerNorm / RMSNorm, x [..., D] -> [..., D], with the statistics taken
+    over channels weighted by z [D] in [0, 1] and the output multiplied by z:
+
+      mean = sum(z x) / sum(z),  var = sum(z (x - mean)^2) / sum(z)   (RMSNorm: no mean)
+      y = z * ((x - mean) / sqrt(var + eps) * scale + bias)
+
+    With z in {0, 1} this is exactly the plain norm of the open channels alone, the closed
+    ones held at 0: a model with gated channels then equals the narrower model that keeps
+    only the open channels (models/compress/inherit.py). With z = 1 it is make_norm's.
+    Params `scale` (and `bias`) [D], named as make_norm's, so the two load each other."""
+    kind: str = "layernorm"
+    epsilon: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, z):
+        if self.kind not in NORMS:
+            raise ValueError(f"unknown norm {self.kind!r}; allowed: {', '.join(NORMS)}")
+        features = x.shape[-1]
+        scale = self.param("scale", partitioning.boxed(nn.initializers.ones_init(), ("embed",)),
+                           (features,), self.param_dtype)
+        stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
+        h, z = x.astype(stat_dtype), z.astype(stat_dtype)
+        count = jnp.maximum(jnp.sum(z), 1e-6)  # all channels closed: an all-zero output
+        if self.kind == "layernorm":
+            bias = self.param("bias", partitioning.boxed(nn.initializers.zeros_init(),
+                                                         ("embed",)),
+                              (features,), self.param_dtype)
+            h = h - jnp.sum(h * z, axis=-1, keepdims=True) / count   # two-pass variance
+        var = jnp.sum(jnp.square(h) * z, axis=-1, keepdims=True) / count
+        y = h * lax.rsqrt(var + self.epsilon) * scale.astype(stat_dtype)
+        if self.kind == "layernorm":
+            y = y + bias.astype(stat_dtype)
+        return (y * z).astype(self.dtype or x.dtype)
 
 
 class BatchNorm(nn.Module):

@@ -224,7 +224,8 @@ def test_cosine_term_compares_the_stacks_last_hidden_states(teacher):
 
 
 def test_gates_reach_the_target_sparsity_and_a_student_inherits_by_them(tmp_path, teacher):
-    """Automatic inheritance: L0 gates on the teacher-size model, trained with the
+    """Automatic inheritance: L0 gates (layers, heads, units, channels) on the
+    teacher-size model, trained with the
     distillation loss under the augmented Lagrangian, end within 1% of the target
     expected sparsity; a smaller student then inherits the units the gates kept."""
     from flax import linen as nn  # noqa: PLC0415
@@ -236,7 +237,7 @@ def test_gates_reach_the_target_sparsity_and_a_student_inherits_by_them(tmp_path
     c = tiny_lm(num_steps=100)
     c.train.update(log_every=10, eval_every=100)
     c.checkpoint.every = 100
-    c.model.unit_gates = True
+    c.model.update(unit_gates=True, channel_gates=True)   # every gate kind
     c.init_from.workdir = teacher
     c.distill.update(teacher=teacher, gate_target=0.5, gate_warmup_steps=50)
     gated = str(tmp_path / "gated")
@@ -256,9 +257,14 @@ def test_gates_reach_the_target_sparsity_and_a_student_inherits_by_them(tmp_path
     opened = np.asarray(gates.prob_open(layer["self_attention"]["head_gate"][gates.PARAM]))
     best = int(np.argmax(opened))    # the kept head of layer 1 is its most open one
     z = np.asarray(gates.deterministic_gate(layer["self_attention"]["head_gate"][gates.PARAM]))
+    z_layer = np.asarray(gates.deterministic_gate(    # the layer's whole-attention gate
+        layer["attention_sublayer"]["layer_gate"][gates.PARAM]))[0]
+    z_channels = np.asarray(gates.deterministic_gate(  # and the residual channels' gates
+        params["decoder"][transformer.CHANNEL_GATE][gates.PARAM]))
     np.testing.assert_allclose(
         student_params["decoder"]["layers_1"]["self_attention"]["out"]["kernel"][0],
-        np.asarray(layer["self_attention"]["out"]["kernel"][best]) * z[best], rtol=1e-6)
+        np.asarray(layer["self_attention"]["out"]["kernel"][best]) * z[best] * z_layer
+        * z_channels, rtol=1e-6)
     assert inherit.count_params(student_params) == inherit.count_params(fresh)
 
 

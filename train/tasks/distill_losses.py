@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from models import transformer
 from models.layers import gates
 from train.tasks.contrastive_losses import l2_normalize
 
@@ -107,35 +108,44 @@ def _gated_stacks(tree, path=()):
     return [found for key, sub in tree.items() for found in _gated_stacks(sub, path + (key,))]
 
 
-def _gate_costs(stack):
-    """[(log_alpha [..., units], parameters one unit of it carries)] of a stack, either
-    layout (a scanned stack's gates have a leading layer axis)."""
-    out = []
+def _open(sub: dict, name: str, default):
+    """Sum over the last axis of P(gate open) of gate `name` in `sub` ([L] for a scanned
+    stack, a scalar unrolled), or `default` where there is no such gate."""
+    if name not in sub:
+        return default
+    return jnp.sum(gates.prob_open(sub[name][gates.PARAM]), axis=-1)
 
-    def walk(tree):
-        for key, sub in tree.items():
-            if not isinstance(sub, dict):
-                continue
-            if key == "self_attention" and "head_gate" in sub:
-                kernel = sub["out"]["kernel"]                      # [..., H, hd, D]
-                per_head = 4 * kernel.shape[-2] * kernel.shape[-1]  # q, k, v, out
-                out.append((sub["head_gate"][gates.PARAM], per_head))
-            elif key == "mlp" and "unit_gate" in sub:
-                kernel = sub["fc2"]["kernel"]                      # [..., F, D]
-                out.append((sub["unit_gate"][gates.PARAM], 2 * kernel.shape[-1] + 1))
-            else:
-                walk(sub)
-    walk(stack)
-    return out
+
+def _layer_sizes(layer: dict, width):
+    """(expected, full) parameters of one layer (or a scanned stack's layers, [L]) of
+    attention (q, k, v, out per head) and MLP (fc1, fc2 and a bias per unit), `width` the
+    expected number of open residual channels: the products of the expected counts, as
+    CoFi's expected model size (Xia et al. 2022, eq. 4)."""
+    att, mlp = layer["self_attention"], layer["mlp"]
+    heads, head_dim, d = att["out"]["kernel"].shape[-3:]                  # [.., H, hd, D]
+    units = mlp["fc2"]["kernel"].shape[-2]                                # [.., F, D]
+    open_heads = _open(att, "head_gate", heads)
+    open_units = _open(mlp, "unit_gate", units)
+    p_att = _open(layer["attention_sublayer"], "layer_gate", 1.0)
+    p_mlp = _open(layer["mlp_sublayer"], "layer_gate", 1.0)
+    expected = (p_att * open_heads * 4 * head_dim * width
+                + p_mlp * open_units * (2 * width + 1))
+    full = heads * 4 * head_dim * d + units * (2 * d + 1)
+    return jnp.sum(expected), full * (expected.shape[0] if jnp.ndim(expected) else 1)
 
 
 def expected_sparsity(stack) -> jax.Array:
-    """The expected fraction of a gated stack's gated parameters that its gates remove:
-    1 - sum P(z > 0) * cost / sum cost (Louizos et al.'s expected L0, weighted by size)."""
+    """The expected fraction of a gated stack's attention and MLP parameters that its
+    gates remove: 1 - E[kept] / all, E[kept] from P(z > 0) of every layer, head, unit and
+    residual-channel gate (Louizos et al.'s expected L0, weighted by size)."""
+    layers = [stack["layers"]] if "layers" in stack else [
+        v for k, v in stack.items() if k.startswith("layers_")]
+    d = layers[0]["self_attention"]["out"]["kernel"].shape[-1]
+    width = _open(stack, transformer.CHANNEL_GATE, d)
     kept = total = 0.0
-    for log_alpha, cost in _gate_costs(stack):
-        kept = kept + cost * jnp.sum(gates.prob_open(log_alpha))
-        total = total + cost * log_alpha.size
+    for layer in layers:
+        e, f = _layer_sizes(layer, width)
+        kept, total = kept + e, total + f
     return 1.0 - kept / total
 
 
@@ -152,7 +162,8 @@ def gate_penalty(params, target, quadratic: float):
     stacks = _gated_stacks(params)
     if not stacks:
         raise ValueError("distill.gate_target needs gated stacks: set model.unit_gates=True "
-                         "(for CLIP: model.vit.encoder.unit_gates and model.text.unit_gates)")
+                         "and/or model.channel_gates=True (for CLIP: under model.vit.encoder "
+                         "and model.text)")
     penalty, sparsity, lams = 0.0, [], []
     for _, stack in stacks:
         s = expected_sparsity(stack)

@@ -154,35 +154,61 @@ def test_shrink_to_a_clip_template_inherits_each_tower():
         inherit.shrink_to(student, teacher)
 
 
-def test_learned_gates_fold_into_the_inherited_model_exactly(trained_like):
-    """A gated model's evaluation forward (deterministic gates) equals the ungated model
-    inherited from it, and removing exactly the closed units changes nothing."""
+def gated_like(trained_like, channel_open=None):
+    """The trained-like decoder with every gate kind: per layer 2 closed, 1 half-open and 1
+    open head, half the MLP units closed, fractional layer gates; residual channels open
+    where `channel_open` [D] (all by default). Returns (gated cfg, gated params)."""
     from models.layers import gates  # noqa: PLC0415
 
     _, cfg, params, tokens = trained_like
-    gated_cfg = cfg.replace(unit_gates=True)
+    gated_cfg = cfg.replace(unit_gates=True, channel_gates=True)
     gated = jax.tree.map(np.array, nn.unbox(jax.jit(T.Decoder(gated_cfg).init)(
         jax.random.key(0), tokens)["params"]))
     rng = np.random.default_rng(5)
-    for i in range(L):      # the trained weights, and gates: 2 closed, 1 half, 1 open head
+
+    def gate(log_alpha):
+        return {gates.PARAM: np.asarray(log_alpha, np.float32)}
+
+    for i in range(L):
         layer = gated["decoder"][f"layers_{i}"]
         src = params["decoder"][f"layers_{i}"]
-        for key in ("attention_sublayer", "mlp_sublayer"):
-            layer[key] = src[key]
-        layer["self_attention"] = {**src["self_attention"], "head_gate": {
-            gates.PARAM: rng.permutation(np.array([-9.0, -9.0, 0.3, 6.0], np.float32))}}
-        neuron_alpha = np.full(F, 6.0, np.float32)
+        for key, log_alpha in (("attention_sublayer", 0.5 + 0.2 * i), ("mlp_sublayer", -0.3)):
+            layer[key] = {**src[key], "layer_gate": gate([log_alpha])}
+        layer["self_attention"] = {**src["self_attention"], "head_gate": gate(
+            rng.permutation(np.array([-9.0, -9.0, 0.3, 6.0])))}
+        neuron_alpha = np.full(F, 6.0)
         neuron_alpha[rng.permutation(F)[:F // 2]] = -9.0
-        layer["mlp"] = {**src["mlp"], "unit_gate": {gates.PARAM: neuron_alpha}}
+        layer["mlp"] = {**src["mlp"], "unit_gate": gate(neuron_alpha)}
+    channel_open = np.ones(D, bool) if channel_open is None else channel_open
+    gated["decoder"][T.CHANNEL_GATE] = gate(np.where(channel_open, 9.0, -9.0))
     gated["embed"], gated["decoder"]["final_norm"] = params["embed"], params["decoder"]["final_norm"]
-    reference = np.asarray(jax.jit(T.Decoder(gated_cfg).apply)({"params": gated}, tokens))
-    folded, _, _ = inherit.fold_gates(gated["decoder"])
+    return gated_cfg, gated
+
+
+def test_learned_gates_fold_into_the_inherited_model_exactly(trained_like):
+    """A gated model's evaluation forward (deterministic gates: heads, MLP units, each
+    layer's attention and MLP, residual channels) equals the ungated model inherited from
+    it: fold_gates alone when every channel is open, and removing exactly the closed
+    heads, units and channels changes nothing."""
+    _, cfg, params, tokens = trained_like
+    gated_cfg, gated = gated_like(trained_like)
+    reference = logits(gated_cfg, gated, tokens)
+    folded, scores = inherit.fold_gates(gated["decoder"])
     np.testing.assert_allclose(logits(cfg, {**gated, "decoder": folded}, tokens), reference,
                                atol=1e-5)
-    small = inherit.shrink_to(gated, inherit.shrink(params, cfg, num_heads=2,
-                                                    mlp_dim=F // 2)[0])
-    small_cfg = cfg.replace(num_heads=2, head_dim=D // H, mlp_dim=F // 2)
+    assert scores["attention"].shape == (L,) and scores["channels"].shape == (D,)
+    # A layer gate is no unit gate: its value scales the branch (it is not 0 or 1 here).
+    assert 0.1 < float(np.asarray(T.gates.deterministic_gate(
+        gated["decoder"]["layers_0"]["mlp_sublayer"]["layer_gate"]["gate_log_alpha"]))[0]) < 0.9
+    open_channels = np.random.default_rng(6).permutation(D) < D * 3 // 4
+    gated_cfg, gated = gated_like(trained_like, open_channels)
+    reference = logits(gated_cfg, gated, tokens)
+    small = inherit.shrink_to(gated, inherit.shrink(params, cfg, num_heads=2, mlp_dim=F // 2,
+                                                    d_model=D * 3 // 4)[0])
+    small_cfg = cfg.replace(num_heads=2, head_dim=D // H, mlp_dim=F // 2, d_model=D * 3 // 4)
     np.testing.assert_allclose(logits(small_cfg, small, tokens), reference, atol=1e-5)
+    np.testing.assert_array_equal(small["embed"]["tokens"]["embedding"],
+                                  params["embed"]["tokens"]["embedding"][:, open_channels])
 
 
 def test_structured_pruning_exports_to_the_shrunken_model(trained_like):

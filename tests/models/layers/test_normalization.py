@@ -73,6 +73,42 @@ def test_rmsnorm_has_no_mean_so_the_variance_choice_does_not_arise():
                                   nn.RMSNorm(use_fast_variance=False).apply(v, x))
 
 
+@pytest.mark.parametrize("kind", N.NORMS)
+def test_channel_weighted_norm_is_the_plain_norm_of_the_open_channels(kind):
+    """z in {0, 1}: exactly the norm of the open channels alone (closed ones 0); z = 1:
+    make_norm's; fractional z: the weighted statistics of float64 NumPy; differentiable
+    in x and z."""
+    from jax.test_util import check_grads  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 1.5, (3, 10)).astype(np.float32)
+    z = (rng.permutation(10) < 6).astype(np.float32)
+    norm = N.ChannelWeightedNorm(kind, epsilon=1e-5)
+    variables = nn.unbox(norm.init(jax.random.key(0), x, z))
+    variables = jax.tree.map(lambda p: p + 0.3 * rng.normal(size=p.shape).astype(np.float32),
+                             variables)
+    plain = N.make_norm(kind, epsilon=1e-5)
+    keep = z > 0
+    sub = jax.tree.map(lambda p: p[keep], variables)
+    np.testing.assert_allclose(np.asarray(norm.apply(variables, x, z))[:, keep],
+                               np.asarray(plain.apply(sub, x[:, keep])), atol=1e-5)
+    assert np.all(np.asarray(norm.apply(variables, x, z))[:, ~keep] == 0)
+    ones = np.ones(10, np.float32)
+    np.testing.assert_allclose(np.asarray(norm.apply(variables, x, ones)),
+                               np.asarray(plain.apply(variables, x)), atol=1e-5)
+    w = rng.uniform(0.1, 1.0, 10)
+    x64 = np.asarray(x, np.float64)
+    mean = (x64 * w).sum(-1, keepdims=True) / w.sum() if kind == "layernorm" else 0.0
+    var = (np.square(x64 - mean) * w).sum(-1, keepdims=True) / w.sum()
+    p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), variables)["params"]
+    want = (x64 - mean) / np.sqrt(var + 1e-5) * p64["scale"] + p64.get("bias", 0.0)
+    np.testing.assert_allclose(np.asarray(norm.apply(variables, x, w.astype(np.float32))),
+                               want * w, atol=1e-5)
+    check_grads(lambda x_, z_: norm.apply(variables, x_, z_), (x, w.astype(np.float32)),
+                order=1, modes=("rev",), atol=2e-2, rtol=2e-2)
+
+
+
 # ----------------------------------------------------------------------------------------
 # BatchNorm.
 # ----------------------------------------------------------------------------------------
