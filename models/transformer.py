@@ -36,6 +36,7 @@ from models.layers import gates, initializers, partitioning
 from models.layers.attention import IMPLEMENTATIONS, MultiHeadAttention
 from models.layers.embedding import POSITION_KINDS, Embed, PositionEmbedding
 from models.layers.mlp import ACTIVATIONS, MlpBlock, get_activation
+from models.layers.moe import MoeBlock, MoeConfig
 from models.layers.normalization import NORMS, ChannelWeightedNorm, make_norm
 
 # Logical axes of the hidden states [batch, length, d_model].
@@ -69,6 +70,8 @@ class TransformerConfig:
                                             # distill.hidden_weight to a wider teacher)
     d_model: int = 64
     mlp_dim: int = 256
+    moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)  # moe.every > 0: sparse
+                                            # mixture-of-experts MLPs (models/layers/moe.py)
     max_length: int = 128                   # learned position table size / longest input
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
@@ -117,6 +120,13 @@ class TransformerConfig:
         if self.num_decoder_layers is not None and self.num_decoder_layers <= 0:
             raise ValueError("model.num_decoder_layers must be positive (or None = "
                              f"num_layers), got {self.num_decoder_layers}")
+        if self.moe.every and self.scan_layers and self.moe.every > 1:
+            raise ValueError(f"model.moe.every={self.moe.every} mixes dense and MoE layers, "
+                             "which a scanned stack cannot (its layers are one function); "
+                             "allowed with model.scan_layers: moe.every 0 or 1")
+        if self.moe.every and self.unit_gates:
+            raise ValueError("model.unit_gates gates a dense MLP's units; allowed with "
+                             "model.moe.every > 0: unit_gates=False")
         if self.hint_dim < 0:
             raise ValueError(f"model.hint_dim must be >= 0 (0 = no hint regressor), got "
                              f"{self.hint_dim}")
@@ -256,6 +266,7 @@ class TransformerBlock(nn.Module):
     causal: bool = False
     cross_attention: bool = False
     scanned: bool = False
+    moe: bool = False          # its MLP is a mixture of experts (cfg.moe)
 
     @nn.compact
     def __call__(self, x, valid=None, encoded=None, encoded_valid=None, channels=None,
@@ -270,12 +281,27 @@ class TransformerBlock(nn.Module):
             x = _Sublayer(cfg, det, gated=False, name="cross_attention_sublayer")(
                 x, lambda h: cross_attn(h, encoded, key_valid=encoded_valid,
                                         deterministic=det))
-        mlp = MlpBlock(cfg.mlp_dim, activation=cfg.activation, dropout_rate=cfg.dropout_rate,
-                       use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
-                       param_dtype=cfg.weight_dtype, kernel_init=cfg.init,
-                       dot_general=cfg.dot_general, unit_gates=cfg.unit_gates, name="mlp")
-        x = _Sublayer(cfg, det, name="mlp_sublayer")(
-            x, lambda h: mlp(h, deterministic=det), channels)
+        if self.moe:
+            experts = MoeBlock(cfg.moe, cfg.moe.mlp_dim or cfg.mlp_dim,
+                               activation=cfg.activation, use_bias=cfg.use_bias,
+                               dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                               kernel_init=cfg.init, dot_general=cfg.dot_general, name="moe")
+
+            def mlp_fn(h):
+                y, stats = experts(h, valid, deterministic=det)
+                if not self.is_initializing():  # init's variables stay params only
+                    self.sow(MOE_STATS, "stats", stats)  # the task adds the losses
+                return y
+        else:
+            mlp = MlpBlock(cfg.mlp_dim, activation=cfg.activation,
+                           dropout_rate=cfg.dropout_rate, use_bias=cfg.use_bias,
+                           dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                           kernel_init=cfg.init, dot_general=cfg.dot_general,
+                           unit_gates=cfg.unit_gates, name="mlp")
+
+            def mlp_fn(h):
+                return mlp(h, deterministic=det)
+        x = _Sublayer(cfg, det, name="mlp_sublayer")(x, mlp_fn, channels)
         x = partitioning.constrain(x, _HIDDEN)
         return (x, None) if self.scanned else x
 
@@ -306,15 +332,17 @@ class TransformerStack(nn.Module):
         args = (valid, encoded, encoded_valid, channels, deterministic, decode)
         if cfg.scan_layers:
             scanned = nn.scan(block_cls,
-                              variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+                              variable_axes={"params": 0, "cache": 0, "intermediates": 0,
+                                             MOE_STATS: 0},
                               split_rngs={"params": True, "dropout": True},
                               in_axes=nn.broadcast, length=self.num_layers,
                               # the stacked axis of every boxed parameter is "layers"
                               metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = scanned(**kwargs, scanned=True, name="layers")(x, *args)
+            x, _ = scanned(**kwargs, scanned=True, moe=cfg.moe.every == 1,
+                           name="layers")(x, *args)
         else:
             for i in range(self.num_layers):
-                x = block_cls(**kwargs, name=f"layers_{i}")(x, *args)
+                x = block_cls(**kwargs, moe=cfg.moe.in_layer(i), name=f"layers_{i}")(x, *args)
         if cfg.norm_position == "pre" and channels is not None:
             x = ChannelWeightedNorm(cfg.norm, epsilon=cfg.norm_epsilon,
                                     dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
@@ -331,10 +359,19 @@ class TransformerStack(nn.Module):
 
 
 HINT = "hint"  # the hint regressor's module name inside a stack
+MOE_STATS = "moe_stats"  # the collection MoE layers sow their routing statistics into
 CHANNEL_GATE = "channel_gate"  # the residual channels' gates inside a stack
 # The module names of the transformer stacks a Decoder / Encoder (or a tower) holds: code
 # outside this file (inheritance, hidden-state distillation) finds a stack by them.
 STACK_NAMES = ("decoder", "encoder")
+
+
+def moe_config(model) -> MoeConfig | None:
+    """The MoE fields of a Decoder / Encoder / EncoderDecoder whose layers have experts,
+    else None."""
+    if isinstance(model, (Decoder, Encoder, EncoderDecoder)) and model.cfg.moe.every:
+        return model.cfg.moe
+    return None
 
 
 def stack_name(params: dict) -> str | None:

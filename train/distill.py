@@ -264,7 +264,7 @@ class DistilledTask(Task):
         teacher, _ = self.teacher_task.predict(frozen["params"], frozen["model_state"], batch,
                                                rng, False)
         teacher = jax.lax.stop_gradient(teacher)
-        loss = c.hard_weight * hard
+        loss = c.hard_weight * hard + self.inner.model_losses(out, metrics)  # MoE terms
         if "logits" in out:
             if out["logits"].shape != teacher["logits"].shape:
                 raise ValueError(f"distill: the student's logits {out['logits'].shape} and "

@@ -54,7 +54,7 @@ import optax
 
 from models import transformer
 from train import optim
-from train.tasks import common
+from train.tasks import common, moe_objective
 from train.state import TrainState
 
 
@@ -99,6 +99,7 @@ class Task:
         """predict, then metrics_of (a task defines both, or overrides loss_fn)."""
         outputs, model_state = self.predict(params, model_state, batch, rng, train)
         loss, metrics = self.metrics_of(outputs, batch)
+        loss = loss + self.model_losses(outputs, metrics)
         return loss, (metrics, model_state)
 
     def predict(self, params, model_state, batch, rng, train: bool):
@@ -113,19 +114,37 @@ class Task:
     capture_hidden: bool = False
 
     def apply_capturing(self, variables, *args, **kwargs):
-        """(model.apply(variables, *args, **kwargs), extras): extras is {"hidden": the
-        output of the model's "decoder" / "encoder" stack} when capture_hidden, else {}."""
-        if not self.capture_hidden:
+        """(model.apply(variables, *args, **kwargs), extras): extras has "hidden" (the
+        output of the model's "decoder" / "encoder" stack) when capture_hidden, and "moe"
+        (the MoE layers' sown statistics, for model_losses) when the model has any."""
+        moe = transformer.moe_config(self.model) is not None
+        if not self.capture_hidden and not moe:
             return self.model.apply(variables, *args, **kwargs), {}
-        out, captured = self.model.apply(
-            variables, *args, capture_intermediates=lambda m, method: m.name in
-            transformer.STACK_NAMES and method == "__call__", mutable=["intermediates"],
-            **kwargs)
+        mutable = ["intermediates"] * self.capture_hidden + [transformer.MOE_STATS] * moe
+        capture = (lambda m, method: m.name in transformer.STACK_NAMES
+                   and method == "__call__") if self.capture_hidden else False
+        out, captured = self.model.apply(variables, *args, capture_intermediates=capture,
+                                         mutable=mutable, **kwargs)
+        extras = {"moe": captured[transformer.MOE_STATS]} if moe else {}
+        if not self.capture_hidden:
+            return out, extras
         for name in transformer.STACK_NAMES:
             if name in captured["intermediates"]:
-                return out, {"hidden": captured["intermediates"][name]["__call__"][0]}
+                hidden = captured["intermediates"][name]["__call__"][0]
+                return out, {**extras, "hidden": hidden}
         raise ValueError(f"{type(self.model).__name__} has no transformer stack whose hidden "
                          "states distill.cosine_weight could compare")
+
+    def model_losses(self, outputs: dict, metrics: dict):
+        """The model's own weighted auxiliary losses (a mixture of experts' balancing and
+        router z-losses: train/tasks/moe_objective.py), their metrics added to `metrics`;
+        0 for a model without any."""
+        if "moe" not in outputs:
+            return 0.0
+        penalty, moe_metrics = moe_objective.objective(outputs["moe"],
+                                                       transformer.moe_config(self.model))
+        metrics.update(moe_metrics)
+        return penalty
 
     @classmethod
     def has_predict(cls) -> bool:

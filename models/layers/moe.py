@@ -1,0 +1,256 @@
+"""Sparse mixture-of-experts MLP (Shazeer et al. 2017; GShard, Lepikhin et al. 2021; Switch
+Transformer, Fedus et al. 2022; ST-MoE, Zoph et al. 2022).
+
+A router scores each token against `num_experts` expert MLPs; each token goes to its `top_k`
+experts and the output is their gate-weighted sum:
+
+  logits = x W_r                          (float32: ST-MoE's selective precision)
+  noisy  = logits + N(0, 1) * softplus(x W_noise)   (Shazeer et al. eq. 4; training only)
+  "topk_softmax"  gates = softmax over the k largest logits (Shazeer et al. eq. 3/5; what
+                  GShard's renormalized top-2 of the full softmax also is)
+  "softmax_topk"  gates = the full softmax's k largest probabilities, not renormalized
+                  (Switch: a top-1 token's gate is its router probability p_i(x))
+  y = sum_j gate_j * expert_{e_j}(x)
+
+Capacity. Tokens are routed in groups of one sequence (a batch row), so routing never
+depends on how the batch is split over devices. An expert takes at most
+C = max(1, floor(capacity_factor * L * k / N)) tokens of a group (L tokens, N experts;
+capacity_factor <= 0: no limit); slots go in token order, a token's k choices together, so
+a token's routing depends on earlier tokens only (causal). A choice over capacity is
+dropped: its expert adds nothing, and a token with every choice dropped leaves the block as
+0 -- the residual connection around the block carries it on (GShard, Switch). GShard's
+random routing (`random_routing`, top-2, training only) keeps the second choice with
+probability min(1, 2 g_2), g_2 its gate: rarely for a weak second expert, always when the
+two gates are equal; the first gate stays g_1 either way.
+
+Auxiliary losses (returned, the caller weights them):
+  switch_loss = N * sum_i f_i * P_i   (Switch eq. 4): f_i the fraction of the routed
+                choices that picked expert i (before capacity), P_i the mean router
+                probability of i; 1 under perfectly uniform routing
+  z_loss      = mean over tokens of (logsumexp(logits))^2   (ST-MoE eq. 5)
+
+Dispatch (one contract, equal outputs): "dense" builds one-hot dispatch and combine tensors
+[B, L, N, C] and moves tokens with einsums (GShard, Mesh-TensorFlow); "sorted" computes
+each expert slot's token index and gathers / scatters (no [B, L, N, C] tensor). Either way
+the experts run as one batched matmul over [N, B * C, d] through `dot_general`, so the
+compression hooks see every expert matmul.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from models.layers import initializers, partitioning
+from models.layers.mlp import get_activation
+
+ROUTINGS = ("topk_softmax", "softmax_topk")
+DISPATCHES = ("dense", "sorted")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+    """Mixture-of-experts fields of a transformer (TransformerConfig.moe)."""
+    every: int = 0                 # 0: no MoE; k: the MLP of every k-th layer (layers
+                                   # k-1, 2k-1, ...; 2: every other layer, as GShard)
+    num_experts: int = 8
+    top_k: int = 2
+    mlp_dim: int = 0               # each expert's hidden width; 0: the model's mlp_dim
+    routing: str = "topk_softmax"  # ROUTINGS
+    noisy: bool = False            # Shazeer et al.'s noisy top-k gating (training only)
+    capacity_factor: float = 1.25  # <= 0: no capacity limit
+    random_routing: bool = False   # GShard's random second expert (top_k = 2)
+    switch_weight: float = 0.01    # the load-balancing loss's weight (Switch: 1e-2)
+    z_weight: float = 0.001        # the router z-loss's weight (ST-MoE: 1e-3)
+    dispatch: str = "dense"        # DISPATCHES
+
+    def __post_init__(self):
+        for key, allowed in (("routing", ROUTINGS), ("dispatch", DISPATCHES)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"model.moe.{key}={getattr(self, key)!r}; allowed: "
+                                 f"{', '.join(allowed)}")
+        if self.every < 0 or self.num_experts < 1 or self.mlp_dim < 0:
+            raise ValueError("model.moe.every and model.moe.mlp_dim must be >= 0 and "
+                             f"model.moe.num_experts >= 1, got every={self.every}, "
+                             f"num_experts={self.num_experts}, mlp_dim={self.mlp_dim}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"model.moe.top_k={self.top_k} must be in 1..num_experts "
+                             f"({self.num_experts})")
+        if self.random_routing and self.top_k != 2:
+            raise ValueError("model.moe.random_routing picks the second of two experts: it "
+                             f"needs top_k=2, got {self.top_k}")
+        if self.switch_weight < 0 or self.z_weight < 0:
+            raise ValueError("model.moe.switch_weight and z_weight must be >= 0")
+
+    def in_layer(self, i: int) -> bool:
+        """Whether layer i's MLP is a mixture of experts."""
+        return self.every > 0 and (i + 1) % self.every == 0
+
+
+# ---- Routing (pure functions) -------------------------------------------------------------
+def top_k_gates(logits, k: int, routing: str = "topk_softmax"):
+    """logits [..., N] -> (gates [..., k], experts [..., k] int32), best first."""
+    if routing == "topk_softmax":
+        values, experts = lax.top_k(logits, k)
+        return jax.nn.softmax(values, axis=-1), experts
+    if routing == "softmax_topk":
+        return lax.top_k(jax.nn.softmax(logits, axis=-1), k)
+    raise ValueError(f"routing {routing!r}; allowed: {', '.join(ROUTINGS)}")
+
+
+def capacity(group_size: int, num_experts: int, top_k: int, factor: float) -> int:
+    """Slots per expert per group: max(1, floor(factor * group * k / N)); no limit (the
+    group's size) when factor <= 0."""
+    if factor <= 0:
+        return group_size
+    return max(1, min(group_size, math.floor(factor * group_size * top_k / num_experts)))
+
+
+def slot_positions(experts, active, num_experts: int):
+    """experts [B, L, k], active [B, L, k] bool -> position [B, L, k] int32 of each active
+    choice among its expert's choices in its row, in token order (a token's k choices in
+    rank order): the cumulative count. Inactive choices take no slot (their position is
+    meaningless)."""
+    b, l, k = experts.shape
+    onehot = jax.nn.one_hot(experts, num_experts, dtype=jnp.int32) * active[..., None]
+    flat = onehot.reshape(b, l * k, num_experts)
+    before = jnp.cumsum(flat, axis=1) - flat                       # choices ahead of it
+    return jnp.sum(before * flat, axis=-1).reshape(b, l, k)
+
+
+def switch_loss(probs, experts, active):
+    """Switch's load-balancing loss N * sum_i f_i P_i: probs [T, N] the router's full
+    softmax, experts [T, k] the choices, active [T] the tokens that count."""
+    n = probs.shape[-1]
+    weight = active.astype(probs.dtype)
+    count = jnp.maximum(jnp.sum(weight), 1.0)
+    chosen = jnp.sum(jax.nn.one_hot(experts, n, dtype=probs.dtype), axis=-2)  # [T, N]
+    f = jnp.sum(chosen * weight[:, None], axis=0) / (count * experts.shape[-1])
+    p = jnp.sum(probs * weight[:, None], axis=0) / count
+    return n * jnp.sum(f * p), f
+
+
+def z_loss(logits, active):
+    """ST-MoE's router z-loss: the mean over active tokens of logsumexp(logits)^2."""
+    weight = active.astype(logits.dtype)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return jnp.sum(jnp.square(lse) * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+# ---- The block ----------------------------------------------------------------------------
+class MoeBlock(nn.Module):
+    """x [B, L, d] (valid [B, L] or None) -> (y [B, L, d], stats).
+
+    Params: router/kernel [d, N] (float32), router_noise/kernel [d, N] when noisy,
+    fc1_kernel [N, d, F], fc1_bias [N, F], fc2_kernel [N, F, d], fc2_bias [N, d] (logical
+    axes "expert", "embed", "mlp"; expert i's kernels are a dense MLP's [in, out]). stats (float32 scalars unless noted):
+    switch_loss, z_loss, load [N] (the fraction of routed choices per expert), dropped
+    (the fraction of active choices over capacity), weighted (the number of active tokens,
+    for averaging over layers and steps).
+    """
+    cfg: MoeConfig
+    hidden_dim: int
+    activation: str = "gelu"
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable = initializers.get("xavier_uniform")
+    dot_general: Callable = lax.dot_general
+
+    def _router(self, x, deterministic: bool):
+        cfg, n = self.cfg, self.cfg.num_experts
+        init = partitioning.boxed(nn.initializers.normal(0.02), ("embed", None))
+        x32 = x.astype(jnp.float32)
+        logits = nn.Dense(n, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
+                          kernel_init=init, name="router")(x32)
+        route = logits
+        if cfg.noisy:
+            noise_scale = jax.nn.softplus(nn.Dense(
+                n, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
+                kernel_init=partitioning.boxed(nn.initializers.zeros_init(), ("embed", None)),
+                name="router_noise")(x32))
+            if not deterministic:
+                route = logits + jax.random.normal(self.make_rng("dropout"),
+                                                   logits.shape) * noise_scale
+        return logits, route
+
+    def _experts(self, h):
+        """h [N, M, d] -> [N, M, d]: every expert's MLP on its M rows, batched over N."""
+        n, d, f = self.cfg.num_experts, h.shape[-1], self.hidden_dim
+        act = get_activation(self.activation)
+
+        def param(name, shape, names, init):
+            return self.param(name, partitioning.boxed(init, names), shape, self.param_dtype)
+
+        batched = (((2,), (1,)), ((0,), (0,)))     # contract d (or F), batch over experts
+        w1 = param("fc1_kernel", (n, d, f), ("expert", "embed", "mlp"), self._expert_init)
+        h = self.dot_general(h.astype(self.dtype), w1.astype(self.dtype), batched)
+        if self.use_bias:
+            h = h + param("fc1_bias", (n, f), ("expert", "mlp"),
+                          nn.initializers.zeros_init())[:, None].astype(self.dtype)
+        h = act(h)
+        w2 = param("fc2_kernel", (n, f, d), ("expert", "mlp", "embed"), self._expert_init)
+        y = self.dot_general(h, w2.astype(self.dtype), batched)
+        if self.use_bias:
+            y = y + param("fc2_bias", (n, d), ("expert", "embed"),
+                          nn.initializers.zeros_init())[:, None].astype(self.dtype)
+        return y
+
+    def _expert_init(self, key, shape, dtype):
+        """Each expert initialized as a dense kernel of its own (fan in/out of [in, out])."""
+        keys = jax.random.split(key, shape[0])
+        return jax.vmap(lambda k: self.kernel_init(k, shape[1:], dtype))(keys)
+
+    @nn.compact
+    def __call__(self, x, valid=None, *, deterministic: bool = True):
+        cfg = self.cfg
+        b, l, d = x.shape
+        n, k = cfg.num_experts, cfg.top_k
+        valid = jnp.ones((b, l), bool) if valid is None else valid.astype(bool)
+        logits, route = self._router(x, deterministic)
+        gates, experts = top_k_gates(route, k, cfg.routing)        # [B, L, k]
+        active = jnp.broadcast_to(valid[..., None], (b, l, k))
+        if cfg.random_routing and not deterministic:
+            u = jax.random.uniform(self.make_rng("dropout"), (b, l))
+            active = active.at[..., 1].set(active[..., 1] & (u < 2.0 * gates[..., 1]))
+        c = capacity(l, n, k, cfg.capacity_factor)
+        position = slot_positions(experts, active, n)
+        kept = active & (position < c)
+        weights = (gates * kept).astype(self.dtype)
+
+        if cfg.dispatch == "dense":
+            slot = jax.nn.one_hot(jnp.where(kept, position, c), c, dtype=self.dtype)
+            expert = jax.nn.one_hot(experts, n, dtype=self.dtype)
+            dispatch = jnp.einsum("blkn,blkc->blnc", expert, slot)   # 0/1, one per kept
+            combine = jnp.einsum("blkn,blkc,blk->blnc", expert, slot, weights)
+            h = jnp.einsum("blnc,bld->nbcd", dispatch, x.astype(self.dtype))
+            y = self._experts(h.reshape(n, b * c, d)).reshape(n, b, c, d)
+            out = jnp.einsum("blnc,nbcd->bld", combine, y)
+        else:
+            rows = jnp.broadcast_to(jnp.arange(b)[:, None, None], (b, l, k))
+            tokens = jnp.broadcast_to(jnp.arange(l)[None, :, None], (b, l, k))
+            # slot (row, expert, position) -> its token; empty slots read a zero row (l)
+            index = jnp.full((b, n, c), l, jnp.int32).at[
+                rows, experts, jnp.where(kept, position, c)].set(tokens, mode="drop")
+            padded = jnp.concatenate([x.astype(self.dtype), jnp.zeros((b, 1, d), self.dtype)],
+                                     axis=1)
+            h = jnp.take_along_axis(padded, index.reshape(b, n * c, 1), axis=1)
+            h = jnp.transpose(h.reshape(b, n, c, d), (1, 0, 2, 3))
+            y = self._experts(h.reshape(n, b * c, d)).reshape(n, b, c, d)
+            picked = y[experts, rows, jnp.where(kept, position, 0)]        # [B, L, k, d]
+            out = jnp.sum(picked * weights[..., None], axis=2)
+
+        flat_valid = valid.reshape(-1)
+        probs = jax.nn.softmax(route, axis=-1).reshape(b * l, n)
+        balance, load = switch_loss(probs, experts.reshape(b * l, k), flat_valid)
+        num_active = jnp.maximum(jnp.sum(active), 1)
+        stats = {"switch_loss": balance, "z_loss": z_loss(logits.reshape(b * l, n), flat_valid),
+                 "load": load,
+                 "dropped": 1.0 - jnp.sum(kept) / num_active,
+                 "weighted": jnp.sum(valid).astype(jnp.float32)}
+        return out.astype(x.dtype), stats
