@@ -1,12 +1,16 @@
 """Device mesh, data parallelism and FSDP with jax.sharding (no pmap, no manual collectives).
 
-The mesh has two named axes, shape (data, fsdp):
+The mesh has two named axes, shape (data, fsdp), and a third, `expert`, when
+sharding.expert > 1:
 
-  batch:  split over both axes, so every device sees different examples
+  batch:  split over every axis, so every device sees different examples
           (batch_sharding, shard_batch).
   params: "replicate" copies every parameter to every device (pure data parallel);
           "fsdp" splits each large parameter along one axis over the `fsdp` devices and
           replicates it over `data`.
+  experts: a mixture of experts' expert axis is split over `expert` (expert parallelism,
+          GShard): each device holds num_experts / expert experts, and the MoE layer
+          exchanges token slots with all-to-alls inside shard_map (models/layers/moe.py).
 
 Which axis is split comes from logical axis names (GSPMD, Xu et al. 2021): the models
 name every kernel's axes (("embed", "mlp"), ...; models/layers/partitioning.py) and
@@ -54,14 +58,16 @@ from models.layers import partitioning
 
 PyTree = Any
 
-AXES = ("data", "fsdp")
+AXES = ("data", "fsdp", "expert")
+DATA_AXES = ("data", "fsdp")   # the axes a parameter is replicated over under "replicate"
 STRATEGIES = ("replicate", "fsdp")
 
 # [logical name, mesh axes] in priority order (first applicable rule wins; a mesh axis
 # splits one dimension per array; rules that do not divide a dimension are skipped).
 # Today's data parallel / FSDP: examples over every device, each kernel over "fsdp".
 DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
+    ("expert", "expert"),
+    ("batch", ("data", "fsdp", "expert")),
     # Token tables by row: a lookup in a table split along embed would come out split
     # along embed and need an all-to-all back to the batch layout.
     ("vocab", "fsdp"),
@@ -83,6 +89,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     data: devices along the data axis; -1 means all devices not used by fsdp.
     fsdp: devices each large parameter is split over (1: no parameter sharding).
+    expert: devices a mixture of experts' experts are split over (1: every device holds
+      every expert); the mesh is data x fsdp x expert.
     strategy: "replicate" (parameters on every device) or "fsdp" (parameters split as
       `rules` say; leaves without logical names: see param_sharding).
     min_size_to_shard: parameters with fewer elements stay replicated under "fsdp".
@@ -94,6 +102,7 @@ def default_config() -> ml_collections.ConfigDict:
         "num_devices": 0,
         "data": -1,
         "fsdp": 1,
+        "expert": 1,
         "strategy": "replicate",
         # 16K elements (64 KiB in f32): below this, gathering a parameter every step
         # costs more latency than the memory it saves.
@@ -154,15 +163,26 @@ def resolve_mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int
     return data, fsdp
 
 
+def _check_expert(expert: int, num_devices: int) -> None:
+    if expert < 1 or num_devices % expert:
+        raise ValueError(f"sharding.expert={expert} must be >= 1 and divide the "
+                         f"{num_devices} devices")
+
+
 def make_mesh(data: int = -1, fsdp: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp) mesh over `devices` (default: all of jax.devices())."""
+              devices: Sequence[jax.Device] | None = None, expert: int = 1) -> Mesh:
+    """A (data, fsdp) mesh over `devices` (default: all of jax.devices()), and
+    (data, fsdp, expert) when expert > 1 (data x fsdp then covers the devices / expert)."""
     devices = list(jax.devices() if devices is None else devices)
-    shape = resolve_mesh_shape(data, fsdp, len(devices))
+    _check_expert(expert, len(devices))
+    shape = resolve_mesh_shape(data, fsdp, len(devices) // expert)
+    names = AXES if expert > 1 else DATA_AXES
+    shape = (*shape, expert) if expert > 1 else shape
     # jax.make_mesh orders devices for the physical topology (ICI rings on TPU). Auto
     # axes (its default is Explicit) let jit's in/out shardings drive propagation, so
     # model code needs no sharding-in-types annotations.
-    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+    return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names),
+                         devices=devices)
 
 
 def devices_for(sharding_cfg: ml_collections.ConfigDict) -> list[jax.Device]:
@@ -176,12 +196,14 @@ def devices_for(sharding_cfg: ml_collections.ConfigDict) -> list[jax.Device]:
 
 
 def mesh_from_config(sharding_cfg: ml_collections.ConfigDict) -> Mesh:
-    return make_mesh(sharding_cfg.data, sharding_cfg.fsdp, devices_for(sharding_cfg))
+    return make_mesh(sharding_cfg.data, sharding_cfg.fsdp, devices_for(sharding_cfg),
+                     expert=sharding_cfg.get("expert", 1))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over all devices: ('data', 'fsdp'); other axes whole."""
-    return NamedSharding(mesh, P(AXES))
+    """Leading (batch) axis split over all devices: ('data', 'fsdp'[, 'expert']); other
+    axes whole."""
+    return NamedSharding(mesh, P(tuple(mesh.axis_names)))
 
 
 def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
@@ -289,7 +311,7 @@ def state_sharding(abstract_state: PyTree, mesh: Mesh,
     rules = rules_from_config(sharding_cfg)
     fsdp_size = mesh.shape["fsdp"] if strategy == "fsdp" else 1
     mesh_shape = dict(mesh.shape)
-    no_data_parallel = {**mesh_shape, **{a: 1 for a in AXES}}
+    no_data_parallel = {**mesh_shape, **{a: 1 for a in DATA_AXES}}
     by_last: dict[str, list] = {}
     for path, (shape, names) in (logical_names(logical_params) if logical_params is not None
                                  else {}).items():
@@ -338,7 +360,9 @@ def validate(sharding_cfg: ml_collections.ConfigDict, global_batch_size: int,
     rules_from_config(sharding_cfg)
     if num_devices is None:
         num_devices = len(devices_for(sharding_cfg))
-    shape = resolve_mesh_shape(sharding_cfg.data, sharding_cfg.fsdp, num_devices)
+    expert = sharding_cfg.get("expert", 1)
+    _check_expert(expert, num_devices)
+    shape = resolve_mesh_shape(sharding_cfg.data, sharding_cfg.fsdp, num_devices // expert)
     if global_batch_size % num_devices:
         raise ValueError(f"data.batch_size={global_batch_size} is not divisible by the "
                          f"{num_devices} devices the batch is split over (set data.batch_size "

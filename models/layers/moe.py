@@ -38,6 +38,7 @@ compression hooks see every expert matmul.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -45,6 +46,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from models.layers import initializers, partitioning
 from models.layers.mlp import get_activation
@@ -142,6 +144,60 @@ def z_loss(logits, active):
     return jnp.sum(jnp.square(lse) * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
+# ---- The experts, on one device or expert-parallel -----------------------------------------
+EXPERT_AXIS = "expert"   # the mesh axis experts are split over (train/sharding.py)
+
+
+def expert_mlps(h, weights, *, activation: str, dtype, dot_general=lax.dot_general):
+    """h [n, B, C, d] -> [n, B, C, d]: expert i's MLP on h[i], as batched matmuls
+    (dot_general batched over the experts; weights fc1_kernel [n, d, F], fc2_kernel
+    [n, F, d], and optionally fc1_bias [n, F], fc2_bias [n, d])."""
+    n, b, c, d = h.shape
+    batched = (((2,), (1,)), ((0,), (0,)))     # contract d (or F), batch over experts
+    x = h.reshape(n, b * c, d).astype(dtype)
+    x = dot_general(x, weights["fc1_kernel"].astype(dtype), batched)
+    if "fc1_bias" in weights:
+        x = x + weights["fc1_bias"][:, None].astype(dtype)
+    x = get_activation(activation)(x)
+    x = dot_general(x, weights["fc2_kernel"].astype(dtype), batched)
+    if "fc2_bias" in weights:
+        x = x + weights["fc2_bias"][:, None].astype(dtype)
+    return x.reshape(n, b, c, d)
+
+
+def expert_mesh():
+    """The mesh of the enclosing sharding rules when its "expert" axis has > 1 device."""
+    context = partitioning.current_rules()
+    if context is None or context[1].shape.get(EXPERT_AXIS, 1) <= 1:
+        return None
+    return context[1]
+
+
+def expert_parallel(mlp, mesh, num_experts: int):
+    """`mlp` (h [N, B, C, d], weights) with the experts split over the mesh's "expert"
+    axis (GShard): each device dispatches its own tokens' slots for all N experts, an
+    all-to-all over "expert" hands expert i's slots to the device holding expert i,
+    that device runs its N / E experts on the E devices' slots, and a second all-to-all
+    returns the outputs. The batch axis B stays split over every mesh axis."""
+    e = mesh.shape[EXPERT_AXIS]
+    if num_experts % e:
+        raise ValueError(f"model.moe.num_experts={num_experts} does not split over the "
+                         f"{e} devices of sharding.expert; allowed: a multiple of {e}")
+    every_axis = tuple(mesh.axis_names)
+
+    def local(h, weights):          # h [N, b, C, d] of this device's rows
+        h = lax.all_to_all(h, EXPERT_AXIS, 0, 1, tiled=True)        # [N/E, E b, C, d]
+        y = mlp(h, weights)
+        return lax.all_to_all(y, EXPERT_AXIS, 1, 0, tiled=True)     # [N, b, C, d]
+
+    def run(h, weights):
+        specs = jax.tree.map(lambda w: P(EXPERT_AXIS, *([None] * (w.ndim - 1))), weights)
+        rows = P(None, every_axis, None, None)
+        return jax.shard_map(local, mesh=mesh, in_specs=(rows, specs), out_specs=rows)(
+            h, weights)
+    return run
+
+
 # ---- The block ----------------------------------------------------------------------------
 class MoeBlock(nn.Module):
     """x [B, L, d] (valid [B, L] or None) -> (y [B, L, d], stats).
@@ -180,26 +236,28 @@ class MoeBlock(nn.Module):
         return logits, route
 
     def _experts(self, h):
-        """h [N, M, d] -> [N, M, d]: every expert's MLP on its M rows, batched over N."""
+        """h [N, B, C, d] -> [N, B, C, d]: every expert's MLP on its slots, one batched
+        matmul over the experts (expert-parallel over the mesh's "expert" axis when the
+        sharding rules give it devices)."""
         n, d, f = self.cfg.num_experts, h.shape[-1], self.hidden_dim
-        act = get_activation(self.activation)
 
         def param(name, shape, names, init):
             return self.param(name, partitioning.boxed(init, names), shape, self.param_dtype)
 
-        batched = (((2,), (1,)), ((0,), (0,)))     # contract d (or F), batch over experts
-        w1 = param("fc1_kernel", (n, d, f), ("expert", "embed", "mlp"), self._expert_init)
-        h = self.dot_general(h.astype(self.dtype), w1.astype(self.dtype), batched)
+        zeros = nn.initializers.zeros_init()
+        weights = {"fc1_kernel": param("fc1_kernel", (n, d, f), ("expert", "embed", "mlp"),
+                                       self._expert_init),
+                   "fc2_kernel": param("fc2_kernel", (n, f, d), ("expert", "mlp", "embed"),
+                                       self._expert_init)}
         if self.use_bias:
-            h = h + param("fc1_bias", (n, f), ("expert", "mlp"),
-                          nn.initializers.zeros_init())[:, None].astype(self.dtype)
-        h = act(h)
-        w2 = param("fc2_kernel", (n, f, d), ("expert", "mlp", "embed"), self._expert_init)
-        y = self.dot_general(h, w2.astype(self.dtype), batched)
-        if self.use_bias:
-            y = y + param("fc2_bias", (n, d), ("expert", "embed"),
-                          nn.initializers.zeros_init())[:, None].astype(self.dtype)
-        return y
+            weights["fc1_bias"] = param("fc1_bias", (n, f), ("expert", "mlp"), zeros)
+            weights["fc2_bias"] = param("fc2_bias", (n, d), ("expert", "embed"), zeros)
+        mlp = functools.partial(expert_mlps, activation=self.activation, dtype=self.dtype,
+                                dot_general=self.dot_general)
+        mesh = expert_mesh()
+        if mesh is None or h.shape[1] % mesh.size:  # e.g. a batch of one while sampling:
+            return mlp(h, weights)                 # GSPMD gathers the experts instead
+        return expert_parallel(mlp, mesh, n)(h, weights)
 
     def _expert_init(self, key, shape, dtype):
         """Each expert initialized as a dense kernel of its own (fan in/out of [in, out])."""
@@ -229,8 +287,7 @@ class MoeBlock(nn.Module):
             dispatch = jnp.einsum("blkn,blkc->blnc", expert, slot)   # 0/1, one per kept
             combine = jnp.einsum("blkn,blkc,blk->blnc", expert, slot, weights)
             h = jnp.einsum("blnc,bld->nbcd", dispatch, x.astype(self.dtype))
-            y = self._experts(h.reshape(n, b * c, d)).reshape(n, b, c, d)
-            out = jnp.einsum("blnc,nbcd->bld", combine, y)
+            out = jnp.einsum("blnc,nbcd->bld", combine, self._experts(h))
         else:
             rows = jnp.broadcast_to(jnp.arange(b)[:, None, None], (b, l, k))
             tokens = jnp.broadcast_to(jnp.arange(l)[None, :, None], (b, l, k))
@@ -240,8 +297,7 @@ class MoeBlock(nn.Module):
             padded = jnp.concatenate([x.astype(self.dtype), jnp.zeros((b, 1, d), self.dtype)],
                                      axis=1)
             h = jnp.take_along_axis(padded, index.reshape(b, n * c, 1), axis=1)
-            h = jnp.transpose(h.reshape(b, n, c, d), (1, 0, 2, 3))
-            y = self._experts(h.reshape(n, b * c, d)).reshape(n, b, c, d)
+            y = self._experts(jnp.transpose(h.reshape(b, n, c, d), (1, 0, 2, 3)))
             picked = y[experts, rows, jnp.where(kept, position, 0)]        # [B, L, k, d]
             out = jnp.sum(picked * weights[..., None], axis=2)
 

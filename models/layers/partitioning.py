@@ -26,6 +26,7 @@ Parameter axes keep apart what a later tensor / expert mesh axis splits differen
   vocab     token table rows                   position          position table rows
   layers    the stacked axis of scanned layers classes           classifier outputs
   conv_in / conv_out   convolution input / output channels
+  expert    a mixture of experts' expert axis (split over the "expert" mesh axis)
 Activation axes: batch, length, and activation_{embed,mlp,heads,kv,vocab} (separate from
 the parameter names so that sharding a kernel's embed axis over "fsdp" does not shard the
 activations' width too; the MaxText convention).
@@ -43,7 +44,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 PARAM_AXES = ("embed", "mlp", "heads", "kv_heads", "kv", "qkv", "vocab", "position",
-              "layers", "classes", "conv_in", "conv_out")
+              "layers", "classes", "conv_in", "conv_out", "expert")
 ACTIVATION_AXES = ("batch", "length", "activation_embed", "activation_mlp",
                    "activation_heads", "activation_kv", "activation_vocab")
 AXIS_NAMES = PARAM_AXES + ACTIVATION_AXES

@@ -1,0 +1,72 @@
+"""Expert parallelism: a MoE decoder's loss and gradients on an 8-device mesh (expert=4 x
+data=2: each device holds 2 of the 8 experts, token slots exchanged by all-to-all) equal
+one device's; the expert kernels are split over the "expert" axis."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from models import transformer
+from train import sharding
+from train.tasks import moe_objective
+
+
+def _loss_and_grads(model, params, tokens):
+    def loss(p):
+        logits, sown = model.apply({"params": p}, tokens[:, :-1], mutable=[transformer.MOE_STATS])
+        logp = jax.nn.log_softmax(logits)
+        nll = -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+        aux, _ = moe_objective.objective(sown[transformer.MOE_STATS], model.cfg.moe)
+        return nll + aux
+    return jax.value_and_grad(loss)(params)
+
+
+@pytest.mark.parametrize("dispatch", ["dense", "sorted"])
+def test_expert_parallel_equals_one_device(dispatch):
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    cfg = transformer.make_config("tiny", vocab_size=40, max_length=16, num_layers=2,
+                                  moe={"every": 1, "num_experts": 8, "top_k": 2,
+                                       "capacity_factor": 1.0, "dispatch": dispatch})
+    model = transformer.Decoder(cfg)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 40, (8, 13)))
+    boxed = jax.eval_shape(model.init, jax.random.key(0), tokens[:, :-1])["params"]
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens[:, :-1])["params"])
+    want_loss, want_grads = jax.jit(lambda p, t: _loss_and_grads(model, p, t))(params, tokens)
+
+    cfg_sh = ml_collections.ConfigDict(sharding.default_config())
+    cfg_sh.update(data=2, expert=4)
+    mesh = sharding.mesh_from_config(cfg_sh)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "expert": 4}
+    p_sh = sharding.state_sharding(jax.eval_shape(lambda: params), mesh, cfg_sh, boxed)
+    kernel = p_sh["decoder"]["layers_0"]["moe"]["fc1_kernel"]
+    assert kernel.spec == jax.sharding.PartitionSpec("expert", None, None)
+    step = jax.jit(lambda p, t: _loss_and_grads(model, p, t),
+                   in_shardings=(p_sh, sharding.batch_sharding(mesh)))
+    with sharding.use_rules(mesh, cfg_sh):
+        placed = jax.device_put(params, p_sh)
+        batch = sharding.shard_batch(np.asarray(tokens), mesh)
+        assert "all-to-all" in step.lower(placed, batch).compile().as_text()
+        loss, grads = step(placed, batch)
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                                                         atol=1e-6), grads, want_grads)
+
+
+def test_experts_must_split_over_the_expert_axis():
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices")
+    cfg = transformer.make_config("tiny", vocab_size=40, max_length=16, num_layers=1,
+                                  moe={"every": 1, "num_experts": 6})
+    model = transformer.Decoder(cfg)
+    tokens = jnp.zeros((8, 8), jnp.int32)
+    cfg_sh = ml_collections.ConfigDict(sharding.default_config())
+    cfg_sh.update(data=2, expert=4)
+    mesh = sharding.mesh_from_config(cfg_sh)
+    with sharding.use_rules(mesh, cfg_sh), pytest.raises(
+            ValueError, match="num_experts=6 does not split over the 4 devices"):
+        jax.jit(model.init)(jax.random.key(0), tokens)
+    with pytest.raises(ValueError, match="sharding.expert=3 must be >= 1 and divide"):
+        sharding.make_mesh(expert=3)
