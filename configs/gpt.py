@@ -17,11 +17,21 @@ Variants:
               as long (2400 steps)
   distill     the default config: the base of get_sweep("distill") (a 2-layer student of
               the teacher, alone and distilled)
+  moe         the default with a sparse mixture of experts in every other layer (layers 1
+              and 3): 8 experts of half the MLP width, top-2, so each token runs as many
+              MLP parameters as the dense default (4x the MLP parameters in those layers);
+              capacity factor 1.25, Switch balancing loss 0.01, router z-loss 0.001; the
+              expert_load evaluator plots the routing. The base of get_sweep("moe").
+  moe_tiny    a seconds-long MoE smoke run (tests).
   gpt2_small  GPT-2 small (12 layers, 768 wide, 1024 context) in bf16 with fused attention:
               the GPU benchmark shape.
 """
 from configs.common import cadence, warmup_cosine
-from train.config import base_config, shrink_for_smoke_test
+from train.config import add_eval, base_config, shrink_for_smoke_test
+
+# The MoE variant's experts (model.moe): same active MLP parameters as the dense default.
+MOE = {"every": 2, "num_experts": 8, "top_k": 2, "mlp_dim": 256, "capacity_factor": 1.25,
+       "switch_weight": 0.01, "z_weight": 0.001}
 
 
 def get_config(variant: str = "default"):
@@ -54,6 +64,11 @@ def get_config(variant: str = "default"):
         c.train.eval_max_batches = 2
         c.optim.learning_rate = 3e-3
         c.evals.sample.tokens = 16
+    elif variant in ("moe", "moe_tiny"):
+        c = get_config("default" if variant == "moe" else "tiny")
+        c.model.moe.update(MOE if variant == "moe" else {**MOE, "num_experts": 4,
+                                                        "mlp_dim": 32})
+        add_eval(c, "expert_load")
     elif variant == "gpt2_small":
         c = base_config("lm", "gpt2_small", dtype="bfloat16", attention_impl="fused",
                         fused_qkv=True, scan_layers=True, remat_policy="none")
@@ -67,7 +82,7 @@ def get_config(variant: str = "default"):
         c.optim.schedule.warmup_steps = 100
     else:
         raise ValueError(f"unknown gpt variant {variant!r}; allowed: default, compress, "
-                         "teacher, distill, tiny, gpt2_small")
+                         "teacher, distill, moe, moe_tiny, tiny, gpt2_small")
     return c
 
 
@@ -93,8 +108,26 @@ def get_sweep(variant: str = "default"):
         return distill_sweep()
     if variant == "compress":
         return compression_sweep()
+    if variant == "moe":
+        return moe_sweep()
     raise ValueError(f"no sweep for gpt variant {variant!r}; allowed: default, compress, "
-                     "distill, tiny")
+                     "distill, moe, tiny")
+
+
+def moe_sweep():
+    """The mixture-of-experts ablation, every row 600 steps of the default schedule:
+
+        python -m train.sweep --config=configs/gpt.py:moe --workdir=runs/gpt_moe \
+            --sort=validation/perplexity
+
+    Rows: the dense default; the MoE (MOE: same active MLP parameters per token); dense
+    with the MoE's total parameters (mlp_dim 1280 in every layer: 1.31M vs 1.32M); top-1
+    (half the active expert parameters); no balancing loss; capacity factor 1.0 and 2.0.
+    """
+    dense = {"model.moe.every": 0, "evals.expert_load.every": -1}
+    return [("row", [dense, {}, {**dense, "model.mlp_dim": 1280}, {"model.moe.top_k": 1},
+                     {"model.moe.switch_weight": 0.0}, {"model.moe.capacity_factor": 1.0},
+                     {"model.moe.capacity_factor": 2.0}])]
 
 
 def compression_sweep():

@@ -14,6 +14,8 @@ Kernel layouts in this codebase (flax Dense / DenseGeneral / Conv, `x @ W` with 
   scanned stacks        a leading layer axis when a path component is exactly "layers"
                         (nn.scan over blocks, models/transformer.py): it is a stack axis,
                         each layer is compressed on its own.
+  mixture of experts    ".../moe/fc1/kernel" [experts, in, out] (models/layers/moe.py):
+                        the expert axis is a stack axis too, each expert its own [in, out].
 
 "Per output channel" means one scale per output feature: per index of the output axes
 (the last axis of [in, out] and HWIO kernels; (head, head_dim) of q/k/v kernels), and per
@@ -26,6 +28,7 @@ import dataclasses
 from typing import Any, Sequence
 
 STACK_COMPONENT = "layers"   # nn.scan's module name for stacked blocks
+EXPERTS_COMPONENT = "moe"    # a mixture of experts' module: its kernels stack the experts
 
 
 def path_str(path: Sequence[Any]) -> str:
@@ -49,13 +52,18 @@ class KernelLayout:
     out_axes: tuple[int, ...]
 
 
+def _is_expert_kernel(components: Sequence[str]) -> bool:
+    return len(components) >= 3 and components[-3] == EXPERTS_COMPONENT and \
+        components[-2] in ("fc1", "fc2")
+
+
 def kernel_layout(path: str, shape: Sequence[int]) -> KernelLayout:
     """The axes of the kernel at `path` with `shape` (see the module docstring).
 
     Raises ValueError for a kernel rank this codebase never creates, naming the path.
     """
     components = path.split("/")
-    stack = 1 if STACK_COMPONENT in components[:-1] else 0
+    stack = (STACK_COMPONENT in components[:-1]) + _is_expert_kernel(components)
     rank = len(shape) - stack
     s = tuple(range(stack))
     if rank == 2:
@@ -78,10 +86,15 @@ def is_kernel(path: str, leaf: Any, include_embeddings: bool = False) -> bool:
 
     Kernels are leaves named "kernel" with at least 2 dims; embedding tables ("embedding",
     [vocab, dim]) only when `include_embeddings` (they are gathered, not multiplied, except
-    when tied to the output projection).
+    when tied to the output projection). A mixture of experts' router stays float: its
+    logits pick the experts, and ST-MoE (Zoph et al. 2022, sec. 3) keeps it in float32.
     """
-    name = path.rsplit("/", 1)[-1]
+    components = path.split("/")
+    name = components[-1]
     ndim = getattr(leaf, "ndim", 0)
+    if len(components) >= 3 and components[-3] == EXPERTS_COMPONENT and \
+            components[-2].startswith("router"):
+        return False
     if name == "kernel":
         return ndim >= 2
     return include_embeddings and name == "embedding" and ndim == 2

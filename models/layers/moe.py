@@ -150,18 +150,17 @@ EXPERT_AXIS = "expert"   # the mesh axis experts are split over (train/sharding.
 
 def expert_mlps(h, weights, *, activation: str, dtype, dot_general=lax.dot_general):
     """h [n, B, C, d] -> [n, B, C, d]: expert i's MLP on h[i], as batched matmuls
-    (dot_general batched over the experts; weights fc1_kernel [n, d, F], fc2_kernel
-    [n, F, d], and optionally fc1_bias [n, F], fc2_bias [n, d])."""
+    (dot_general batched over the experts; weights {"fc1": {"kernel" [n, d, F], "bias"
+    [n, F]}, "fc2": {"kernel" [n, F, d], "bias" [n, d]}}, biases optional)."""
     n, b, c, d = h.shape
     batched = (((2,), (1,)), ((0,), (0,)))     # contract d (or F), batch over experts
     x = h.reshape(n, b * c, d).astype(dtype)
-    x = dot_general(x, weights["fc1_kernel"].astype(dtype), batched)
-    if "fc1_bias" in weights:
-        x = x + weights["fc1_bias"][:, None].astype(dtype)
-    x = get_activation(activation)(x)
-    x = dot_general(x, weights["fc2_kernel"].astype(dtype), batched)
-    if "fc2_bias" in weights:
-        x = x + weights["fc2_bias"][:, None].astype(dtype)
+    for i, layer in enumerate((weights["fc1"], weights["fc2"])):
+        if i:
+            x = get_activation(activation)(x)
+        x = dot_general(x, layer["kernel"].astype(dtype), batched)
+        if "bias" in layer:
+            x = x + layer["bias"][:, None].astype(dtype)
     return x.reshape(n, b, c, d)
 
 
@@ -198,13 +197,43 @@ def expert_parallel(mlp, mesh, num_experts: int):
     return run
 
 
+class ExpertDense(nn.Module):
+    """() -> {"kernel" [N, in, out], "bias" [N, out]}: N experts' dense layers, each
+    initialized as a dense kernel of its own (fan in/out of [in, out])."""
+    num_experts: int
+    features_in: int
+    features_out: int
+    names: tuple[str, str]           # logical axes of [in, out]
+    use_bias: bool = True
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable = initializers.get("xavier_uniform")
+
+    @nn.compact
+    def __call__(self):
+        def per_expert(key, shape, dtype):
+            keys = jax.random.split(key, shape[0])
+            return jax.vmap(lambda k: self.kernel_init(k, shape[1:], dtype))(keys)
+
+        n = self.num_experts
+        out = {"kernel": self.param(
+            "kernel", partitioning.boxed(per_expert, (EXPERT_AXIS, *self.names)),
+            (n, self.features_in, self.features_out), self.param_dtype)}
+        if self.use_bias:
+            out["bias"] = self.param(
+                "bias", partitioning.boxed(nn.initializers.zeros_init(),
+                                           (EXPERT_AXIS, self.names[1])),
+                (n, self.features_out), self.param_dtype)
+        return out
+
+
 # ---- The block ----------------------------------------------------------------------------
 class MoeBlock(nn.Module):
     """x [B, L, d] (valid [B, L] or None) -> (y [B, L, d], stats).
 
     Params: router/kernel [d, N] (float32), router_noise/kernel [d, N] when noisy,
-    fc1_kernel [N, d, F], fc1_bias [N, F], fc2_kernel [N, F, d], fc2_bias [N, d] (logical
-    axes "expert", "embed", "mlp"; expert i's kernels are a dense MLP's [in, out]). stats (float32 scalars unless noted):
+    fc1/kernel [N, d, F], fc1/bias [N, F], fc2/kernel [N, F, d], fc2/bias [N, d] (logical
+    axes "expert", "embed", "mlp"; expert i's kernels are a dense MLP's [in, out], so the
+    compression transforms treat the expert axis as a stack axis: models/compress). stats (float32 scalars unless noted):
     switch_loss, z_loss, load [N] (the fraction of routed choices per expert), dropped
     (the fraction of active choices over capacity), weighted (the number of active tokens,
     for averaging over layers and steps).
@@ -240,29 +269,16 @@ class MoeBlock(nn.Module):
         matmul over the experts (expert-parallel over the mesh's "expert" axis when the
         sharding rules give it devices)."""
         n, d, f = self.cfg.num_experts, h.shape[-1], self.hidden_dim
-
-        def param(name, shape, names, init):
-            return self.param(name, partitioning.boxed(init, names), shape, self.param_dtype)
-
-        zeros = nn.initializers.zeros_init()
-        weights = {"fc1_kernel": param("fc1_kernel", (n, d, f), ("expert", "embed", "mlp"),
-                                       self._expert_init),
-                   "fc2_kernel": param("fc2_kernel", (n, f, d), ("expert", "mlp", "embed"),
-                                       self._expert_init)}
-        if self.use_bias:
-            weights["fc1_bias"] = param("fc1_bias", (n, f), ("expert", "mlp"), zeros)
-            weights["fc2_bias"] = param("fc2_bias", (n, d), ("expert", "embed"), zeros)
+        common = dict(use_bias=self.use_bias, param_dtype=self.param_dtype,
+                      kernel_init=self.kernel_init)
+        weights = {"fc1": ExpertDense(n, d, f, ("embed", "mlp"), **common, name="fc1")(),
+                   "fc2": ExpertDense(n, f, d, ("mlp", "embed"), **common, name="fc2")()}
         mlp = functools.partial(expert_mlps, activation=self.activation, dtype=self.dtype,
                                 dot_general=self.dot_general)
         mesh = expert_mesh()
         if mesh is None or h.shape[1] % mesh.size:  # e.g. a batch of one while sampling:
             return mlp(h, weights)                 # GSPMD gathers the experts instead
         return expert_parallel(mlp, mesh, n)(h, weights)
-
-    def _expert_init(self, key, shape, dtype):
-        """Each expert initialized as a dense kernel of its own (fan in/out of [in, out])."""
-        keys = jax.random.split(key, shape[0])
-        return jax.vmap(lambda k: self.kernel_init(k, shape[1:], dtype))(keys)
 
     @nn.compact
     def __call__(self, x, valid=None, *, deterministic: bool = True):

@@ -41,7 +41,7 @@ def test_expert_parallel_equals_one_device(dispatch):
     mesh = sharding.mesh_from_config(cfg_sh)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "expert": 4}
     p_sh = sharding.state_sharding(jax.eval_shape(lambda: params), mesh, cfg_sh, boxed)
-    kernel = p_sh["decoder"]["layers_0"]["moe"]["fc1_kernel"]
+    kernel = p_sh["decoder"]["layers_0"]["moe"]["fc1"]["kernel"]
     assert kernel.spec == jax.sharding.PartitionSpec("expert", None, None)
     step = jax.jit(lambda p, t: _loss_and_grads(model, p, t),
                    in_shardings=(p_sh, sharding.batch_sharding(mesh)))
@@ -70,3 +70,33 @@ def test_experts_must_split_over_the_expert_axis():
         jax.jit(model.init)(jax.random.key(0), tokens)
     with pytest.raises(ValueError, match="sharding.expert=3 must be >= 1 and divide"):
         sharding.make_mesh(expert=3)
+
+
+def test_moe_run_logs_the_routing_and_plots_it(tmp_path):
+    """configs/gpt.py:moe_tiny for 4 steps, expert-parallel over 4 devices: the objective
+    is the cross-entropy plus the weighted balancing and z losses, the per-expert loads
+    are logged, and expert_load writes its picture and the worst layer's balance."""
+    import json  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    from configs import gpt  # noqa: PLC0415
+    from train import trainer  # noqa: PLC0415
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices")
+    c = gpt.get_config("moe_tiny")
+    c.train.update(num_steps=4, eval_every=4, log_every=2)
+    c.evals.sample.every = -1
+    c.sharding.expert = 4
+    summary = trainer.train_and_evaluate(c, str(tmp_path))
+    with open(tmp_path / "metrics.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    train = [r for r in rows if r["split"] == "train"][-1]
+    loads = [v for k, v in train.items() if k.startswith("moe_load/decoder/layers_1/")]
+    assert len(loads) == 4 and abs(sum(loads) - 1.0) < 1e-5
+    moe = c.model.moe
+    extra = 1 * (moe.switch_weight * train["moe_switch_loss"] + moe.z_weight
+                 * train["moe_z_loss"])            # one MoE layer of the two
+    assert train["objective"] == pytest.approx(train["loss"] + extra, rel=1e-5)
+    assert summary["expert_load/layers"] == 1 and summary["expert_load/max_over_min"] >= 1
+    assert os.path.exists(tmp_path / "expert_load.png")

@@ -8,6 +8,7 @@ import ml_collections
 
 from train.evaluators.base import EvalContext, Evaluator
 from train.evaluators.contrastive import Heatmap, LinearProbe, Retrieval, ZeroShot
+from train.evaluators.experts import ExpertLoad
 from train.evaluators.generative import AtInit, GANSamples, GANScore, IWAEBound, VAEPictures
 from train.evaluators.images import SegmentationPlot
 from train.evaluators.text import Decode, LMSample
@@ -25,6 +26,7 @@ EVALUATORS: dict[str, type[Evaluator]] = {cls.name: cls for cls in (
     IWAEBound,
     VAEPictures,
     SegmentationPlot,
+    ExpertLoad,
 )}
 
 

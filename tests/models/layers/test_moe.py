@@ -38,6 +38,13 @@ def init(model, x, seed=1):
         np.float32), params)
 
 
+def identical_experts(params):
+    """params with every expert a copy of expert 0."""
+    copies = jax.tree.map(lambda w: np.broadcast_to(w[:1], w.shape).copy(),
+                          {k: params[k] for k in ("fc1", "fc2")})
+    return {**params, **copies}
+
+
 def inputs(seed=0, shape=(B, L, D)):
     return jnp.asarray(np.random.default_rng(seed).normal(size=shape).astype(np.float32))
 
@@ -66,8 +73,8 @@ def reference(params, x, cfg, valid=None):
                     continue
                 used[e] += 1
                 kept_total += 1
-                h = gelu64(x[r, t] @ p["fc1_kernel"][e] + p["fc1_bias"][e])
-                out[r, t] += g * (h @ p["fc2_kernel"][e] + p["fc2_bias"][e])
+                h = gelu64(x[r, t] @ p["fc1"]["kernel"][e] + p["fc1"]["bias"][e])
+                out[r, t] += g * (h @ p["fc2"]["kernel"][e] + p["fc2"]["bias"][e])
     return out, 1.0 - kept_total / active_total
 
 
@@ -124,8 +131,7 @@ def test_one_expert_with_unlimited_capacity_is_the_dense_mlp():
     x = inputs()
     model = block(num_experts=1, top_k=1, capacity_factor=0.0)
     params = init(model, x)
-    dense = {"fc1": {"kernel": params["fc1_kernel"][0], "bias": params["fc1_bias"][0]},
-             "fc2": {"kernel": params["fc2_kernel"][0], "bias": params["fc2_bias"][0]}}
+    dense = jax.tree.map(lambda w: w[0], {k: params[k] for k in ("fc1", "fc2")})
     want = MlpBlock(F).apply({"params": dense}, x)
     for dispatch in moe.DISPATCHES:
         model = block(num_experts=1, top_k=1, capacity_factor=0.0, dispatch=dispatch)
@@ -138,10 +144,8 @@ def test_identical_experts_give_one_experts_output_for_any_routing(routing):
     x = inputs()
     model = block(routing=routing, capacity_factor=0.0)
     params = init(model, x)
-    for name in ("fc1_kernel", "fc1_bias", "fc2_kernel", "fc2_bias"):
-        params[name] = np.broadcast_to(params[name][:1], params[name].shape).copy()
-    one = {"fc1": {"kernel": params["fc1_kernel"][0], "bias": params["fc1_bias"][0]},
-           "fc2": {"kernel": params["fc2_kernel"][0], "bias": params["fc2_bias"][0]}}
+    params = identical_experts(params)
+    one = jax.tree.map(lambda w: w[0], {k: params[k] for k in ("fc1", "fc2")})
     single = np.asarray(MlpBlock(F).apply({"params": one}, x))
     for seed in range(3):                       # whatever the router says
         params["router"]["kernel"] = np.random.default_rng(seed).normal(
@@ -220,8 +224,7 @@ def test_random_routing_keeps_the_second_expert_with_probability_two_g2():
     x = inputs(shape=(64, 8, D))
     model = block(random_routing=True, capacity_factor=0.0)
     params = init(model, x)
-    for name in ("fc1_kernel", "fc1_bias", "fc2_kernel", "fc2_bias"):
-        params[name] = np.broadcast_to(params[name][:1], params[name].shape).copy()
+    params = identical_experts(params)
     y_eval, _ = model.apply({"params": params}, x)          # evaluation: both experts
     want, _ = reference(params, x, model.cfg)
     np.testing.assert_allclose(np.asarray(y_eval), want, atol=1e-5)
@@ -247,10 +250,11 @@ def test_gradients_reach_the_router_and_experts():
     params = init(model, x)
 
     def f(router, w1):
-        p = {**params, "router": {"kernel": router}, "fc1_kernel": w1}
+        p = {**params, "router": {"kernel": router}, "fc1": {**params["fc1"], "kernel": w1}}
         return model.apply({"params": p}, x)[0]
 
-    check_grads(f, (jnp.asarray(params["router"]["kernel"]), jnp.asarray(params["fc1_kernel"])),
+    check_grads(f, (jnp.asarray(params["router"]["kernel"]),
+                    jnp.asarray(params["fc1"]["kernel"])),
                 order=1, modes=("rev",), atol=5e-2, rtol=5e-2, eps=1e-3)
 
 
