@@ -100,3 +100,13 @@ def test_moe_run_logs_the_routing_and_plots_it(tmp_path):
     assert train["objective"] == pytest.approx(train["loss"] + extra, rel=1e-5)
     assert summary["expert_load/layers"] == 1 and summary["expert_load/max_over_min"] >= 1
     assert os.path.exists(tmp_path / "expert_load.png")
+
+
+def test_a_task_that_cannot_add_the_balancing_losses_refuses_a_moe_model():
+    from train.tasks import TASKS  # noqa: PLC0415
+
+    cfg = transformer.make_config("tiny", vocab_size=40, max_length=16, num_classes=3,
+                                  moe={"every": 1, "num_experts": 2})
+    with pytest.raises(ValueError, match="task 'classify' does not add a mixture of experts' "
+                                         "balancing losses; allowed .* tasks lm, mlm, seq2seq"):
+        TASKS["classify"](ml_collections.ConfigDict(), transformer.Encoder(cfg, head="cls"), {})

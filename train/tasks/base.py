@@ -70,6 +70,9 @@ class Task:
     # teacher's variables; train/distill.py).
     needs_frozen: ClassVar[bool] = False
     default_evals: ClassVar[tuple[str, ...]] = ()
+    # True: predict applies the model through apply_capturing, so a mixture of experts'
+    # routing statistics reach model_losses (its balancing terms join the objective).
+    collects_model_losses: ClassVar[bool] = False
 
     @classmethod
     def builder(cls) -> str:
@@ -90,6 +93,10 @@ class Task:
         """config: the run config; model: the flax module; data: the run's datasets
         (train.run_data.RunData, or a {split: dataset} dict in unit tests)."""
         self.config, self.model, self.data = config, model, data
+        if transformer.moe_config(model) is not None and not self.collects_model_losses:
+            raise ValueError(f"model.moe: task {self.name!r} does not add a mixture of "
+                             "experts' balancing losses; allowed with model.moe.every > 0: "
+                             "tasks lm, mlm, seq2seq")
 
     # ---- the objective ----------------------------------------------------------------
     def init_args(self, batch) -> tuple[tuple, dict]:

@@ -16,6 +16,7 @@ class LanguageModelTask(CrossEntropyTask):
     """batch {"tokens": int[B, L+1]} -> inputs tokens[:, :-1], targets tokens[:, 1:]."""
 
     name = "lm"
+    collects_model_losses = True
     default_evals = ("sample",)
 
     def init_args(self, batch):

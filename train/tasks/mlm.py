@@ -42,6 +42,7 @@ class MaskedLanguageModelTask(CrossEntropyTask):
     """batch {"tokens": int[B, L+1]} (LM windows; the last token is dropped)."""
 
     name = "mlm"
+    collects_model_losses = True
 
     @classmethod
     def default_config(cls) -> ml_collections.ConfigDict:

@@ -36,6 +36,7 @@ class Seq2SeqTask(CrossEntropyTask):
     """batch {"inputs": int[B, S], "targets": int[B, T]} (EOS-terminated, PAD-padded)."""
 
     name = "seq2seq"
+    collects_model_losses = True
     default_evals = ("decode",)
 
     def init_args(self, batch):
@@ -43,10 +44,12 @@ class Seq2SeqTask(CrossEntropyTask):
 
     def predict(self, params, model_state, batch, rng, train: bool):
         inputs, targets = batch["inputs"], batch["targets"]
-        logits = self.model.apply({"params": params, **model_state}, inputs,
-                                  shift_right(targets), train=train, rngs={"dropout": rng})
+        logits, extras = self.apply_capturing({"params": params, **model_state}, inputs,
+                                              shift_right(targets), train=train,
+                                              rngs={"dropout": rng})
         weights = (targets != PAD) * common.example_weights(batch, targets.shape[0])[:, None]
-        return {"logits": logits, "targets": targets, "weights": weights}, model_state
+        return {"logits": logits, "targets": targets, "weights": weights, **extras}, \
+            model_state
 
     def derived_metrics(self, metrics: dict) -> dict:
         return {"perplexity": common.perplexity(metrics["loss"])}
