@@ -8,12 +8,15 @@ Variants:
            CPU cores: 600 steps in ~4 minutes; masked-token accuracy 29.6% and masked-token
            perplexity 18.9 on validation (a byte-level MLM learns slowly: only 15% of the
            tokens carry a loss).
-  teacher  the distillation teacher: the default trained 4x as long (2400 steps).
+  teacher  the distillation teacher: the default trained 4x as long (2400 steps):
+           masked-token accuracy 49.8%, perplexity 6.34 (validation).
   distilbert  DistilBERT's recipe (Sanh et al. 2019) in small: the default at half depth
            (2 layers), initialized from every other layer of the teacher
            (runs/bert_teacher, init_from.inherit="uniform": layers 0 and 2) and trained with its
            triple loss -- soft targets at T=2 (weight 5), the masked-LM loss (2) and the
-           cosine between last hidden states (1).
+           cosine between last hidden states (1). Measured: 51.1% masked-token
+           accuracy (103% of the teacher's) in 600 steps; the same model trained alone
+           31.4%.
   tiny     a seconds-long smoke run (tests).
 """
 from configs.common import cadence, warmup_cosine

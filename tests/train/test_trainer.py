@@ -137,23 +137,31 @@ def test_nan_stops_with_clear_error_and_keeps_good_checkpoints(tmp_path, monkeyp
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory):
+    """(summary, workdir) of the 6-step tiny run on one device."""
+    one = tiny_config(num_steps=6, eval_every=100)
+    one.sharding.num_devices = 1
+    workdir = tmp_path_factory.mktemp("one_device") / "one"
+    return trainer.train_and_evaluate(one, str(workdir)), workdir
+
+
+@pytest.mark.xdist_group("one_device_run")   # one worker: the fixture's run is shared
 @pytest.mark.parametrize("mesh", [dict(num_devices=8), dict(fsdp=4, strategy="fsdp",
                                                             min_size_to_shard=0)])
-def test_data_parallel_and_fsdp_equal_one_device(tmp_path, mesh):
+def test_data_parallel_and_fsdp_equal_one_device(tmp_path, mesh, one_device_run):
     """Through the trainer, with config.sharding's default logical-axis rules (the
     state's shardings from the params' logical names, activation constraints inside
     train.sharding.use_rules): the same run as one device."""
     assert jax.device_count() == 8
-    one = tiny_config(num_steps=6, eval_every=100)
-    one.sharding.num_devices = 1
-    single = trainer.train_and_evaluate(one, str(tmp_path / "one"))
+    single, one_dir = one_device_run
     many = tiny_config(num_steps=6, eval_every=100)
     for k, v in mesh.items():
         many.sharding[k] = v
     sharded = trainer.train_and_evaluate(many, str(tmp_path / "many"))
     for key in ("validation/loss", "test/loss", "validation/accuracy"):
         np.testing.assert_allclose(sharded[key], single[key], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(_final_params(tmp_path / "one")[1]),
+    for a, b in zip(jax.tree.leaves(_final_params(one_dir)[1]),
                     jax.tree.leaves(_final_params(tmp_path / "many")[1])):
         # Adam normalizes tiny gradients to ~lr-sized steps, so reduction-order rounding
         # can move a weight by a few 1e-5 after 6 steps of lr 3e-3; 1e-4 is 3% of a step.

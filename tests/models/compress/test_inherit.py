@@ -154,6 +154,17 @@ def test_shrink_to_a_clip_template_inherits_each_tower():
         inherit.shrink_to(student, teacher)
 
 
+def test_shrink_to_refuses_another_head_width(trained_like):
+    """Heads are kept whole: a template whose heads are narrower (d_model 24 over 2 heads
+    where the source's are 8 wide) is refused, naming the setting that fixes it."""
+    _, cfg, params, tokens = trained_like
+    narrow = T.Decoder(cfg.replace(d_model=24, num_heads=2, mlp_dim=F // 2))
+    template = nn.unbox(jax.eval_shape(narrow.init, jax.random.key(0), tokens)["params"])
+    with pytest.raises(ValueError, match="keeps each head's width: this model has head_dim "
+                                         "12, its source 8 \\(set head_dim=8"):
+        inherit.shrink_to(params, template)
+
+
 def gated_like(trained_like, channel_open=None):
     """The trained-like decoder with every gate kind: per layer 2 closed, 1 half-open and 1
     open head, half the MLP units closed, fractional layer gates; residual channels open
