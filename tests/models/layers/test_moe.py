@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from jax import lax
 from jax.test_util import check_grads
 
 from models.layers import moe
@@ -266,3 +267,30 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="model.moe.dispatch='ragged'; allowed: dense, sorted"):
         moe.MoeConfig(dispatch="ragged")
     assert [moe.MoeConfig(every=2).in_layer(i) for i in range(4)] == [False, True, False, True]
+
+
+def test_every_expert_matmul_goes_through_the_dot_general_hook():
+    """The compression switch's activation quantization replaces `dot_general`: both
+    expert matmuls (all experts batched) are its calls, in either dispatch, and the
+    hook's result is what the block computes -- a hook that doubles every product makes a
+    bias-free ReLU block exactly 4x the plain one (relu(2 a) = 2 relu(a))."""
+    x = inputs()
+    calls = []
+
+    def doubling(lhs, rhs, dims, precision=None, preferred_element_type=None):
+        calls.append(rhs.shape)
+        return 2.0 * lax.dot_general(lhs, rhs, dims, precision=precision,
+                                     preferred_element_type=preferred_element_type)
+
+    for dispatch in moe.DISPATCHES:
+        cfg = moe.MoeConfig(num_experts=4, top_k=2, capacity_factor=0.0, dispatch=dispatch)
+        plain = moe.MoeBlock(cfg=cfg, hidden_dim=F, activation="relu", use_bias=False)
+        hooked = moe.MoeBlock(cfg=cfg, hidden_dim=F, activation="relu", use_bias=False,
+                              dot_general=doubling)
+        params = init(plain, x)
+        calls.clear()
+        y, _ = hooked.apply({"params": params}, x)
+        assert calls == [(4, D, F), (4, F, D)]
+        y_plain, _ = plain.apply({"params": params}, x)
+        np.testing.assert_allclose(np.asarray(y), 4.0 * np.asarray(y_plain), rtol=1e-5,
+                                   atol=1e-6)
