@@ -13,10 +13,8 @@ Variants:
               job), 200 fine-tuning steps at a low learning rate; each sweep run switches on
               one compression (get_sweep("compress")). With --config.train.num_steps=0 it
               only evaluates: post-training compression.
-  teacher     the distillation teacher: the default at 6 layers (1.24M params), trained 4x
-              as long (2400 steps)
-  distill     the default config: the base of get_sweep("distill") (a 2-layer student of
-              the teacher, alone and distilled)
+  distill     the default config: the base of get_sweep("distill") (a 2-layer student of a
+              6-layer teacher, alone and distilled)
   moe         the default with a sparse mixture of experts in every other layer (layers 1
               and 3): 8 experts of half the MLP width, top-2, so each token runs as many
               MLP parameters as the dense default (4x the MLP parameters in those layers);
@@ -44,10 +42,6 @@ def get_config(variant: str = "default"):
         c.train.eval_max_batches = 8
         warmup_cosine(c, 3e-3, warmup_steps=50, weight_decay=0.01)
         c.optim.schedule.end_lr_fraction = 0.1
-    elif variant == "teacher":
-        c = get_config("default")
-        c.model.num_layers = 6
-        cadence(c, 2400, 600)
     elif variant == "distill":  # the base of get_sweep("distill"): the default config
         c = get_config("default")
     elif variant == "compress":
@@ -83,7 +77,7 @@ def get_config(variant: str = "default"):
         c.optim.schedule.warmup_steps = 100
     else:
         raise ValueError(f"unknown gpt variant {variant!r}; allowed: default, compress, "
-                         "teacher, distill, moe, moe_tiny, tiny, gpt2_small")
+                         "distill, moe, moe_tiny, tiny, gpt2_small")
     return c
 
 
@@ -164,14 +158,15 @@ def compression_sweep():
 def distill_sweep():
     """A 2-layer student of a 6-layer teacher, alone and distilled, at equal steps:
 
-        python -m train.main --config=configs/gpt.py:teacher --workdir=runs/gpt_teacher
+        python -m train.main --config=configs/gpt.py --workdir=runs/gpt6 \
+            --config.model.num_layers=6
         python -m train.sweep --config=configs/gpt.py:distill --workdir=runs/gpt_distill \
             --sort=validation/perplexity
 
     The distilled rows add Hinton KD at T=2 (weight 1, beside the hard loss); the last also
     starts from the teacher's layers 0 and 3 (init_from.inherit="uniform").
     """
-    teacher = "runs/gpt_teacher"
+    teacher = "runs/gpt6"
     alone = {"model.num_layers": 2}
     distilled = {**alone, "distill.teacher": teacher, "distill.temperature": 2.0}
     inherited = {**distilled, "init_from.workdir": teacher, "init_from.inherit": "uniform"}
