@@ -20,6 +20,8 @@ Variants:
               MLP parameters as the dense default (4x the MLP parameters in those layers);
               capacity factor 1.25, Switch balancing loss 0.01, router z-loss 0.001; the
               expert_load evaluator plots the routing. The base of get_sweep("moe").
+              Measured (600 steps, 2 CPU cores): validation perplexity 4.898 vs the dense
+              default's 5.134, at 2.20 vs 2.37 steps/s; expert load max/min 1.42.
   moe_tiny    a seconds-long MoE smoke run (tests).
   gpt2_small  GPT-2 small (12 layers, 768 wide, 1024 context) in bf16 with fused attention:
               the GPU benchmark shape.

@@ -23,15 +23,9 @@ import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 
-# FLAXLAB_TEST_JAX_CACHE=DIR keeps it across sessions; =off disables it. Under pytest-xdist
-# the workers of one run share one directory (keyed by the run's id), so a program one
-# worker compiled is a cache hit for the other; jax writes each entry atomically.
+# FLAXLAB_TEST_JAX_CACHE=DIR keeps it across sessions; =off disables it.
 _CACHE = os.environ.get("FLAXLAB_TEST_JAX_CACHE", "")
-_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID", "")
 if _CACHE != "off":
-    if not _CACHE and _RUN:
-        _CACHE = os.path.join(tempfile.gettempdir(), f"flaxlab_jaxc_{_RUN}")
-        os.makedirs(_CACHE, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", _CACHE or tempfile.mkdtemp(prefix="jaxc_"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -146,7 +146,6 @@ def one_device_run(tmp_path_factory):
     return trainer.train_and_evaluate(one, str(workdir)), workdir
 
 
-@pytest.mark.xdist_group("one_device_run")   # one worker: the fixture's run is shared
 @pytest.mark.parametrize("mesh", [dict(num_devices=8), dict(fsdp=4, strategy="fsdp",
                                                             min_size_to_shard=0)])
 def test_data_parallel_and_fsdp_equal_one_device(tmp_path, mesh, one_device_run):
