@@ -103,10 +103,10 @@ def test_expected_sparsity_is_the_expected_l0_of_every_gate_kind_in_both_layouts
     cfg = transformer.make_config("tiny", vocab_size=20, max_length=8, num_layers=3,
                                   num_heads=2, d_model=8, mlp_dim=12, unit_gates=True,
                                   channel_gates=True)
-    params = nn.unbox(transformer.Decoder(cfg).init(jax.random.key(0),
-                                                    jnp.zeros((1, 4), jnp.int32))["params"])
+    params = nn.unbox(jax.eval_shape(transformer.Decoder(cfg).init, jax.random.key(0),
+                                     jnp.zeros((1, 4), jnp.int32))["params"])
     rng = np.random.default_rng(0)
-    stack = jax.tree.map(lambda x: np.asarray(x).copy(), params["decoder"])
+    stack = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), params["decoder"])  # shapes
 
     def p_open(a):
         return 1.0 / (1.0 + np.exp(-(np.float64(a) - gates.BETA * np.log(

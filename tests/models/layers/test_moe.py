@@ -250,6 +250,7 @@ def test_gradients_reach_the_router_and_experts():
     model = block(num_experts=3, capacity_factor=0.0)
     params = init(model, x)
 
+    @jax.jit    # check_grads calls it many times: compile once
     def f(router, w1):
         p = {**params, "router": {"kernel": router}, "fc1": {**params["fc1"], "kernel": w1}}
         return model.apply({"params": p}, x)[0]
