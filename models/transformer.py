@@ -120,13 +120,14 @@ class TransformerConfig:
         if self.num_decoder_layers is not None and self.num_decoder_layers <= 0:
             raise ValueError("model.num_decoder_layers must be positive (or None = "
                              f"num_layers), got {self.num_decoder_layers}")
-        if self.moe.every and self.scan_layers and self.moe.every > 1:
+        if self.scan_layers and self.moe.every > 1:
             raise ValueError(f"model.moe.every={self.moe.every} mixes dense and MoE layers, "
                              "which a scanned stack cannot (its layers are one function); "
                              "allowed with model.scan_layers: moe.every 0 or 1")
-        if self.moe.every and self.unit_gates:
-            raise ValueError("model.unit_gates gates a dense MLP's units; allowed with "
-                             "model.moe.every > 0: unit_gates=False")
+        if self.moe.every and (self.unit_gates or self.channel_gates):
+            raise ValueError("model.unit_gates / channel_gates size a dense MLP's units for "
+                             "weight inheritance; allowed with model.moe.every > 0: both "
+                             "False")
         if self.hint_dim < 0:
             raise ValueError(f"model.hint_dim must be >= 0 (0 = no hint regressor), got "
                              f"{self.hint_dim}")
@@ -216,6 +217,18 @@ def _attention(cfg: TransformerConfig, name: str, decode: bool = False,
         name=name)
 
 
+def _stack_norm(cfg: TransformerConfig, name: str, channels=None) -> Callable:
+    """x -> the stack's norm of x (a submodule `name` of the calling module); with the
+    channel gates' values `channels` [d], statistics over the open channels
+    (ChannelWeightedNorm)."""
+    kwargs = dict(epsilon=cfg.norm_epsilon, dtype=cfg.compute_dtype,
+                  param_dtype=cfg.weight_dtype, name=name)
+    if channels is None:
+        return make_norm(cfg.norm, **kwargs)
+    weighted = ChannelWeightedNorm(cfg.norm, **kwargs)
+    return lambda x: weighted(x, channels)
+
+
 class _Sublayer(nn.Module):
     """Residual wrapper: pre-norm x + drop(f(norm(x))) or post-norm norm(x + drop(f(x))).
 
@@ -231,14 +244,7 @@ class _Sublayer(nn.Module):
     @nn.compact
     def __call__(self, x, fn, channels=None):
         cfg = self.cfg
-        if channels is None:
-            norm = make_norm(cfg.norm, epsilon=cfg.norm_epsilon, dtype=cfg.compute_dtype,
-                             param_dtype=cfg.weight_dtype, name="norm")
-        else:
-            weighted = ChannelWeightedNorm(cfg.norm, epsilon=cfg.norm_epsilon,
-                                           dtype=cfg.compute_dtype,
-                                           param_dtype=cfg.weight_dtype, name="norm")
-            norm = lambda h: weighted(h, channels)  # noqa: E731
+        norm = _stack_norm(cfg, "norm", channels)
         drop = nn.Dropout(cfg.dropout_rate)
 
         def branch(h):
@@ -343,13 +349,8 @@ class TransformerStack(nn.Module):
         else:
             for i in range(self.num_layers):
                 x = block_cls(**kwargs, moe=cfg.moe.in_layer(i), name=f"layers_{i}")(x, *args)
-        if cfg.norm_position == "pre" and channels is not None:
-            x = ChannelWeightedNorm(cfg.norm, epsilon=cfg.norm_epsilon,
-                                    dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                                    name="final_norm")(x, channels)
-        elif cfg.norm_position == "pre":
-            x = make_norm(cfg.norm, epsilon=cfg.norm_epsilon, dtype=cfg.compute_dtype,
-                          param_dtype=cfg.weight_dtype, name="final_norm")(x)
+        if cfg.norm_position == "pre":
+            x = _stack_norm(cfg, "final_norm", channels)(x)
         if cfg.unit_gates or cfg.channel_gates:  # the sparsity multiplier (distill_losses)
             self.param(gates.LAGRANGE, nn.initializers.zeros_init(), (1,), jnp.float32)
         if cfg.hint_dim:  # declared here, applied by the distillation loss to the output

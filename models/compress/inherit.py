@@ -35,6 +35,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from models import transformer
+from models.compress import gated_size
 from models.layers import gates
 
 LAYER_CHOICES = ("first", "last", "uniform", "importance")
@@ -250,9 +251,8 @@ def _expected_layer_sizes(stack: dict, scores: dict) -> np.ndarray:
     sizes = []
     for layer, h, f, p_att, p_mlp in zip(_layers(stack), scores["heads"], scores["neurons"],
                                          scores["attention"], scores["mlp"]):
-        out_kernel = np.shape(_attention(layer)["out"]["kernel"])    # [H, hd, D]
-        sizes.append(p_att * np.sum(h) * 4 * out_kernel[1] * out_kernel[2]
-                     + p_mlp * np.sum(f) * (2 * out_kernel[2] + 1))
+        _, head_dim, d = np.shape(_attention(layer)["out"]["kernel"])    # [H, hd, D]
+        sizes.append(gated_size.layer_size(np.sum(h), head_dim, np.sum(f), d, p_att, p_mlp))
     return np.array(sizes)
 
 

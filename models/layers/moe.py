@@ -52,7 +52,6 @@ from models.layers import initializers, partitioning
 from models.layers.mlp import get_activation
 
 ROUTINGS = ("topk_softmax", "softmax_topk")
-DISPATCHES = ("dense", "sorted")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +225,39 @@ class ExpertDense(nn.Module):
         return out
 
 
+# ---- Dispatch: tokens to expert slots and back (one contract, equal outputs) -------------
+# (x [B, L, d], experts [B, L, k], position [B, L, k], kept [B, L, k] bool, weights [B, L, k]
+#  the gates of the kept choices, N, C, run_experts: [N, B, C, d] -> [N, B, C, d])
+#  -> [B, L, d] = sum over kept choices of weight * expert(x)
+def dense_dispatch(x, experts, position, kept, weights, n, c, run_experts):
+    """One-hot dispatch and combine tensors [B, L, N, C] and einsums (GShard)."""
+    slot = jax.nn.one_hot(jnp.where(kept, position, c), c, dtype=x.dtype)  # C: no slot
+    expert = jax.nn.one_hot(experts, n, dtype=x.dtype)
+    dispatch = jnp.einsum("blkn,blkc->blnc", expert, slot)       # 0/1, one per kept choice
+    combine = jnp.einsum("blkn,blkc,blk->blnc", expert, slot, weights)
+    h = jnp.einsum("blnc,bld->nbcd", dispatch, x)
+    return jnp.einsum("blnc,nbcd->bld", combine, run_experts(h))
+
+
+def sorted_dispatch(x, experts, position, kept, weights, n, c, run_experts):
+    """Each slot's token index: a gather into the slots, a gather of the outputs back."""
+    b, l, k = experts.shape
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None, None], (b, l, k))
+    tokens = jnp.broadcast_to(jnp.arange(l)[None, :, None], (b, l, k))
+    # slot (row, expert, position) -> its token; empty slots read a zero row (index l)
+    index = jnp.full((b, n, c), l, jnp.int32).at[
+        rows, experts, jnp.where(kept, position, c)].set(tokens, mode="drop")
+    padded = jnp.concatenate([x, jnp.zeros((b, 1, x.shape[-1]), x.dtype)], axis=1)
+    h = jnp.take_along_axis(padded, index.reshape(b, n * c, 1), axis=1)
+    y = run_experts(jnp.transpose(h.reshape(b, n, c, -1), (1, 0, 2, 3)))
+    picked = y[experts, rows, jnp.where(kept, position, 0)]            # [B, L, k, d]
+    return jnp.sum(picked * weights[..., None], axis=2)
+
+
+DISPATCH = {"dense": dense_dispatch, "sorted": sorted_dispatch}
+DISPATCHES = tuple(DISPATCH)
+
+
 # ---- The block ----------------------------------------------------------------------------
 class MoeBlock(nn.Module):
     """x [B, L, d] (valid [B, L] or None) -> (y [B, L, d], stats).
@@ -233,10 +265,11 @@ class MoeBlock(nn.Module):
     Params: router/kernel [d, N] (float32), router_noise/kernel [d, N] when noisy,
     fc1/kernel [N, d, F], fc1/bias [N, F], fc2/kernel [N, F, d], fc2/bias [N, d] (logical
     axes "expert", "embed", "mlp"; expert i's kernels are a dense MLP's [in, out], so the
-    compression transforms treat the expert axis as a stack axis: models/compress). stats (float32 scalars unless noted):
-    switch_loss, z_loss, load [N] (the fraction of routed choices per expert), dropped
-    (the fraction of active choices over capacity), weighted (the number of active tokens,
-    for averaging over layers and steps).
+    compression transforms treat the expert axis as a stack axis: models/compress).
+
+    stats (float32 scalars unless noted): switch_loss, z_loss, load [N] (the fraction of
+    routed choices per expert), dropped (the fraction of active choices over capacity),
+    weighted (the number of active tokens, for averaging over layers and steps).
     """
     cfg: MoeConfig
     hidden_dim: int
@@ -283,7 +316,7 @@ class MoeBlock(nn.Module):
     @nn.compact
     def __call__(self, x, valid=None, *, deterministic: bool = True):
         cfg = self.cfg
-        b, l, d = x.shape
+        b, l, _ = x.shape
         n, k = cfg.num_experts, cfg.top_k
         valid = jnp.ones((b, l), bool) if valid is None else valid.astype(bool)
         logits, route = self._router(x, deterministic)
@@ -297,25 +330,8 @@ class MoeBlock(nn.Module):
         kept = active & (position < c)
         weights = (gates * kept).astype(self.dtype)
 
-        if cfg.dispatch == "dense":
-            slot = jax.nn.one_hot(jnp.where(kept, position, c), c, dtype=self.dtype)
-            expert = jax.nn.one_hot(experts, n, dtype=self.dtype)
-            dispatch = jnp.einsum("blkn,blkc->blnc", expert, slot)   # 0/1, one per kept
-            combine = jnp.einsum("blkn,blkc,blk->blnc", expert, slot, weights)
-            h = jnp.einsum("blnc,bld->nbcd", dispatch, x.astype(self.dtype))
-            out = jnp.einsum("blnc,nbcd->bld", combine, self._experts(h))
-        else:
-            rows = jnp.broadcast_to(jnp.arange(b)[:, None, None], (b, l, k))
-            tokens = jnp.broadcast_to(jnp.arange(l)[None, :, None], (b, l, k))
-            # slot (row, expert, position) -> its token; empty slots read a zero row (l)
-            index = jnp.full((b, n, c), l, jnp.int32).at[
-                rows, experts, jnp.where(kept, position, c)].set(tokens, mode="drop")
-            padded = jnp.concatenate([x.astype(self.dtype), jnp.zeros((b, 1, d), self.dtype)],
-                                     axis=1)
-            h = jnp.take_along_axis(padded, index.reshape(b, n * c, 1), axis=1)
-            y = self._experts(jnp.transpose(h.reshape(b, n, c, d), (1, 0, 2, 3)))
-            picked = y[experts, rows, jnp.where(kept, position, 0)]        # [B, L, k, d]
-            out = jnp.sum(picked * weights[..., None], axis=2)
+        out = DISPATCH[cfg.dispatch](x.astype(self.dtype), experts, position, kept, weights,
+                                     n, c, self._experts)
 
         flat_valid = valid.reshape(-1)
         probs = jax.nn.softmax(route, axis=-1).reshape(b * l, n)

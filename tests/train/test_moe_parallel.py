@@ -95,8 +95,8 @@ def test_moe_run_logs_the_routing_and_plots_it(tmp_path):
     loads = [v for k, v in train.items() if k.startswith("moe_load/decoder/layers_1/")]
     assert len(loads) == 4 and abs(sum(loads) - 1.0) < 1e-5
     moe = c.model.moe
-    extra = 1 * (moe.switch_weight * train["moe_switch_loss"] + moe.z_weight
-                 * train["moe_z_loss"])            # one MoE layer of the two
+    # one MoE layer of the two: its losses are the logged means
+    extra = moe.switch_weight * train["moe_switch_loss"] + moe.z_weight * train["moe_z_loss"]
     assert train["objective"] == pytest.approx(train["loss"] + extra, rel=1e-5)
     assert summary["expert_load/layers"] == 1 and summary["expert_load/max_over_min"] >= 1
     assert os.path.exists(tmp_path / "expert_load.png")
@@ -110,3 +110,23 @@ def test_a_task_that_cannot_add_the_balancing_losses_refuses_a_moe_model():
     with pytest.raises(ValueError, match="task 'classify' does not add a mixture of experts' "
                                          "balancing losses; allowed .* tasks lm, mlm, seq2seq"):
         TASKS["classify"](ml_collections.ConfigDict(), transformer.Encoder(cfg, head="cls"), {})
+
+
+def test_expert_load_reads_the_logged_loads_and_floors_an_idle_expert():
+    from train.evaluators import experts  # noqa: PLC0415
+
+    record = {"step": 4, "split": "validation", "loss": 1.0,
+              "moe_load/decoder/layers_1/expert_1": 0.3,
+              "moe_load/decoder/layers_1/expert_0": 0.5,
+              "moe_load/decoder/layers_1/expert_2": 0.2,
+              "moe_load/decoder/layers_3/expert_0": 1.0,
+              "moe_load/decoder/layers_3/expert_1": 0.0}
+    loads = experts.loads(record)
+    assert list(loads) == ["decoder/layers_1", "decoder/layers_3"]
+    np.testing.assert_array_equal(loads["decoder/layers_1"], [0.5, 0.3, 0.2])  # by index
+    even = experts.balance(loads["decoder/layers_1"])
+    assert even["max_over_min"] == pytest.approx(2.5) and even["idle_experts"] == 0
+    assert even["cv"] == pytest.approx(np.std([0.5, 0.3, 0.2]) / (1 / 3))
+    idle = experts.balance(loads["decoder/layers_3"])
+    assert idle == {"max_over_min": pytest.approx(1e4), "cv": pytest.approx(1.0),
+                    "idle_experts": 1.0}

@@ -5,8 +5,9 @@ expert_<i>`, train/tasks/moe_objective.py) from metrics.jsonl: the training rows
 expert_load.png (one panel per MoE layer, a line per expert against the step), the last
 validation row the numbers -- per layer max / min load (the balance an auxiliary loss buys:
 1 is perfectly even) and the coefficient of variation; the worst layer's are reported.
-An expert that received nothing has load 0: its ratio is reported as infinite would be, as
-`max_over_min` = max / 1e-4 (capped), with `idle_experts` counting such experts.
+An expert that received nothing has load 0, which would make the ratio infinite: the min
+is floored at MIN_LOAD = 1e-4 (so the ratio is capped at 1e4 x max), and `idle_experts`
+counts such experts.
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from models import transformer
+from models.compress import gated_size
 from models.layers import gates
 from train.tasks.contrastive_losses import l2_normalize
 
@@ -108,47 +108,6 @@ def _gated_stacks(tree, path=()):
     return [found for key, sub in tree.items() for found in _gated_stacks(sub, path + (key,))]
 
 
-def _open(sub: dict, name: str, default):
-    """Sum over the last axis of P(gate open) of gate `name` in `sub` ([L] for a scanned
-    stack, a scalar unrolled), or `default` where there is no such gate."""
-    if name not in sub:
-        return default
-    return jnp.sum(gates.prob_open(sub[name][gates.PARAM]), axis=-1)
-
-
-def _layer_sizes(layer: dict, width):
-    """(expected, full) parameters of one layer (or a scanned stack's layers, [L]) of
-    attention (q, k, v, out per head) and MLP (fc1, fc2 and a bias per unit), `width` the
-    expected number of open residual channels: the products of the expected counts, as
-    CoFi's expected model size (Xia et al. 2022, eq. 4)."""
-    att, mlp = layer["self_attention"], layer["mlp"]
-    heads, head_dim, d = att["out"]["kernel"].shape[-3:]                  # [.., H, hd, D]
-    units = mlp["fc2"]["kernel"].shape[-2]                                # [.., F, D]
-    open_heads = _open(att, "head_gate", heads)
-    open_units = _open(mlp, "unit_gate", units)
-    p_att = _open(layer["attention_sublayer"], "layer_gate", 1.0)
-    p_mlp = _open(layer["mlp_sublayer"], "layer_gate", 1.0)
-    expected = (p_att * open_heads * 4 * head_dim * width
-                + p_mlp * open_units * (2 * width + 1))
-    full = heads * 4 * head_dim * d + units * (2 * d + 1)
-    return jnp.sum(expected), full * (expected.shape[0] if jnp.ndim(expected) else 1)
-
-
-def expected_sparsity(stack) -> jax.Array:
-    """The expected fraction of a gated stack's attention and MLP parameters that its
-    gates remove: 1 - E[kept] / all, E[kept] from P(z > 0) of every layer, head, unit and
-    residual-channel gate (Louizos et al.'s expected L0, weighted by size)."""
-    layers = [stack["layers"]] if "layers" in stack else [
-        v for k, v in stack.items() if k.startswith("layers_")]
-    d = layers[0]["self_attention"]["out"]["kernel"].shape[-1]
-    width = _open(stack, transformer.CHANNEL_GATE, d)
-    kept = total = 0.0
-    for layer in layers:
-        e, f = _layer_sizes(layer, width)
-        kept, total = kept + e, total + f
-    return 1.0 - kept / total
-
-
 def gate_penalty(params, target, quadratic: float):
     """The sparsity constraint s = t of every gated stack of `params` as an augmented
     Lagrangian (Hestenes 1969): lambda (s - t) + mu (s - t)^2, s its expected sparsity, t
@@ -166,7 +125,7 @@ def gate_penalty(params, target, quadratic: float):
                          "and model.text)")
     penalty, sparsity, lams = 0.0, [], []
     for _, stack in stacks:
-        s = expected_sparsity(stack)
+        s = gated_size.expected_sparsity(stack)
         lam = _reverse_gradient(stack[gates.LAGRANGE][0])
         gap = s - target
         penalty = penalty + lam * gap + quadratic * gap * gap
