@@ -493,17 +493,30 @@ class PreemptionGuard:
     twice still stops a stuck run. The previous handlers come back on exit. Must be
     entered from the main thread (a Python signal rule).
 
-    Single host only: each process sees its own signal, at its own step. On multiple
-    hosts every process must save the same step, so rely on orbax instead:
-    jax.distributed's preemption service + Checkpointer.should_save /
-    reached_preemption(step), which become true on all hosts at one agreed step.
+    The loop asks `stop_at(step)` after every step. In one process that is the flag.
+    In a multi-process run every process must save the same step, and the signal may
+    reach only one of them: there the guard installs no handler and leaves SIGTERM to
+    jax.distributed's preemption service (its notifier catches the signal and tells the
+    coordinator), and `stop_at(step)` is true on every process at the one step they
+    agree on (multihost_utils.reached_preemption_sync_point: the largest step any of
+    them had reached when the notice arrived, plus one). It must then be asked at every
+    step by every process.
     """
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
-        self._signals = tuple(signals)
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT), multi_process: bool = False):
+        self.multi_process = multi_process
+        self._signals = () if multi_process else tuple(signals)
         self._previous: dict[int, Any] = {}
         self.requested = False
         self.signal_received: int | None = None
+
+    def stop_at(self, step: int) -> bool:
+        """Whether to checkpoint and stop after `step` (agreed by all processes)."""
+        if self.multi_process and not self.requested:
+            from jax.experimental import multihost_utils  # noqa: PLC0415
+
+            self.requested = bool(multihost_utils.reached_preemption_sync_point(step))
+        return self.requested
 
     def _handle(self, signum, frame) -> None:
         if self.requested and signum == signal.SIGINT:

@@ -3,6 +3,11 @@ r"""Entry point of every run:
     python -m train.main --config=configs/<family>.py[:variant] --workdir=DIR \
         [--config.section.key=value ...] [--restart_from_step=STEP] [--traceback]
 
+Several processes (one per host, or per GPU) make one run when the launcher says so
+(Slurm's srun, mpirun, a multi-host TPU slice: detected from the environment) or when the
+same command is given --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+in each (train/distributed.py; README: multi-host runs). --distributed=off runs alone.
+
 Running the same command on the same workdir resumes from its newest intact checkpoint
 (with a larger --config.train.num_steps it extends a finished run). A user error (config
 file, variant, key, type, value, dataset, workdir, checkpoint, NaN, disk full) is one line
@@ -44,6 +49,15 @@ def define_flags(argv: list[str]) -> flags.FlagValues:
                         "learning rate): a new lineage, recorded in config.json.",
                         flag_values=fv)
     flags.DEFINE_boolean("traceback", False, "Print the traceback of user errors too.",
+                         flag_values=fv)
+    flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                      "Join a multi-process run: auto = when the three flags below are "
+                      "given or the environment is a multi-process launch (Slurm, Open MPI, "
+                      "a multi-host TPU slice); on = always; off = never.", flag_values=fv)
+    flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0's coordinator "
+                        "(jax.distributed).", flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "Processes of the run.", flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.",
                          flag_values=fv)
     return fv
 
@@ -151,7 +165,12 @@ def run(argv: list[str]) -> int:
         return errors.EXIT_OK
     try:
         fv = parse(argv)
-        from train import trainer  # noqa: PLC0415 -- keeps --help and config errors fast
+        from train import distributed  # noqa: PLC0415 -- keeps --help and config errors fast
+
+        # Before anything touches a device: the devices of every process form the mesh.
+        distributed.initialize(fv.distributed, fv.coordinator_address, fv.num_processes,
+                               fv.process_id)
+        from train import trainer  # noqa: PLC0415
 
         summary = trainer.train_and_evaluate(fv.config, fv.workdir,
                                              restart_from_step=fv.restart_from_step)

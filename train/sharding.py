@@ -1,13 +1,24 @@
-"""Device mesh, data parallelism and FSDP with jax.sharding (no pmap, no manual collectives).
+"""Device mesh: data parallelism, FSDP, tensor and expert parallelism with jax.sharding
+(no pmap; manual collectives only in the MoE's shard_map).
 
-The mesh has two named axes, shape (data, fsdp), and a third, `expert`, when
-sharding.expert > 1:
+The mesh has two named axes, shape (data, fsdp), then `expert` when sharding.expert > 1
+and `model` when sharding.model > 1, in that order (the last axis is the most local one:
+jax.make_mesh keeps it within a host, where tensor parallelism's per-layer collectives
+belong):
 
-  batch:  split over every axis, so every device sees different examples
-          (batch_sharding, shard_batch).
-  params: "replicate" copies every parameter to every device (pure data parallel);
-          "fsdp" splits each large parameter along one axis over the `fsdp` devices and
-          replicates it over `data`.
+  batch:  split over data, fsdp and expert, so those devices see different examples;
+          the `model` devices of one group see the same ones (batch_sharding,
+          shard_batch). In a multi-process run each process builds only the rows its
+          devices hold (process_rows) and the global batch is assembled from them.
+  params: "replicate" copies every parameter to every device of the data axes (pure data
+          parallel); "fsdp" splits each large parameter along one axis over the `fsdp`
+          devices and replicates it over `data`.
+  tensor: the `model` axis splits attention heads and the MLP hidden units (and the
+          vocabulary) of every layer, Megatron style (Shoeybi et al. 2019): the QKV and
+          first MLP kernels by columns, the output and second MLP kernels by rows, so
+          each layer needs one all-reduce of its output forward and one backward. The
+          rules do it: ("heads", "model"), ("mlp", "model"), ("vocab", "model") and the
+          matching activation names; jit's propagation inserts the all-reduces.
   experts: a mixture of experts' expert axis is split over `expert` (expert parallelism,
           GShard): each device holds num_experts / expert experts, and the MoE layer
           exchanges token slots with all-to-alls inside shard_map (models/layers/moe.py).
@@ -58,16 +69,26 @@ from models.layers import partitioning
 
 PyTree = Any
 
-AXES = ("data", "fsdp", "expert")
+AXES = ("data", "fsdp", "expert", "model")
 DATA_AXES = ("data", "fsdp")   # the axes a parameter is replicated over under "replicate"
+BATCH_AXES = ("data", "fsdp", "expert")  # the axes that split a batch's examples
 STRATEGIES = ("replicate", "fsdp")
 
 # [logical name, mesh axes] in priority order (first applicable rule wins; a mesh axis
 # splits one dimension per array; rules that do not divide a dimension are skipped).
 # Today's data parallel / FSDP: examples over every device, each kernel over "fsdp".
+# Tensor parallelism first: a kernel's heads / mlp / vocab axis goes to "model" (when the
+# mesh has one), its embed axis still to "fsdp".
 DEFAULT_RULES = (
     ("expert", "expert"),
-    ("batch", ("data", "fsdp", "expert")),
+    ("batch", BATCH_AXES),
+    ("heads", "model"),
+    ("kv_heads", "model"),
+    ("mlp", "model"),
+    ("vocab", "model"),
+    ("activation_heads", "model"),
+    ("activation_mlp", "model"),
+    ("activation_vocab", "model"),
     # Token tables by row: a lookup in a table split along embed would come out split
     # along embed and need an all-to-all back to the batch layout.
     ("vocab", "fsdp"),
@@ -90,7 +111,10 @@ def default_config() -> ml_collections.ConfigDict:
     data: devices along the data axis; -1 means all devices not used by fsdp.
     fsdp: devices each large parameter is split over (1: no parameter sharding).
     expert: devices a mixture of experts' experts are split over (1: every device holds
-      every expert); the mesh is data x fsdp x expert.
+      every expert).
+    model: devices each layer's heads and MLP units are split over (tensor parallelism;
+      1: none); the mesh is data x fsdp [x expert] [x model], data x fsdp covering
+      num_devices / (expert * model).
     strategy: "replicate" (parameters on every device) or "fsdp" (parameters split as
       `rules` say; leaves without logical names: see param_sharding).
     min_size_to_shard: parameters with fewer elements stay replicated under "fsdp".
@@ -103,6 +127,7 @@ def default_config() -> ml_collections.ConfigDict:
         "data": -1,
         "fsdp": 1,
         "expert": 1,
+        "model": 1,
         "strategy": "replicate",
         # 16K elements (64 KiB in f32): below this, gathering a parameter every step
         # costs more latency than the memory it saves.
@@ -163,21 +188,29 @@ def resolve_mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int
     return data, fsdp
 
 
-def _check_expert(expert: int, num_devices: int) -> None:
-    if expert < 1 or num_devices % expert:
-        raise ValueError(f"sharding.expert={expert} must be >= 1 and divide the "
-                         f"{num_devices} devices")
+def _check_inner(expert: int, model: int, num_devices: int) -> None:
+    for name, size in (("expert", expert), ("model", model)):
+        if size < 1 or num_devices % size:
+            raise ValueError(f"sharding.{name}={size} must be >= 1 and divide the "
+                             f"{num_devices} devices")
+    if num_devices % (expert * model):
+        raise ValueError(f"sharding.expert={expert} x sharding.model={model} must divide "
+                         f"the {num_devices} devices")
 
 
 def make_mesh(data: int = -1, fsdp: int = 1,
-              devices: Sequence[jax.Device] | None = None, expert: int = 1) -> Mesh:
-    """A (data, fsdp) mesh over `devices` (default: all of jax.devices()), and
-    (data, fsdp, expert) when expert > 1 (data x fsdp then covers the devices / expert)."""
+              devices: Sequence[jax.Device] | None = None, expert: int = 1,
+              model: int = 1) -> Mesh:
+    """A (data, fsdp) mesh over `devices` (default: all of jax.devices()), with an
+    `expert` axis when expert > 1 and a `model` axis when model > 1 (data x fsdp then
+    cover the devices / (expert * model))."""
     devices = list(jax.devices() if devices is None else devices)
-    _check_expert(expert, len(devices))
-    shape = resolve_mesh_shape(data, fsdp, len(devices) // expert)
-    names = AXES if expert > 1 else DATA_AXES
-    shape = (*shape, expert) if expert > 1 else shape
+    _check_inner(expert, model, len(devices))
+    shape = resolve_mesh_shape(data, fsdp, len(devices) // (expert * model))
+    inner = [(name, size) for name, size in (("expert", expert), ("model", model))
+             if size > 1]
+    names = DATA_AXES + tuple(name for name, _ in inner)
+    shape = (*shape, *(size for _, size in inner))
     # jax.make_mesh orders devices for the physical topology (ICI rings on TPU). Auto
     # axes (its default is Explicit) let jit's in/out shardings drive propagation, so
     # model code needs no sharding-in-types annotations.
@@ -192,37 +225,84 @@ def devices_for(sharding_cfg: ml_collections.ConfigDict) -> list[jax.Device]:
     if not 1 <= n <= len(devices):
         raise ValueError(f"sharding.num_devices={sharding_cfg.num_devices} must be between 1 "
                          f"and the {len(devices)} available devices (0 = all)")
+    if jax.process_count() > 1 and n != len(devices):
+        raise ValueError(f"sharding.num_devices={sharding_cfg.num_devices}: a run of "
+                         f"{jax.process_count()} processes uses every one of the "
+                         f"{len(devices)} devices (0 = all)")
     return devices[:n]
 
 
 def mesh_from_config(sharding_cfg: ml_collections.ConfigDict) -> Mesh:
     return make_mesh(sharding_cfg.data, sharding_cfg.fsdp, devices_for(sharding_cfg),
-                     expert=sharding_cfg.get("expert", 1))
+                     expert=sharding_cfg.get("expert", 1), model=sharding_cfg.get("model", 1))
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes that split a batch's examples (all but `model`)."""
+    return tuple(a for a in mesh.axis_names if a in BATCH_AXES)
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many groups of devices see different examples (the batch must divide)."""
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over all devices: ('data', 'fsdp'[, 'expert']); other
-    axes whole."""
-    return NamedSharding(mesh, P(tuple(mesh.axis_names)))
+    """Leading (batch) axis split over ('data', 'fsdp'[, 'expert']), replicated over
+    'model'; other axes whole."""
+    return NamedSharding(mesh, P(batch_axes(mesh)))
 
 
-def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
-    """Places a host batch (dict of np arrays [batch, ...]) as global jax.Arrays.
+def process_rows(mesh: Mesh, global_batch_size: int) -> slice:
+    """The rows [start, stop) of a global batch that this process's devices hold.
 
-    Single process: the host batch is the global batch. (Multi-host input would use
-    jax.make_array_from_process_local_data, each host holding its slice.)
+    One process: every row. Several: each process's devices hold one contiguous block
+    (jax.make_mesh puts a process's devices next to each other along the batch axes), so
+    a random-access dataset gathers only those ids: `ds.batch(step, rows)`.
 
     Raises:
-      ValueError: a leading dimension is not divisible by the device count.
+      ValueError: the batch does not split over the mesh's batch axes, or this
+        process's rows are not one block (a hand-made device order).
+    """
+    _check_divisible(global_batch_size, mesh)
+    index = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
+    blocks = sorted({(s[0].start or 0, global_batch_size if s[0].stop is None
+                      else s[0].stop) for s in index.values()})
+    start, stop = blocks[0][0], blocks[-1][1]
+    covered = sum(b - a for a, b in blocks)
+    if covered != stop - start:
+        raise ValueError(f"the rows of process {jax.process_index()} are not contiguous "
+                         f"({blocks}): order the mesh's devices by process")
+    return slice(start, stop)
+
+
+def _check_divisible(size: int, mesh: Mesh) -> None:
+    if size % batch_shards(mesh):
+        raise ValueError(f"Global batch_size {size} is not divisible by the "
+                         f"{batch_shards(mesh)} batch shards of the mesh {dict(mesh.shape)}")
+
+
+def shard_batch(batch: PyTree, mesh: Mesh, global_batch_size: int | None = None) -> PyTree:
+    """Global jax.Arrays of a batch (dict of np arrays [rows, ...]) split over the mesh.
+
+    One process: `batch` is the global batch. Several: `batch` holds this process's
+    rows, process_rows(mesh, global_batch_size), and every process calls this with its
+    own (jax.make_array_from_process_local_data assembles them).
+
+    Raises:
+      ValueError: the batch does not split evenly over the mesh's batch axes.
     """
     sharding = batch_sharding(mesh)
 
     def put(x):
         x = np.asarray(x)
-        if x.ndim == 0 or x.shape[0] % mesh.size:
-            raise ValueError(f"Global batch_size {x.shape[0] if x.ndim else 'of a scalar'} is not "
-                             f"divisible by the {mesh.size} devices of the mesh {dict(mesh.shape)}")
-        return jax.device_put(x, sharding)
+        if x.ndim == 0:
+            raise ValueError("a batch leaf is a scalar; every leaf needs a batch axis")
+        size = x.shape[0] if global_batch_size is None else global_batch_size
+        _check_divisible(size, mesh)
+        if jax.process_count() == 1 and x.shape[0] == size:
+            return jax.device_put(x, sharding)
+        return jax.make_array_from_process_local_data(sharding, x, (size, *x.shape[1:]))
 
     return jax.tree.map(put, batch)
 
@@ -360,11 +440,13 @@ def validate(sharding_cfg: ml_collections.ConfigDict, global_batch_size: int,
     rules_from_config(sharding_cfg)
     if num_devices is None:
         num_devices = len(devices_for(sharding_cfg))
-    expert = sharding_cfg.get("expert", 1)
-    _check_expert(expert, num_devices)
-    shape = resolve_mesh_shape(sharding_cfg.data, sharding_cfg.fsdp, num_devices // expert)
-    if global_batch_size % num_devices:
+    expert, model = sharding_cfg.get("expert", 1), sharding_cfg.get("model", 1)
+    _check_inner(expert, model, num_devices)
+    shape = resolve_mesh_shape(sharding_cfg.data, sharding_cfg.fsdp,
+                               num_devices // (expert * model))
+    shards = num_devices // model
+    if global_batch_size % shards:
         raise ValueError(f"data.batch_size={global_batch_size} is not divisible by the "
-                         f"{num_devices} devices the batch is split over (set data.batch_size "
-                         "or sharding.num_devices)")
+                         f"{shards} device groups the batch is split over (set "
+                         "data.batch_size, sharding.num_devices or sharding.model)")
     return shape

@@ -12,6 +12,11 @@ data (every split), model and state, restored its checkpoint and checked its met
 names (train/workdir.py: the lock, the resume policy, the commit); a start that fails
 before that leaves the workdir as it was. User errors are train.errors.FlaxlabError
 subclasses (a ValueError before the commit is a ConfigError).
+
+Multi-process runs (train/distributed.py) run this same loop in every process: each builds
+only its rows of every batch, process 0 alone writes the workdir's files (the others write
+theirs into a scratch directory that is deleted at the end), every process writes its
+shards of each checkpoint, and a preemption stops all of them at one agreed step.
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ import difflib
 import functools
 import json
 import os
+import shutil
+import tempfile
 import time
 
 import jax
@@ -33,7 +40,7 @@ from train import compression as compression_lib
 from train import distill as distill_lib
 from train import config as config_lib
 from train import evaluators as evaluators_lib
-from train import families, optim, sharding
+from train import distributed, families, optim, sharding
 from train import workdir as workdir_lib
 from train.errors import ConfigError, FlaxlabError, NonFiniteError
 from train.metrics_log import MetricsLog, plot_loss_curve, write_json
@@ -100,7 +107,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
     if config.distill.stages:
         return stages.run(config, workdir, stop_after_steps)
     current = json.loads(config.to_json_best_effort(sort_keys=True))
-    with workdir_lib.Workdir(workdir) as wd:
+    with workdir_lib.Workdir(workdir, primary=distributed.is_primary()) as wd:
         defaults = config_lib.base_config(config.task.name, config.model.variant,
                                           config.model.family)
         changed = wd.check_resume(current, restart_from_step,
@@ -129,10 +136,29 @@ class _Restart:
 
 def _train_and_evaluate(config, wd: workdir_lib.Workdir, current: dict, mesh,
                         stop_after_steps: int | None, restart: _Restart) -> dict:
-    workdir = wd.path
+    # Where this process writes the run's files: the workdir in process 0, a scratch
+    # directory (deleted at the end) in the others. Checkpoints go to the workdir from all.
+    workdir = wd.path if wd.primary else tempfile.mkdtemp(
+        prefix=f"flaxlab-process-{jax.process_index()}-")
+    try:
+        return _run(config, wd, workdir, current, mesh, stop_after_steps, restart)
+    finally:
+        if not wd.primary:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run(config, wd: workdir_lib.Workdir, workdir: str, current: dict, mesh,
+         stop_after_steps: int | None, restart: _Restart) -> dict:
     t_cfg, num_steps = config.train, config.train.num_steps
     batch_sh = sharding.batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
+    # The rows of every training / evaluation batch this process gathers (all of them in
+    # a single process), and the global arrays assembled from them.
+    rows = sharding.process_rows(mesh, config.data.batch_size)
+    eval_rows = sharding.process_rows(mesh, config.data.eval_batch_size)
+
+    def train_batch(step: int):
+        return sharding.shard_batch(train_ds.batch(step, rows), mesh, config.data.batch_size)
 
     # ---- Input, model and task ------------------------------------------------------------
     data = RunData(config.data, config.seed)
@@ -150,13 +176,13 @@ def _train_and_evaluate(config, wd: workdir_lib.Workdir, current: dict, mesh,
 
     # ---- Checkpoint ---------------------------------------------------------------------
     ck = config.checkpoint
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=ck.every,
+    ckpt = ckpt_lib.Checkpointer(wd.file("checkpoints"), save_every=ck.every,
                                  keep=ck.keep, best_metric=ck.best_metric or None,
                                  best_mode=ck.best_mode)
 
     # ---- State --------------------------------------------------------------------------
     init_key, train_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
-    example = jax.tree.map(lambda x: x[:1], train_ds.batch(0))
+    example = train_ds.batch(0, slice(0, 1))
     init_args, init_kwargs = task.init_args(example)
     plain_init = make_init_state(model, base_tx, init_key, init_args, init_kwargs)
     init_state, init_inputs = compression.initial_state(
@@ -194,10 +220,11 @@ def _train_and_evaluate(config, wd: workdir_lib.Workdir, current: dict, mesh,
         loss); batch i gets the PRNG key fold_in(key or eval_key, i)."""
         step_fn, key = step_fn or p_eval_step, eval_key if key is None else key
         totals = None
-        for i, batch in enumerate(data[split].eval_batches(config.data.eval_batch_size)):
+        size = config.data.eval_batch_size
+        for i, batch in enumerate(data[split].eval_batches(size, eval_rows)):
             if max_batches and i >= max_batches:
                 break
-            sums = step_fn(params, model_state, sharding.shard_batch(batch, mesh),
+            sums = step_fn(params, model_state, sharding.shard_batch(batch, mesh, size),
                            jax.random.fold_in(key, i))
             totals = common.add_metrics(totals, sums)
         means = common.finalize(jax.device_get(totals))
@@ -278,9 +305,9 @@ def _train_and_evaluate(config, wd: workdir_lib.Workdir, current: dict, mesh,
             raise ConfigError(f"train.num_steps={num_steps} is below step {from_step} of "
                               f"the checkpoint in {ckpt.directory}: a run can be extended, "
                               "not shortened")
-    check_metric_names(config, task, data, p_eval_step, state, eval_key)
+    check_metric_names(config, task, data, p_eval_step, state, eval_key, eval_rows)
     if distillation.enabled:  # the teacher's fit to the student is checked while tracing
-        jax.eval_shape(p_train_step, state, sharding.shard_batch(train_ds.batch(0), mesh))
+        jax.eval_shape(p_train_step, state, train_batch(0))
 
     # ---- Commit: from here on the run writes to its workdir --------------------------------
     wd.commit(current, resume_step=int(state.step), corrupt_steps=corrupt,
@@ -301,10 +328,9 @@ def _train_and_evaluate(config, wd: workdir_lib.Workdir, current: dict, mesh,
     timer = _StepTimer()
     status, step = "finished", start
     try:
-        with ckpt_lib.PreemptionGuard() as guard:
+        with ckpt_lib.PreemptionGuard(multi_process=distributed.is_multi_process()) as guard:
             while step < num_steps and not meta["stopped_early"]:
-                batch = sharding.shard_batch(train_ds.batch(step), mesh)
-                state, scalars = p_train_step(state, batch)
+                state, scalars = p_train_step(state, train_batch(step))
                 step += 1
                 if step == start + 1:
                     jax.block_until_ready(scalars)
@@ -332,7 +358,7 @@ def _train_and_evaluate(config, wd: workdir_lib.Workdir, current: dict, mesh,
                     timer.pause(scalars)
                     check_finite(step)
                     run_evaluators(step, final=False)
-                interrupted = guard.requested or (
+                interrupted = guard.stop_at(step) or (
                     stop_after_steps is not None and step - start >= stop_after_steps)
                 force = interrupted or bool(meta["stopped_early"])
                 # The last step is saved after the final evaluation.
@@ -395,16 +421,18 @@ def _wanted_step(restart: _Restart, restore_step: int, ckpt) -> int | None:
                           f"'latest'; steps here: {ckpt.all_steps()}") from None
 
 
-def check_metric_names(config, task, data, eval_step, state, eval_key) -> None:
+def check_metric_names(config, task, data, eval_step, state, eval_key,
+                       rows: slice | None = None) -> None:
     """ConfigError unless checkpoint.best_metric and (when on) early_stopping.metric are
-    metrics a validation pass produces: traced (jax.eval_shape), nothing compiles."""
+    metrics a validation pass produces: traced (jax.eval_shape) on this process's `rows`
+    of a batch, nothing compiles."""
     ck, es = config.checkpoint, config.train.early_stopping
     wanted = [(key, name) for key, name, on in (
         ("checkpoint.best_metric", ck.best_metric, bool(ck.best_metric)),
         ("train.early_stopping.metric", es.metric, es.patience > 0)) if on]
     if not wanted:
         return
-    batch = next(iter(data["validation"].eval_batches(config.data.eval_batch_size)))
+    batch = next(iter(data["validation"].eval_batches(config.data.eval_batch_size, rows)))
     shapes = jax.eval_shape(eval_step, state.params, state.model_state, batch, eval_key)
     names = set(shapes) | set(task.derived_metrics({k: 1.0 for k in shapes}))
     allowed = sorted(f"validation/{k}" for k in names)

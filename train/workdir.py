@@ -16,6 +16,12 @@ dies, however it dies, so the lock of a killed run is stale as soon as it is dea
 run takes it over (and logs whose it was). flock works on local disks and most network
 file systems; where it does not (some NFS setups), every start gets the lock.
 
+In a multi-process run (train/distributed.py) only process 0 (`primary`) locks, creates
+and writes; every process reads the same config.json and checkpoints and makes the same
+resume decision. The processes agree twice: after opening (process 0 got the lock) and at
+the commit (every process built its run); a process that failed reports its exit code
+there, the others stop with PeerFailedError, and the workdir stays as it was.
+
 Resume policy (`check_resume`): a workdir holds one run, identified by every key except
 those in RESUMABLE (run length, cadence, evaluation, layout). Those may change between
 invocations and are logged; changing any other key is refused unless the invocation
@@ -36,6 +42,7 @@ from typing import Any
 
 from absl import logging
 
+from train import distributed
 from train.errors import ConfigError, WorkdirError
 from train.metrics_log import write_json
 
@@ -92,9 +99,12 @@ def _changes(saved: dict, current: dict, keys: list[str]) -> str:
 
 
 class Workdir:
-    """The workdir of one invocation: its lock, its resume check and its commit."""
+    """The workdir of one invocation: its lock, its resume check and its commit.
 
-    def __init__(self, path: str):
+    primary: False in processes 1.. of a multi-process run: no lock, nothing written.
+    """
+
+    def __init__(self, path: str, primary: bool = True):
         if not path or not path.strip():
             raise WorkdirError("--workdir is empty; give the directory of the run (it is "
                                "created if missing)")
@@ -103,6 +113,8 @@ class Workdir:
             raise WorkdirError(f"--workdir={path} is a file, not a directory; give a "
                                "directory (it is created if missing)")
         self.committed = False
+        self.primary = primary
+        self._agreed = False   # the start's outcome was reported to the other processes
         self._created: list[str] = []     # directories this invocation made, deepest last
         self._fd: int | None = None
         self._previous_lock: bytes | None = None
@@ -114,15 +126,22 @@ class Workdir:
     # -- lock ------------------------------------------------------------------------------
     def __enter__(self) -> Workdir:
         try:
-            self._make_dirs()
-            self._lock()
-        except BaseException:
+            if self.primary:
+                self._make_dirs()
+                self._lock()
+        except BaseException as e:
             self._undo()
+            distributed.agree(distributed.exit_code_of(e), "opening the workdir")
             raise
+        distributed.agree(0, "opening the workdir")
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         if not self.committed:
+            if not self._agreed:  # a failed start: the other processes learn of it
+                self._agreed = True
+                distributed.agree(distributed.exit_code_of(exc) if exc is not None
+                                  else 0, "starting the run")
             self._undo()
         else:
             self._unlock(remove=True)
@@ -259,7 +278,16 @@ class Workdir:
         """The run starts writing: corrupt checkpoint steps move to corrupt_checkpoints/,
         a restart's later steps (restart["after_step"]) to superseded/<n>/, and
         config.json is written (with the lineage). A resumed run's metrics.jsonl loses the
-        lines after resume_step (logged after its last checkpoint, they are logged again)."""
+        lines after resume_step (logged after its last checkpoint, they are logged again).
+
+        Every process calls it (after every process built its run); only the primary
+        writes, and the others wait until it has."""
+        self._agreed = True
+        distributed.agree(0, "starting the run")
+        if not self.primary:
+            distributed.barrier("workdir committed")
+            self.committed = True
+            return
         for step in corrupt_steps:
             target = self.file("corrupt_checkpoints", str(step))
             if os.path.exists(target):
@@ -275,6 +303,7 @@ class Workdir:
         record = dict(current, lineage=lineage) if lineage else current
         write_json(self.file(CONFIG), record)  # atomic: never half a file
         self.committed = True
+        distributed.barrier("workdir committed")
 
     def _set_aside_after(self, step: int, number: int, changed: list[str],
                          current: dict) -> dict:

@@ -9,8 +9,11 @@ a batch from item ids (``gather``); this class writes once what every dataset sh
                             from (seed, epoch) (``sampling.EpochSampler``), so a batch is a
                             pure function of (data, seed, step) and a resumed run needs
                             only the step
+  batch(step, rows)         only the rows ``rows`` (a slice) of that batch: one process
+                            of a multi-process run gathers its own share and nothing else
   eval_batches(batch_size)  one pass in fixed order; the last batch is padded with item 0
                             and "weights" float32[B] is 1.0 on real rows, 0.0 on padding
+                            (``rows``: the same share of each batch)
   steps_per_epoch           num_examples / batch_size
   data_info()               the fields the trainer copies into the model config
   vocab_size, tokenizer     the shared ``ByteTokenizer`` (every text source uses it)
@@ -88,15 +91,20 @@ class RandomAccessDataset:
             info["num_classes"] = self.num_classes
         return info
 
-    def batch(self, step: int) -> dict[str, np.ndarray]:
-        """Training batch ``step`` (>= 0): ``gather`` of its B ids."""
+    def batch(self, step: int, rows: slice | None = None) -> dict[str, np.ndarray]:
+        """Training batch ``step`` (>= 0): ``gather`` of its B ids (of ``ids[rows]`` when
+        given: rows [start, stop) of the batch, the same values the full batch has)."""
         _, ids = self._sampler.indices(step)
-        return self.gather(ids)
+        return self.gather(ids if rows is None else ids[rows])
 
-    def eval_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    def eval_batches(self, batch_size: int, rows: slice | None = None
+                     ) -> Iterator[dict[str, np.ndarray]]:
         """One pass over the eval positions in order: ``gather`` of their ids plus
-        "weights" float32[batch_size] (0.0 on the padded tail of the last batch)."""
+        "weights" float32[batch_size] (0.0 on the padded tail of the last batch); with
+        ``rows``, those rows of every batch."""
         for positions, weights in eval_index_batches(self.num_eval_examples, batch_size):
+            if rows is not None:
+                positions, weights = positions[rows], weights[rows]
             yield {**self.gather(self.eval_ids(positions)), "weights": weights}
 
 

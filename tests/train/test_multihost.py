@@ -1,0 +1,178 @@
+"""Multi-process runs on one machine: 2 processes x 4 virtual CPU devices on 127.0.0.1, their
+collectives over Gloo, launched and stopped by the test (tests/train/multihost/worker.py).
+
+One uninterrupted 2-process run, and one that gets SIGTERM in process 1 only and is rerun,
+are compared with in-process runs of the same config on 8 devices and on 1 device:
+  - the same loss curve and final parameters (float tolerance: a different reduction
+    order), and the resumed 2-process run equal to the uninterrupted one to the bit;
+  - each process gathered only its rows of every training and evaluation batch;
+  - both processes saved the same step and exited with the preemption status;
+  - the 2-process checkpoint restores in 1 process on 8 devices and on 1 device, and the
+    run continues to the same parameters;
+  - only process 0 wrote the workdir's files (process 1: only its checkpoint shards).
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from train import checkpoint as ckpt_lib
+from train import errors
+from train import main as train_main
+
+WORKER = os.path.join(os.path.dirname(__file__), "multihost", "worker.py")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STEPS, BATCH, EVAL_BATCH = 12, 8, 16
+ARGS = [f"--config={REPO}/configs/gpt.py:tiny", f"--config.train.num_steps={STEPS}",
+        f"--config.data.batch_size={BATCH}", f"--config.data.eval_batch_size={EVAL_BATCH}",
+        "--config.train.log_every=2", "--config.train.eval_every=6",
+        "--config.checkpoint.every=6"]
+LAUNCH_TIMEOUT_S = 180
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Gloo over loopback")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(workdir, record_dir, *, slow_s: float = 0.0, stop_process_1_at: int = -1):
+    """Runs the 2 processes to their end; SIGTERM to process 1 once it gathered batch
+    `stop_process_1_at`. Returns their exit codes."""
+    os.makedirs(record_dir, exist_ok=True)
+    port = _free_port()
+    env = dict(os.environ, FLAXLAB_TEST_JAX_CACHE=jax.config.jax_compilation_cache_dir or "")
+    procs = [subprocess.Popen(
+        [sys.executable, WORKER, str(record_dir), "4", str(slow_s), "--", *ARGS,
+         f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}",
+         "--num_processes=2", f"--process_id={i}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    try:
+        if stop_process_1_at >= 0:
+            progress = os.path.join(record_dir, "process_1.steps")
+            while time.monotonic() < deadline and procs[1].poll() is None:
+                if os.path.exists(progress) and str(stop_process_1_at) in open(
+                        progress).read().split():
+                    procs[1].terminate()  # SIGTERM, as a scheduler's preemption
+                    break
+                time.sleep(0.05)
+        outputs = [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0]
+                   for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    codes = [p.returncode for p in procs]
+    assert all(c in (0, errors.EXIT_PREEMPTED) for c in codes), "\n".join(
+        o[-3000:] for o in outputs)
+    return codes
+
+
+def _record(record_dir, process):
+    with open(os.path.join(record_dir, f"process_{process}.json")) as f:
+        return json.load(f)
+
+
+def _params(workdir, step):
+    state = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), 1).restore_raw(step)
+    return state["params"]
+
+
+def _train_losses(workdir):
+    return [r["loss"] for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))
+            if r["split"] == "train"]
+
+
+def _run_here(workdir, *extra):
+    assert train_main.run(["train.main", *ARGS, f"--workdir={workdir}", *extra]) == 0
+
+
+def _close(a, b, atol=1e-4):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=atol), a, b)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Workdirs: whole (2 processes), preempted at step ~4 then rerun (2 processes), the
+    preempted checkpoint resumed here on 8 and on 1 device, references on 8 and 1."""
+    root = tmp_path_factory.mktemp("multihost")
+    d = {name: str(root / name) for name in ("whole", "preempted", "on8", "on1", "ref8",
+                                             "ref1")}
+    d["whole_codes"] = _launch(d["whole"], root / "rec_whole")
+    d["stop_codes"] = _launch(d["preempted"], root / "rec_stop", slow_s=0.3,
+                              stop_process_1_at=3)
+    d["stop_steps"] = sorted(int(s) for s in os.listdir(os.path.join(d["preempted"],
+                                                                     "checkpoints")))
+    for name in ("on8", "on1"):
+        shutil.copytree(d["preempted"], d[name])
+    d["stop_records"] = [_record(root / "rec_stop", i) for i in range(2)]
+    d["resume_codes"] = _launch(d["preempted"], root / "rec_resume")
+    d["records"] = [_record(root / "rec_whole", i) for i in range(2)]
+    _run_here(d["on8"])
+    _run_here(d["on1"], "--config.sharding.num_devices=1")
+    _run_here(d["ref8"])
+    _run_here(d["ref1"], "--config.sharding.num_devices=1")
+    return d
+
+
+def test_two_processes_match_one_process_on_8_and_on_1_device(runs):
+    assert runs["whole_codes"] == [0, 0]
+    whole = _params(runs["whole"], STEPS)
+    for ref in ("ref8", "ref1"):
+        np.testing.assert_allclose(_train_losses(runs["whole"]), _train_losses(runs[ref]),
+                                   rtol=1e-5)
+        _close(whole, _params(runs[ref], STEPS))
+    summary = json.load(open(os.path.join(runs["whole"], "summary.json")))
+    ref = json.load(open(os.path.join(runs["ref8"], "summary.json")))
+    assert summary["validation/loss"] == pytest.approx(ref["validation/loss"], rel=1e-5)
+
+
+def test_each_process_gathers_only_its_rows(runs):
+    half, eval_half = BATCH // 2, EVAL_BATCH // 2
+    for p, record in enumerate(runs["records"]):
+        train = [r for r in record["train"] if r[0] == BATCH and r[3] - r[2] > 1]
+        assert sorted(r[1] for r in train) == list(range(STEPS))
+        assert {tuple(r[2:]) for r in train} == {(p * half, (p + 1) * half, half)}
+        assert {tuple(r[1:]) for r in record["eval"] if r[0] == EVAL_BATCH} == {
+            (p * eval_half, (p + 1) * eval_half, eval_half)}
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_to_the_bit(runs):
+    assert runs["stop_codes"] == [errors.EXIT_PREEMPTED] * 2
+    (saved,) = runs["stop_steps"]  # one agreed step, saved by both
+    assert 3 < saved < STEPS
+    last = [max(r[1] for r in rec["train"] if r[0] == BATCH) for rec in runs["stop_records"]]
+    assert last == [saved - 1, saved - 1]  # both trained exactly up to it
+    assert runs["resume_codes"] == [0, 0]
+    jax.tree.map(np.testing.assert_array_equal, _params(runs["preempted"], STEPS),
+                 _params(runs["whole"], STEPS))
+    assert _train_losses(runs["preempted"]) == _train_losses(runs["whole"])
+
+
+def test_two_process_checkpoint_resumes_in_one_process_on_8_and_on_1_device(runs):
+    saved = runs["stop_steps"][0]
+    whole = _params(runs["whole"], STEPS)
+    for name in ("on8", "on1"):
+        # The restored step is the 2-process one, exactly; the continuation agrees.
+        jax.tree.map(np.testing.assert_array_equal, _params(runs[name], saved),
+                     _params(runs["preempted"], saved))
+        _close(_params(runs[name], STEPS), whole)
+
+
+def test_only_process_0_writes_the_workdir_files(runs):
+    writes = [set(record["writes"]) for record in runs["records"]]
+    for name in ("config.json.tmp", "metrics.jsonl", "summary.json.tmp", "loss_curve.png",
+                 "sample.txt", "lock"):
+        assert name in writes[0]
+    assert writes[1] and all(w.startswith("checkpoints" + os.sep) for w in writes[1])
