@@ -31,8 +31,13 @@ if os.environ.get("FLAXLAB_TEST_JAX_CACHE"):  # the suite's compilation cache
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
+from absl import logging  # noqa: E402
+
 from train import main  # noqa: E402
 from train.data import base  # noqa: E402
+
+logging.use_absl_handler()  # INFO lines with times: shown when a test fails
+logging.set_verbosity(logging.INFO)
 
 workdir = os.path.abspath(next(a.split("=", 1)[1] for a in argv if a.startswith("--workdir=")))
 process = int(next(a.split("=", 1)[1] for a in argv if a.startswith("--process_id=")))
