@@ -125,8 +125,9 @@ def model_settings(args, preset: dict) -> dict:
     return s
 
 
-def build_run_config(args, settings: dict):
-    """configs/gpt.py:gpt2_small with the model section re-made for variant + settings."""
+def build_run_config(args, settings: dict, sharding_overrides: dict | None = None):
+    """configs/gpt.py:gpt2_small with the model section re-made for variant + settings
+    (and config.sharding updated by `sharding_overrides`)."""
     from configs import gpt
     from models import transformer
     from train import config as config_lib, families
@@ -143,6 +144,7 @@ def build_run_config(args, settings: dict):
     c.data.batch_size = args.batch
     c.data[c.data.source].seq_len = args.seq_len   # the source's own section
     c.sharding.num_devices = args.num_devices
+    c.sharding.update(sharding_overrides or {})
     config_lib.validate(c)
     return c
 
@@ -150,12 +152,12 @@ def build_run_config(args, settings: dict):
 class Setup:
     """Everything `train_and_evaluate` builds before its loop, for one configuration."""
 
-    def __init__(self, args, settings: dict):
+    def __init__(self, args, settings: dict, sharding_overrides: dict | None = None):
         from train import families, sharding, trainer
         from train.tasks import make_task
         from jax.sharding import NamedSharding, PartitionSpec as P
 
-        self.config = c = build_run_config(args, settings)
+        self.config = c = build_run_config(args, settings, sharding_overrides)
         self.mesh = mesh = sharding.mesh_from_config(c.sharding)
         self.batch_sh = sharding.batch_sharding(mesh)
         replicated = NamedSharding(mesh, P())

@@ -5,6 +5,7 @@ import math
 import os
 
 import numpy as np
+import pytest
 
 _BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "benchmarks")
@@ -79,3 +80,40 @@ def test_inherit_step_smoke_times_a_student_beside_its_teacher(tmp_path):
     assert student["params"] < teacher["params"]
     assert student["params_ratio"] == student["params"] / teacher["params"]
     assert len(student["window_ms"]) == 1 and student["time_ratio"] > 0
+
+
+def test_collectives_reads_the_compiled_collectives_and_scales_them(tmp_path):
+    """The tiny GPT on the suite's 8 devices: dp is one gradient all-reduce over all 8,
+    fsdp gathers its split kernels, tp reduces over groups of 4 (model) and across data; the
+    alpha-beta model matches the closed form of a ring."""
+    bench = _load("collectives")
+    out = tmp_path / "collectives.json"
+    bench.main(["--variant=tiny", "--batch=16", "--seq_len=32", "--vocab=256",
+                "--dtype=float32", "--min_size_to_shard=0", "--devices=8,64",
+                f"--out={out}"])
+    report = json.loads(out.read_text())
+    measured = {m["strategy"]: m for m in report["measured"]}
+    params_bytes = 4 * measured["dp"]["params"]
+    dp = measured["dp"]["collectives"]
+    # Every gradient is reduced over all 8 devices (loss scalars ride along).
+    assert {(r["kind"], r["group"], tuple(r["axes"])) for r in dp} == {
+        ("all-reduce", 8, ("data",))}
+    # The tied token table's gradient comes in two parts (lookup, output projection)
+    # that XLA reduces before adding them: one table (256 x 32 floats) more; then scalars.
+    assert params_bytes + 4 * 256 * 32 <= sum(r["bytes"] for r in dp) <= (
+        params_bytes + 4 * 256 * 32 + 64)
+    fsdp = measured["fsdp"]["by_kind"]
+    assert fsdp["all-gather"]["count"] > 0 and fsdp["all-gather"]["bytes"] >= params_bytes / 2
+    tp_axes = {tuple(r["axes"]) for r in measured["tp"]["collectives"]}
+    # Activations reduce within a model group; gradients across the data groups.
+    assert ("model",) in tp_axes and any("data" in axes for axes in tp_axes)
+    # Ring all-reduce over n: 2 (n-1)/n S bytes in 2 (n-1) steps.
+    assert bench.ring_cost("all-reduce", 800.0, 8) == (1400.0, 14)
+    assert bench.ring_cost("all-gather", 800.0, 8) == (700.0, 7)
+    rows = {(r["strategy"], r["devices"]): r for r in report["rows"]}
+    s = sum(r["bytes"] for r in dp)
+    assert rows["dp", 8]["bytes_per_device"] == pytest.approx(2 * 7 / 8 * s)
+    # 64 devices: the ring leaves the node, 50 GB/s and 10 us a step.
+    assert rows["dp", 64]["comm_ms"] == pytest.approx(
+        1e3 * (len(dp) * 2 * 63 * 10e-6 + 2 * 63 / 64 * s / 50e9))
+    assert rows["tp", 64]["comm_ms"] > rows["tp", 8]["comm_ms"]

@@ -2,7 +2,9 @@
 
 The central checks: with the default rules, a few jitted Adam steps of a tiny GPT and of a
 tiny ResNet (batch norm) give the same losses and parameters on one device, 8-way data
-parallel, and a 2x4 data x fsdp mesh; the FSDP kernels are split as the rules say.
+parallel, and a 2x4 data x fsdp mesh; the FSDP kernels are split as the rules say. And
+tensor parallelism: the GPT default's model (configs/gpt.py) on a `model` axis of 2 and
+of 4 (with data and with fsdp) trains as on one device, its kernels split Megatron style.
 """
 import contextlib
 
@@ -14,10 +16,11 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from configs import gpt
 from models import cnn
 from models import transformer as T
 from models.layers import partitioning
-from train import sharding
+from train import families, sharding
 
 BATCH, LENGTH, VOCAB = 16, 8, 64
 MESHES = [((8, 1), "replicate"), ((2, 4), "fsdp")]
@@ -32,8 +35,8 @@ def _config(mesh_shape, strategy, **overrides):
     return cfg
 
 
-def _gpt_setup():
-    model = T.Decoder(T.make_config("tiny", vocab_size=VOCAB, max_length=LENGTH))
+def _gpt_setup(model=None):
+    model = model or T.Decoder(T.make_config("tiny", vocab_size=VOCAB, max_length=LENGTH))
     tokens = np.random.default_rng(0).integers(0, VOCAB, (BATCH, LENGTH + 1))
 
     def loss_fn(params, model_state, batch):
@@ -59,10 +62,17 @@ def _resnet_setup():
     return model, (jnp.zeros((1, 8, 8, 3)),), loss_fn, batches
 
 
-def run_training(setup, mesh_shape=None, strategy="replicate"):
-    """Losses of 3 Adam steps and the final state; mesh_shape=None: plain jit, 1 device."""
+def _gpt_default_setup():
+    """The GPT default's model (4 layers, d_model 128, 4 heads, MLP 512) on short windows."""
+    return _gpt_setup(families.build(gpt.get_config().model, "lm", vocab_size=VOCAB)[0])
+
+
+def run_training(setup, mesh_shape=None, strategy="replicate", tx=None,
+                 **sharding_overrides):
+    """Losses of 3 steps of `tx` (default Adam, lr 1e-2) and the final state;
+    mesh_shape=None: plain jit, 1 device."""
     model, init_args, loss_fn, batches = setup()
-    tx = optax.adam(1e-2)
+    tx = tx or optax.adam(1e-2)
 
     def init():
         variables = partitioning.unboxed_init(model, jax.random.key(0), *init_args)
@@ -80,7 +90,7 @@ def run_training(setup, mesh_shape=None, strategy="replicate"):
         state, step, put = jax.jit(init)(), jax.jit(train_step), lambda b: b
         rules = contextlib.nullcontext()
     else:
-        cfg = _config(mesh_shape, strategy)
+        cfg = _config(mesh_shape, strategy, **sharding_overrides)
         mesh = sharding.mesh_from_config(cfg)
         boxed = jax.eval_shape(model.init, jax.random.key(0), *init_args)["params"]
         state_sh = sharding.state_sharding(jax.eval_shape(init), mesh, cfg, boxed)
@@ -114,6 +124,43 @@ def test_training_matches_across_meshes_with_default_rules(setup):
             _check_fsdp_layout(state, setup)
         else:
             assert all(x.sharding.spec == P() for x in jax.tree.leaves(state["params"]))
+
+
+@pytest.mark.parametrize("mesh_shape,strategy,model", [
+    ((4, 1), "replicate", 2), ((1, 2), "fsdp", 4)])
+def test_tensor_parallel_gpt_default_matches_one_device(mesh_shape, strategy, model):
+    ref_losses, ref = _gpt_default_reference()
+    losses, state = run_training(_gpt_default_setup, mesh_shape, strategy, _SGD(),
+                                 model=model)
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, atol=2e-6)
+    # SGD, whose update is the gradient itself: Adam's normalization would turn the
+    # rounding of near-zero gradients into full-size steps (see above).
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 state["params"], ref["params"])
+    layer, fsdp = state["params"]["decoder"]["layers_0"], "fsdp" if strategy == "fsdp" else None
+    attention, mlp = layer["self_attention"], layer["mlp"]
+    # Megatron: QKV and fc1 split by columns (heads, MLP units), out and fc2 by rows.
+    assert attention["query"]["kernel"].sharding.spec == P(fsdp, "model", None)
+    assert attention["out"]["kernel"].sharding.spec == P("model", None, fsdp)
+    assert mlp["fc1"]["kernel"].sharding.spec == P(fsdp, "model")
+    assert mlp["fc2"]["kernel"].sharding.spec == P("model", fsdp)
+    assert {s.data.shape for s in mlp["fc1"]["kernel"].addressable_shards} == {
+        (128 // (2 if fsdp else 1), 512 // model)}
+    assert state["params"]["embed"]["tokens"]["embedding"].sharding.spec == P(
+        "model", fsdp)  # the vocabulary split over "model", rows of width over "fsdp"
+
+
+_REFERENCE = {}
+
+
+def _SGD():
+    return optax.sgd(0.5)
+
+
+def _gpt_default_reference():
+    if "gpt" not in _REFERENCE:  # one single-device run for both meshes
+        _REFERENCE["gpt"] = run_training(_gpt_default_setup, tx=_SGD())
+    return _REFERENCE["gpt"]
 
 
 def _check_fsdp_layout(state, setup):

@@ -321,10 +321,10 @@ def test_traceback_on_request_and_preemption_exit_code(tmp_path, capsys, monkeyp
     assert code == errors.EXIT_CONFIG and "Traceback" in err and "flaxlab: error:" in err
     original = text_data.LMDataset.batch
 
-    def batch_with_preemption(self, step):  # SIGTERM arrives while the run trains
+    def batch_with_preemption(self, step, rows=None):  # SIGTERM arrives while training
         if step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, step)
+        return original(self, step, rows)
     monkeypatch.setattr(text_data.LMDataset, "batch", batch_with_preemption)
     code, lines = run_cli(capsys, argv(tmp_path / "p"))
     assert code == errors.EXIT_PREEMPTED and not lines

@@ -104,8 +104,28 @@ def test_shard_batch_splits_examples_over_all_devices():
     assert x.sharding.spec == P(("data", "fsdp"))
     rows = sorted(int(s.data[0, 0]) // 3 for s in x.addressable_shards)
     assert rows == [0, 2, 4, 6, 8, 10, 12, 14]  # 8 devices, 2 distinct examples each
-    with pytest.raises(ValueError, match="batch_size 12 is not divisible by the 8 devices"):
+    with pytest.raises(ValueError, match="batch_size 12 is not divisible by the 8 batch shards"):
         sharding.shard_batch({"x": np.zeros((12, 3))}, mesh)
+
+
+def test_model_axis_replicates_the_batch_within_a_group():
+    mesh = sharding.make_mesh(data=2, fsdp=1, model=4)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "model": 4}
+    assert dict(sharding.make_mesh(fsdp=2, expert=2, model=2).shape) == {
+        "data": 1, "fsdp": 2, "expert": 2, "model": 2}
+    assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"))
+    assert sharding.batch_shards(mesh) == 2
+    # One process holds every row; with 2 batch shards, 6 rows split 3 + 3.
+    assert sharding.process_rows(mesh, 6) == slice(0, 6)
+    x = sharding.shard_batch({"x": np.arange(6)}, mesh, 6)["x"]
+    assert sorted(s.data.tolist() for s in x.addressable_shards) == (
+        [[0, 1, 2]] * 4 + [[3, 4, 5]] * 4)
+    with pytest.raises(ValueError, match="sharding.model=3 must be >= 1 and divide"):
+        sharding.make_mesh(model=3)
+    with pytest.raises(ValueError, match="expert=4 x sharding.model=4 must divide"):
+        sharding.make_mesh(expert=4, model=4)
+    with pytest.raises(ValueError, match="batch_size 5 is not divisible by the 2 batch"):
+        sharding.process_rows(mesh, 5)
 
 
 def test_param_sharding_specs():
@@ -137,11 +157,16 @@ def test_config_validation():
     assert sharding.validate(cfg, global_batch_size=64, num_devices=8) == (8, 1)
     cfg.fsdp, cfg.strategy = 4, "fsdp"
     assert sharding.validate(cfg, 64, 8) == (2, 4)
-    with pytest.raises(ValueError, match="data.batch_size=60 is not divisible by the 8 devices"):
+    with pytest.raises(ValueError, match="data.batch_size=60 is not divisible by the 8 device groups"):
         sharding.validate(cfg, 60, 8)
     with pytest.raises(ValueError, match="needs 12 devices, but 8"):
         cfg.data = 3
         sharding.validate(cfg, 64, 8)
+    cfg.data, cfg.fsdp, cfg.model = -1, 1, 4  # 2 groups of 4: the batch splits in two
+    assert sharding.validate(cfg, 6, 8) == (2, 1)
+    with pytest.raises(ValueError, match="batch_size=5 is not divisible by the 2 device"):
+        sharding.validate(cfg, 5, 8)
+    cfg.model = 1
     cfg.data, cfg.strategy = -1, "tensor"
     with pytest.raises(ValueError, match="strategy"):
         sharding.validate(cfg, 64, 8)

@@ -85,10 +85,10 @@ def test_resume_after_preemption_equals_uninterrupted_run(tmp_path, monkeypatch)
     # saves step 8 and stops; the same call again resumes and finishes.
     original = text_data.LMDataset.batch
 
-    def batch_with_preemption(self, step):
+    def batch_with_preemption(self, step, rows=None):
         if step == 7:
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, step)
+        return original(self, step, rows)
 
     monkeypatch.setattr(text_data.LMDataset, "batch", batch_with_preemption)
     first = trainer.train_and_evaluate(c, str(tmp_path / "resumed"))
@@ -146,12 +146,13 @@ def one_device_run(tmp_path_factory):
     return trainer.train_and_evaluate(one, str(workdir)), workdir
 
 
-@pytest.mark.parametrize("mesh", [dict(num_devices=8), dict(fsdp=4, strategy="fsdp",
+@pytest.mark.parametrize("mesh", [dict(num_devices=8), dict(fsdp=2, model=2, strategy="fsdp",
                                                             min_size_to_shard=0)])
 def test_data_parallel_and_fsdp_equal_one_device(tmp_path, mesh, one_device_run):
     """Through the trainer, with config.sharding's default logical-axis rules (the
     state's shardings from the params' logical names, activation constraints inside
-    train.sharding.use_rules): the same run as one device."""
+    train.sharding.use_rules): the same run as one device, 8-way data parallel and on
+    data 2 x fsdp 2 x model 2 (tensor parallel: a batch row on 2 devices)."""
     assert jax.device_count() == 8
     single, one_dir = one_device_run
     many = tiny_config(num_steps=6, eval_every=100)
