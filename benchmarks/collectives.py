@@ -68,6 +68,11 @@ STRATEGIES = {  # config.sharding of each strategy on the 8 measured devices
     "fsdp": {"data": 1, "fsdp": 8, "model": 1, "strategy": "fsdp"},
     "tp": {"data": 2, "fsdp": 1, "model": TP, "strategy": "replicate"},
 }
+# tp with separate query / key / value kernels: the fused kernel's one axis of heads +
+# 2 kv_heads (models/layers/attention.py) is not split over "model", and resharding its
+# output costs collective-permutes and all-to-alls of activations besides Megatron's
+# all-reduces (measured: 84 + 48 more collectives, 6.9 GB more a step at these shapes).
+MODEL_SETTINGS = {"tp": {"fused_qkv": False}}
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
           "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
@@ -115,8 +120,19 @@ def _shapes_bytes(text: str) -> list[int]:
 
 
 def _groups(line: str, num_devices: int) -> list[list[int]]:
-    """The replica groups of one HLO instruction: explicit {{0,1},{2,3}} or iota
-    [G,S]<=[dims]T(perm); {} (or none given) is one group of every device."""
+    """The replica groups of one HLO instruction: explicit {{0,1},{2,3}}, iota
+    [G,S]<=[dims]T(perm), a mesh's axes mesh['axis_0'=2,'axis_1'=4] {'axis_1'} (devices
+    in row-major order, each group along the listed axes), or a collective-permute's
+    source_target_pairs; none given is one group of every device."""
+    named = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+    if named:
+        sizes = [(k, int(v)) for k, v in re.findall(r"'(\w+)'=(\d+)", named.group(1))]
+        spanned = re.findall(r"'(\w+)'", named.group(2))
+        order = [i for i, (k, _) in enumerate(sizes) if k not in spanned] + [
+            i for i, (k, _) in enumerate(sizes) if k in spanned]
+        ids = np.arange(math.prod(n for _, n in sizes)).reshape([n for _, n in sizes])
+        size = math.prod(n for k, n in sizes if k in spanned)
+        return ids.transpose(order).reshape(-1, size).tolist()
     explicit = re.search(r"replica_groups=\{(\{[\d,\s]*\}(?:,\s*\{[\d,\s]*\})*)\}", line)
     if explicit:
         return [[int(x) for x in g.split(",") if x.strip()]
@@ -129,7 +145,7 @@ def _groups(line: str, num_devices: int) -> list[list[int]]:
         if iota.group(4):
             ids = ids.transpose([int(d) for d in iota.group(4).split(",")])
         return ids.reshape(groups, size).tolist()
-    pairs = re.search(r"source_target_pairs=\{(.*?)\}\s*(?:,|$)", line)
+    pairs = re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}", line)
     if pairs:
         return [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)\}", pairs.group(1))]
     return [list(range(num_devices))]
@@ -207,7 +223,7 @@ def measure(args, strategy: str) -> dict:
         f"--variant={args.variant}", f"--batch={args.batch}", f"--seq_len={args.seq_len}",
         f"--vocab={args.vocab}", f"--dtype={args.dtype}", "--scan_layers=false",
         f"--num_devices={MEASURED_DEVICES}", "--out="])
-    settings = gpt2_train_step.model_settings(step_args, {})
+    settings = gpt2_train_step.model_settings(step_args, MODEL_SETTINGS.get(strategy, {}))
     setup = gpt2_train_step.Setup(step_args, settings, {
         **STRATEGIES[strategy], "min_size_to_shard": args.min_size_to_shard})
     with setup.rules():
@@ -222,6 +238,7 @@ def measure(args, strategy: str) -> dict:
     print(f"[{strategy}] {len(records)} collectives, compile {times['compile_s']:.1f} s",
           flush=True)
     return {"strategy": strategy, "mesh": dict(setup.mesh.shape), "params": params,
+            "model_settings": MODEL_SETTINGS.get(strategy, {}),
             "flops_per_device": flops, "collectives": records, "by_kind": by_kind, **times}
 
 
