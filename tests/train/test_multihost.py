@@ -9,8 +9,11 @@ are compared with in-process runs of the same config on 8 devices and on 1 devic
   - both processes saved the same step and exited with the preemption status;
   - the 2-process checkpoint restores in 1 process on 8 devices and on 1 device, and the
     run continues to the same parameters;
-  - only process 0 wrote the workdir's files (process 1: only its checkpoint shards).
+  - only process 0 wrote the workdir's files (process 1: only its checkpoint shards);
+  - a start refused in process 0 (a workdir held by another run) stops both processes
+    with the workdir error and leaves the workdir as it was.
 """
+import fcntl
 import json
 import os
 import shutil
@@ -46,9 +49,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir, record_dir, *extra, slow_s: float = 0.0, stop_process_1_at: int = -1):
+def _launch(workdir, record_dir, *extra, slow_s: float = 0.0, stop_process_1_at: int = -1,
+            allowed=(0, errors.EXIT_PREEMPTED)):
     """Runs the 2 processes to their end; SIGTERM to process 1 once it gathered batch
-    `stop_process_1_at`. Returns their exit codes."""
+    `stop_process_1_at`. Returns their exit codes and outputs."""
     os.makedirs(record_dir, exist_ok=True)
     port = _free_port()
     env = dict(os.environ, FLAXLAB_TEST_JAX_CACHE=jax.config.jax_compilation_cache_dir or "")
@@ -75,9 +79,8 @@ def _launch(workdir, record_dir, *extra, slow_s: float = 0.0, stop_process_1_at:
             if p.poll() is None:
                 p.kill()
     codes = [p.returncode for p in procs]
-    assert all(c in (0, errors.EXIT_PREEMPTED) for c in codes), "\n".join(
-        o[-3000:] for o in outputs)
-    return codes
+    assert all(c in allowed for c in codes), "\n".join(o[-3000:] for o in outputs)
+    return codes, outputs
 
 
 def _record(record_dir, process):
@@ -109,15 +112,15 @@ def runs(tmp_path_factory):
     preempted checkpoint resumed here on 8 and on 1 device, a reference on 1 device."""
     root = tmp_path_factory.mktemp("multihost")
     d = {name: str(root / name) for name in ("whole", "preempted", "on8", "on1", "ref1")}
-    d["whole_codes"] = _launch(d["whole"], root / "rec_whole")
+    d["whole_codes"] = _launch(d["whole"], root / "rec_whole")[0]
     d["stop_codes"] = _launch(d["preempted"], root / "rec_stop", NO_SAMPLE, slow_s=0.3,
-                              stop_process_1_at=3)
+                              stop_process_1_at=3)[0]
     d["stop_steps"] = sorted(int(s) for s in os.listdir(os.path.join(d["preempted"],
                                                                      "checkpoints")))
     for name in ("on8", "on1"):
         shutil.copytree(d["preempted"], d[name])
     d["stop_records"] = [_record(root / "rec_stop", i) for i in range(2)]
-    d["resume_codes"] = _launch(d["preempted"], root / "rec_resume", NO_SAMPLE)
+    d["resume_codes"] = _launch(d["preempted"], root / "rec_resume", NO_SAMPLE)[0]
     d["records"] = [_record(root / "rec_whole", i) for i in range(2)]
     _run_here(d["on8"], NO_SAMPLE)
     _run_here(d["on1"], NO_SAMPLE, "--config.sharding.num_devices=1")
@@ -178,3 +181,18 @@ def test_only_process_0_writes_the_workdir_files(runs):
                  "sample.txt", "lock"):
         assert name in writes[0]
     assert writes[1] and all(w.startswith("checkpoints" + os.sep) for w in writes[1])
+
+
+def test_a_start_refused_in_process_0_stops_both_and_writes_nothing(tmp_path):
+    workdir = tmp_path / "held"
+    workdir.mkdir()
+    with open(workdir / "lock", "w") as held:  # another run holds the workdir
+        held.write('{"pid": 1, "host": "elsewhere", "started": "earlier"}')
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        codes, outputs = _launch(str(workdir), tmp_path / "rec", NO_SAMPLE,
+                                 allowed=(errors.EXIT_WORKDIR,))
+    assert codes == [errors.EXIT_WORKDIR] * 2
+    assert "is in use by another run (pid 1 on elsewhere" in outputs[0]
+    assert "opening the workdir failed in process 0 of 2" in outputs[1]
+    assert sorted(os.listdir(workdir)) == ["lock"]
