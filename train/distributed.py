@@ -23,7 +23,7 @@ every process (JAX's multi-controller model). flaxlab's side of it:
 
 Input per process, the global batch assembled from process-local rows, lives in
 train/sharding.py (`process_rows`, `shard_batch`); the agreed preemption step in
-train/checkpoint.py (`PreemptionGuard`).
+train/preemption.py (`PreemptionGuard`).
 """
 from __future__ import annotations
 

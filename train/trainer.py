@@ -44,6 +44,7 @@ from train import distributed, families, optim, sharding
 from train import workdir as workdir_lib
 from train.errors import ConfigError, FlaxlabError, NonFiniteError
 from train.metrics_log import MetricsLog, plot_loss_curve, write_json
+from train.preemption import PreemptionGuard
 from train.run_data import RunData
 from train.state import TrainState
 from train.tasks import common, make_task
@@ -328,7 +329,7 @@ def _run(config, wd: workdir_lib.Workdir, workdir: str, current: dict, mesh,
     timer = _StepTimer()
     status, step = "finished", start
     try:
-        with ckpt_lib.PreemptionGuard(multi_process=distributed.is_multi_process()) as guard:
+        with PreemptionGuard(multi_process=distributed.is_multi_process()) as guard:
             while step < num_steps and not meta["stopped_early"]:
                 state, scalars = p_train_step(state, train_batch(step))
                 step += 1

@@ -11,7 +11,8 @@ import pytest
 
 from train import checkpoint as ckpt_lib
 from train.checkpoint import (CheckpointMismatchError, Checkpointer, CorruptCheckpointError,
-                              NonFiniteStateError, PreemptionGuard)
+                              NonFiniteStateError)
+from train.preemption import PreemptionGuard
 from train.sharding import make_mesh, param_sharding
 
 _spec = importlib.util.spec_from_file_location(

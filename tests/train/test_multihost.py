@@ -32,7 +32,7 @@ from train import main as train_main
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost", "worker.py")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STEPS, BATCH, EVAL_BATCH = 12, 8, 16
+STEPS, BATCH, EVAL_BATCH = 10, 8, 32
 ARGS = [f"--config={REPO}/configs/gpt.py:tiny", f"--config.train.num_steps={STEPS}",
         f"--config.data.batch_size={BATCH}", f"--config.data.eval_batch_size={EVAL_BATCH}",
         "--config.train.log_every=2", "--config.train.eval_every=100",
