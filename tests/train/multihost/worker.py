@@ -24,6 +24,9 @@ os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
                            "--xla_backend_optimization_level=0")
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..")))
 
+# tensorboardX imports torch when it can (2-3 s a process); nothing here needs it.
+sys.modules["torch"] = None
+
 import jax  # noqa: E402
 
 if os.environ.get("FLAXLAB_TEST_JAX_CACHE"):  # the suite's compilation cache
