@@ -1,6 +1,7 @@
 """Expert parallelism: a MoE decoder's loss and gradients on an 8-device mesh (expert=4 x
 data=2: each device holds 2 of the 8 experts, token slots exchanged by all-to-all) equal
-one device's; the expert kernels are split over the "expert" axis."""
+one device's, and with a tensor-parallel `model` axis beside it (expert=4 x model=2); the
+expert kernels are split over the "expert" axis."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -23,8 +24,9 @@ def _loss_and_grads(model, params, tokens):
     return jax.value_and_grad(loss)(params)
 
 
-@pytest.mark.parametrize("dispatch", ["dense", "sorted"])
-def test_expert_parallel_equals_one_device(dispatch):
+@pytest.mark.parametrize("dispatch,mesh_axes", [
+    ("dense", {"data": 2, "expert": 4}), ("sorted", {"data": 1, "expert": 4, "model": 2})])
+def test_expert_parallel_equals_one_device(dispatch, mesh_axes):
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
     cfg = transformer.make_config("tiny", vocab_size=40, max_length=16, num_layers=2,
@@ -37,12 +39,15 @@ def test_expert_parallel_equals_one_device(dispatch):
     want_loss, want_grads = jax.jit(lambda p, t: _loss_and_grads(model, p, t))(params, tokens)
 
     cfg_sh = ml_collections.ConfigDict(sharding.default_config())
-    cfg_sh.update(data=2, expert=4)
+    cfg_sh.update(**mesh_axes)
     mesh = sharding.mesh_from_config(cfg_sh)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "expert": 4}
+    assert dict(mesh.shape) == {"fsdp": 1, **mesh_axes}
     p_sh = sharding.state_sharding(jax.eval_shape(lambda: params), mesh, cfg_sh, boxed)
     kernel = p_sh["decoder"]["layers_0"]["moe"]["fc1"]["kernel"]
-    assert kernel.spec == jax.sharding.PartitionSpec("expert", None, None)
+    # (expert, embed, mlp): experts over "expert", with a model axis the MLP units too
+    # (the all-to-all's shard_map gathers them over "model" inside).
+    assert kernel.spec == jax.sharding.PartitionSpec(
+        "expert", None, "model" if "model" in mesh_axes else None)
     step = jax.jit(lambda p, t: _loss_and_grads(model, p, t),
                    in_shardings=(p_sh, sharding.batch_sharding(mesh)))
     with sharding.use_rules(mesh, cfg_sh):
