@@ -106,11 +106,9 @@ def _close(a, b, atol=1e-4):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=atol), a, b)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def _runs(root):
     """Workdirs: whole (2 processes), preempted at step ~4 then rerun (2 processes), the
     preempted checkpoint resumed here on 8 and on 1 device, a reference on 1 device."""
-    root = tmp_path_factory.mktemp("multihost")
     d = {name: str(root / name) for name in ("whole", "preempted", "on8", "on1", "ref1")}
     d["whole_codes"] = _launch(d["whole"], root / "rec_whole")[0]
     d["stop_codes"] = _launch(d["preempted"], root / "rec_stop", NO_SAMPLE, slow_s=0.3,
@@ -128,7 +126,7 @@ def runs(tmp_path_factory):
     return d
 
 
-def test_two_processes_match_one_process_on_8_and_on_1_device(runs):
+def _two_processes_match_one_process_on_8_and_on_1_device(runs):
     """1 device: the whole run; 8 devices: the steps after the preemption (on8)."""
     assert runs["whole_codes"] == [0, 0]
     whole, saved = _params(runs["whole"], STEPS), runs["stop_steps"][0]
@@ -143,7 +141,7 @@ def test_two_processes_match_one_process_on_8_and_on_1_device(runs):
         assert summary[key] == pytest.approx(ref[key], rel=1e-5)
 
 
-def test_each_process_gathers_only_its_rows(runs):
+def _each_process_gathers_only_its_rows(runs):
     half, eval_half = BATCH // 2, EVAL_BATCH // 2
     for p, record in enumerate(runs["records"]):
         train = [r for r in record["train"] if r[0] == BATCH and r[3] - r[2] > 1]
@@ -153,7 +151,7 @@ def test_each_process_gathers_only_its_rows(runs):
             (p * eval_half, (p + 1) * eval_half, eval_half)}
 
 
-def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_to_the_bit(runs):
+def _sigterm_to_one_process_stops_both_at_one_step_and_resumes_to_the_bit(runs):
     assert runs["stop_codes"] == [errors.EXIT_PREEMPTED] * 2
     (saved,) = runs["stop_steps"]  # one agreed step, saved by both
     assert 3 < saved < STEPS
@@ -165,7 +163,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_to_the_bit(ru
     assert _train_losses(runs["preempted"]) == _train_losses(runs["whole"])
 
 
-def test_two_process_checkpoint_resumes_in_one_process_on_8_and_on_1_device(runs):
+def _two_process_checkpoint_resumes_in_one_process_on_8_and_on_1_device(runs):
     saved = runs["stop_steps"][0]
     whole = _params(runs["whole"], STEPS)
     for name in ("on8", "on1"):
@@ -175,12 +173,23 @@ def test_two_process_checkpoint_resumes_in_one_process_on_8_and_on_1_device(runs
         _close(_params(runs[name], STEPS), whole)
 
 
-def test_only_process_0_writes_the_workdir_files(runs):
+def _only_process_0_writes_the_workdir_files(runs):
     writes = [set(record["writes"]) for record in runs["records"]]
     for name in ("config.json.tmp", "metrics.jsonl", "summary.json.tmp", "loss_curve.png",
                  "sample.txt", "lock"):
         assert name in writes[0]
     assert writes[1] and all(w.startswith("checkpoints" + os.sep) for w in writes[1])
+
+
+def test_two_processes_of_four_devices(tmp_path):
+    """One test, so that the launches run once (pytest-xdist would build a module-scoped
+    fixture once per worker): each check below is a function of the runs."""
+    runs = _runs(tmp_path)
+    _two_processes_match_one_process_on_8_and_on_1_device(runs)
+    _each_process_gathers_only_its_rows(runs)
+    _sigterm_to_one_process_stops_both_at_one_step_and_resumes_to_the_bit(runs)
+    _two_process_checkpoint_resumes_in_one_process_on_8_and_on_1_device(runs)
+    _only_process_0_writes_the_workdir_files(runs)
 
 
 def test_a_start_refused_in_process_0_stops_both_and_writes_nothing(tmp_path):
