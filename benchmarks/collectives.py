@@ -114,9 +114,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------
 # Reading the collectives of a compiled program.
 # ----------------------------------------------------------------------------------------
-def _shapes_bytes(text: str) -> list[int]:
+def _shapes_bytes(text: str, arrays_only: bool = False) -> list[int]:
+    """Bytes of every shape in an HLO result type (a tuple lists several); arrays_only
+    leaves out rank-0 ones (an async op's u32[] contexts)."""
     return [_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-            for dtype, dims in _SHAPE.findall(text)]
+            for dtype, dims in _SHAPE.findall(text) if dims or not arrays_only]
 
 
 def _groups(line: str, num_devices: int) -> list[list[int]]:
@@ -159,18 +161,17 @@ def collectives(hlo: str, mesh) -> list[dict]:
     out = []
     for line in hlo.splitlines():
         m = _OP.search(line)
-        if not m or "-done" in line.split("=")[0]:
+        if not m:  # (an async op's -done carries no new data)
             continue
         result, kind, is_async = m.group(1), m.group(2), bool(m.group(3))
-        sizes = _shapes_bytes(result)
+        sizes = _shapes_bytes(result, arrays_only=is_async)
+        if is_async and kind != "all-reduce":  # the result is (operands..., outputs...)
+            sizes = sizes[len(sizes) // 2:]
         groups = _groups(line, mesh.size)
         n = len(groups[0])
-        if kind == "all-reduce":
-            full = sum(sizes) // (2 if is_async and len(sizes) > 1 else 1)
-        elif kind == "reduce-scatter":
-            full = (max(sizes) if is_async else sum(sizes)) * (1 if is_async else n)
-        else:
-            full = max(sizes) if sizes else 0
+        # A tuple result is several arrays combined into one op: their sizes add up. A
+        # reduce-scatter's result is one device's 1/n of the array it reduces.
+        full = sum(sizes) * (n if kind == "reduce-scatter" else 1)
         coords = np.array(np.unravel_index(groups[0], tuple(shape.values()))).T
         spans = [names[a] for a in range(len(names)) if len(set(coords[:, a])) > 1]
         out.append({"kind": kind, "bytes": int(full), "group": n, "axes": spans})

@@ -117,3 +117,35 @@ def test_collectives_reads_the_compiled_collectives_and_scales_them(tmp_path):
     assert rows["dp", 64]["comm_ms"] == pytest.approx(
         1e3 * (len(dp) * 2 * 63 * 10e-6 + 2 * 63 / 64 * s / 50e9))
     assert rows["tp", 64]["comm_ms"] > rows["tp", 8]["comm_ms"]
+
+
+def test_collectives_parses_every_replica_group_form_and_async_results():
+    """Hand-written HLO lines in each form XLA prints, on a data 2 x model 4 mesh."""
+    import jax
+
+    bench = _load("collectives")
+    mesh = jax.make_mesh((2, 4), ("data", "model"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    hlo = "\n".join([
+        # explicit groups along model; a tuple of two arrays combined: 4*8*4 + 4*4 bytes
+        "%ar = (f32[8,4]{1,0}, f32[4]{0}) all-reduce(%a, %b), channel_id=1, "
+        "replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add",
+        # iota groups along data (transposed), bf16
+        "%ag = bf16[16]{0} all-gather(%c), replica_groups=[4,2]<=[2,4]T(1,0), dimensions={0}",
+        # the mesh form, and a reduce-scatter's 1/n result
+        "%rs = f32[2]{0} reduce-scatter(%d), replica_groups=mesh['axis_0'=2,'axis_1'=4] "
+        "{'axis_1'}, dimensions={0}, to_apply=%add",
+        # async: (operand, output, contexts) of a permute between data neighbours
+        "%cp = (f32[6]{0}, f32[6]{0}, u32[], u32[]) collective-permute-start(%e), "
+        "source_target_pairs={{0,4},{4,0}}",
+        "%cpd = f32[6]{0} collective-permute-done(%cp)",
+        # no groups given: every device
+        "%all = s32[] all-reduce(%f), to_apply=%add",
+    ])
+    got = [(r["kind"], r["bytes"], r["group"], tuple(r["axes"]))
+           for r in bench.collectives(hlo, mesh)]
+    assert got == [("all-reduce", 4 * 8 * 4 + 4 * 4, 4, ("model",)),
+                   ("all-gather", 2 * 16, 2, ("data",)),
+                   ("reduce-scatter", 4 * 2 * 4, 4, ("model",)),
+                   ("collective-permute", 4 * 6, 2, ("data",)),
+                   ("all-reduce", 4, 8, ("data", "model"))]

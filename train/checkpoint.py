@@ -237,13 +237,10 @@ class Checkpointer:
                                            n=1, keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
             # Fixed interval only: orbax's default also saves the first step of a fresh
-            # run, which would make should_save() depend on the directory's history.
-            # PreemptionCheckpointingPolicy makes should_save() true at the step all
-            # hosts agreed on after a preemption notice (multi-host, see train/preemption.py).
-            save_decision_policy=policies.AnySavePolicy([
-                policies.FixedIntervalPolicy(save_every),
-                policies.PreemptionCheckpointingPolicy(),
-            ]),
+            # run, which would make should_save() depend on the directory's history. The
+            # step a preemption stops at is the trainer's to save (force=True), as its
+            # PreemptionGuard (train/preemption.py) decides, on one host or on many.
+            save_decision_policy=policies.FixedIntervalPolicy(save_every),
             preservation_policy=policies.AnyPreservationPolicy(preserve),
             best_fn=best_fn,
             best_mode=best_mode,
@@ -279,12 +276,8 @@ class Checkpointer:
         return None if self.best_metric is None else self._manager.best_step()
 
     def should_save(self, step: int) -> bool:
-        """True on save_every multiples (and preemption sync points) after the latest step."""
+        """True on save_every multiples after the latest step."""
         return self._manager.should_save(step)
-
-    def reached_preemption(self, step: int) -> bool:
-        """Multi-host: True once every host has reached the agreed preemption step."""
-        return self._manager.reached_preemption(step)
 
     # -- save / restore --------------------------------------------------------------
 

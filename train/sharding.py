@@ -16,8 +16,8 @@ belong):
   tensor: the `model` axis splits attention heads and the MLP hidden units (and the
           vocabulary) of every layer, Megatron style (Shoeybi et al. 2019): the QKV and
           first MLP kernels by columns, the output and second MLP kernels by rows, so
-          each layer needs one all-reduce of its output forward and one backward. The
-          rules do it: ("heads", "model"), ("mlp", "model"), ("vocab", "model") and the
+          each sublayer (attention, MLP) needs one all-reduce of its output forward and
+          one of its input's gradient backward. The rules do it: ("heads", "model"), ("mlp", "model"), ("vocab", "model") and the
           matching activation names; jit's propagation inserts the all-reduces.
   experts: a mixture of experts' expert axis is split over `expert` (expert parallelism,
           GShard): each device holds num_experts / expert experts, and the MoE layer
@@ -49,9 +49,10 @@ and table is split along its model-width axis "embed" (falling back to mlp, head
 vocab, ... when d_model does not divide), where the shape rule took the largest divisible
 axis (the vocabulary of an embedding table, the hidden axis of an MLP kernel). The bytes
 per device and the all-gather volume are the same; the layout is the same for every
-kernel, which is what a later "tensor" axis on mlp/heads/vocab composes with. Leaves
-below min_size_to_shard stay replicated over the data-parallel axes either way, and
-activations are only pinned along their batch axis.
+kernel, which is what the `model` axis on mlp/heads/vocab composes with (fc1 of a
+data x fsdp x model mesh: P("fsdp", "model")). Leaves below min_size_to_shard stay
+replicated over the data-parallel axes either way, and activations are pinned along
+their batch axis and, with a `model` axis, their heads / mlp / vocab axis.
 """
 from __future__ import annotations
 
@@ -76,9 +77,8 @@ STRATEGIES = ("replicate", "fsdp")
 
 # [logical name, mesh axes] in priority order (first applicable rule wins; a mesh axis
 # splits one dimension per array; rules that do not divide a dimension are skipped).
-# Today's data parallel / FSDP: examples over every device, each kernel over "fsdp".
-# Tensor parallelism first: a kernel's heads / mlp / vocab axis goes to "model" (when the
-# mesh has one), its embed axis still to "fsdp".
+# Examples over data x fsdp x expert; tensor parallelism first: a kernel's heads / mlp /
+# vocab axis goes to "model" (when the mesh has one), its embed axis to "fsdp".
 DEFAULT_RULES = (
     ("expert", "expert"),
     ("batch", BATCH_AXES),

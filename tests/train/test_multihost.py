@@ -55,12 +55,11 @@ def _launch(workdir, record_dir, *extra, slow_s: float = 0.0, stop_process_1_at:
     `stop_process_1_at`. Returns their exit codes and outputs."""
     os.makedirs(record_dir, exist_ok=True)
     port = _free_port()
-    env = dict(os.environ, FLAXLAB_TEST_JAX_CACHE=jax.config.jax_compilation_cache_dir or "")
     procs = [subprocess.Popen(
         [sys.executable, WORKER, str(record_dir), "4", str(slow_s), "--", *ARGS, *extra,
          f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}",
          "--num_processes=2", f"--process_id={i}"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)]
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     try:
@@ -195,8 +194,9 @@ def test_two_processes_of_four_devices(tmp_path):
 def test_a_start_refused_in_process_0_stops_both_and_writes_nothing(tmp_path):
     workdir = tmp_path / "held"
     workdir.mkdir()
+    holder = '{"pid": 1, "host": "elsewhere", "started": "earlier"}'
     with open(workdir / "lock", "w") as held:  # another run holds the workdir
-        held.write('{"pid": 1, "host": "elsewhere", "started": "earlier"}')
+        held.write(holder)
         held.flush()
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         codes, outputs = _launch(str(workdir), tmp_path / "rec", NO_SAMPLE,
@@ -205,3 +205,4 @@ def test_a_start_refused_in_process_0_stops_both_and_writes_nothing(tmp_path):
     assert "is in use by another run (pid 1 on elsewhere" in outputs[0]
     assert "opening the workdir failed in process 0 of 2" in outputs[1]
     assert sorted(os.listdir(workdir)) == ["lock"]
+    assert (workdir / "lock").read_text() == holder  # the holder's record untouched

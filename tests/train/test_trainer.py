@@ -148,7 +148,7 @@ def one_device_run(tmp_path_factory):
 
 @pytest.mark.parametrize("mesh", [dict(num_devices=8), dict(fsdp=2, model=2, strategy="fsdp",
                                                             min_size_to_shard=0)])
-def test_data_parallel_and_fsdp_equal_one_device(tmp_path, mesh, one_device_run):
+def test_data_fsdp_and_tensor_parallel_equal_one_device(tmp_path, mesh, one_device_run):
     """Through the trainer, with config.sharding's default logical-axis rules (the
     state's shardings from the params' logical names, activation constraints inside
     train.sharding.use_rules): the same run as one device, 8-way data parallel and on

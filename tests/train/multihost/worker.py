@@ -3,10 +3,10 @@
     python tests/train/multihost/worker.py RECORD_DIR DEVICES [SLOW_S] -- <train.main argv>
 
 RECORD_DIR/process_<i>.json gets, when the process ends, the rows of every batch it asked
-its datasets for ({"train": [[batch_size, step, start, stop, rows gathered], ...], "eval": [[batch_size,
-start, stop, rows gathered], ...]}) and
-every file it opened for writing under the run's workdir ("writes"), caught with an audit
-hook (PEP 578) so nothing in flaxlab needs to cooperate. DEVICES: virtual CPU devices of
+its datasets for ("train": [[batch_size, step, start, stop, rows gathered], ...], "eval":
+[[batch_size, start, stop, rows gathered], ...]) and every file it opened for writing
+under the run's workdir ("writes"), caught with an audit hook (PEP 578) so nothing in
+flaxlab needs to cooperate. DEVICES: virtual CPU devices of
 this process. SLOW_S: seconds each training batch waits (so a test can signal a process
 in the middle of a run); RECORD_DIR/process_<i>.steps gets each training step it
 gathers as it goes. The process exits with train.main's exit code.
@@ -27,13 +27,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 # tensorboardX imports torch when it can (2-3 s a process); nothing here needs it.
 sys.modules["torch"] = None
 
-import jax  # noqa: E402
-
-if os.environ.get("FLAXLAB_TEST_JAX_CACHE"):  # the suite's compilation cache
-    jax.config.update("jax_compilation_cache_dir", os.environ["FLAXLAB_TEST_JAX_CACHE"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
+# No persistent compilation cache: jax misses it for multi-process CPU programs.
 from absl import logging  # noqa: E402
 
 from train import main  # noqa: E402
