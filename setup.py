@@ -4,6 +4,7 @@ Install for running experiments:        pip install -e .
 Install for the test suite:             pip install -e ".[test]"
 Add TensorFlow Datasets sources:        pip install -e ".[tfds]"
 Hugging Face / PyTorch interop:         pip install -e ".[interop]"
+Searches and embedding pictures:        pip install -e ".[research]"
 """
 from setuptools import find_packages, setup
 
@@ -37,5 +38,9 @@ setup(
         # CPU build (the newest release pulls a several-GB CUDA build).
         "interop": ["torch>=2.11,<=2.13.0", "transformers>=5,<6", "safetensors>=0.4",
                     "tokenizers>=0.20"],
+        # The research workflow: Bayesian / random hyper-parameter search (train/search.py:
+        # Optuna's samplers and pruners, its study stored in the sweep's workdir) and
+        # t-SNE of embeddings (scikit-learn).
+        "research": ["optuna>=4", "scikit-learn>=1.4"],
     },
 )

@@ -3,7 +3,7 @@
     python benchmarks/gpt2_train_step.py                        # GPT-2 small, B=16, T=1024
     python benchmarks/gpt2_train_step.py --variant=tiny --batch=8 --seq_len=64 --steps=5
     python benchmarks/gpt2_train_step.py --dry_run              # shapes + parameter count only
-    python benchmarks/gpt2_train_step.py --compare=base,unrolled,reference --peer=PATH
+    python benchmarks/gpt2_train_step.py --compare=base,unrolled,reference
 
 What is timed is built exactly as `train.trainer.train_and_evaluate` builds it for
 `configs/gpt.py:gpt2_small`: the run config from `configs.gpt.get_config("gpt2_small")`
@@ -22,8 +22,10 @@ MFU uses nanoGPT's count: flops per token = 6 N + 12 L H Q T, with N the paramet
 excluding the position embeddings, L layers, H heads, Q head dim, T sequence length;
 MFU = flops per token * tokens per second / --peak_flops (989e12: H100 dense bf16).
 
-`--peer=PATH` runs an optional PyTorch peer's `bench_gpt(B, T)` first (NVIDIA GPU only;
-the script's contract is in benchmarks/README.md) and reports flaxlab ms / torch ms.
+The PyTorch peer (benchmarks/peers/gpt.py: the same model, nanoGPT style, torch.compile,
+SDPA flash attention, bf16 autocast, fused AdamW) runs first in a subprocess on a machine
+with an NVIDIA GPU (`--peer_device=cpu` runs it on the CPU, `--peer=''` not at all); the
+table's `x torch` is its ms per step over flaxlab's (> 1: flaxlab is faster).
 """
 from __future__ import annotations
 
@@ -62,7 +64,6 @@ PRESETS: dict[str, dict] = {
     "float32": {"dtype": "float32"},
 }
 DEFAULT_COMPARE = ("base", "unrolled", "reference", "separate_qkv")
-PEER_PREFIX = "torch_gpt2_124M_"  # its lines: _step_ms, _tokens_per_s, _mfu
 
 
 # ----------------------------------------------------------------------------------------
@@ -95,7 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated configurations to run in one invocation, from "
                         f"{', '.join(PRESETS)}; 'all' = every one; 'default' = "
                         f"{','.join(DEFAULT_COMPARE)}. Empty: the flags' configuration only")
-    harness.add_peer_flags(p, "GPT-2 benchmark")
+    harness.add_peer_flags(p, "gpt")
+    p.add_argument("--peer_mode", default="compile", choices=("compile", "eager"),
+                   help="the peer's model: torch.compile'd (nanoGPT's) or eager")
     p.add_argument("--out", default=None,
                    help=f"JSON results path ('' = none; default {DEFAULT_OUT}, or none for "
                         "--dry_run so a dry run never replaces measured results)")
@@ -206,16 +209,22 @@ def check_gpt2_small_count(args, total: int, no_pos: int) -> str | None:
             f"({no_pos:,} without position embeddings)")
 
 
-def run_peer(args) -> dict:
-    """Run the peer's GPT-2 benchmark (`bench_gpt(B, T)`); its parsed figures or why not."""
-    out = {"path": args.peer, "batch": args.batch, "seq_len": args.seq_len}
-    if args.variant != "gpt2_small":
-        return {**out, "skipped": "the peer is GPT-2 small only (--variant=gpt2_small)"}
-    return harness.run_peer(args.peer_python, args.peer,
-                            "peers.bench_gpt(B=int(sys.argv[2]), T=int(sys.argv[3]))",
-                            [args.batch, args.seq_len], timeout=args.peer_timeout,
-                            prefix=PEER_PREFIX, required=PEER_PREFIX + "step_ms", record=out,
-                            label=f"bench_gpt(B={args.batch}, T={args.seq_len})")
+def run_peer(args) -> dict | None:
+    """Run benchmarks/peers/gpt.py's train step at this shape (--peer_mode: torch.compile
+    by default); its parsed figures, or why not (None: --peer='')."""
+    if args.variant not in ("gpt2_small", "tiny"):
+        return {"skipped": "the peer has the gpt2_small and tiny sizes only"}
+    return harness.run_peer(
+        args, ["train", f"--size={args.variant}", f"--batch={args.batch}",
+               f"--seq_len={args.seq_len}", f"--vocab={args.vocab}", f"--mode={args.peer_mode}",
+               f"--steps={args.steps}", f"--windows={args.windows}",
+               f"--peak_flops={args.peak_flops}"],
+        prefix="torch_gpt_", required=peer_metric(args, "step_ms"),
+        record={"batch": args.batch, "seq_len": args.seq_len, "mode": args.peer_mode})
+
+
+def peer_metric(args, what: str) -> str:
+    return f"torch_gpt_{args.peer_mode}_{what}"
 
 
 # ----------------------------------------------------------------------------------------
@@ -351,12 +360,13 @@ def format_table(report: dict) -> str:
                          f"{r['trace_s']:.1f} s, attention {r['attention_kernel']} "
                          f"(scalars: {', '.join(r['scalars'])}); {r['settings']}")
         return "\n".join(lines)
-    torch_ms = peer.get(PEER_PREFIX + "step_ms")
-    columns = COLUMNS + ([("/torch", "6.2f")] if torch_ms else [])
+    mode = peer.get("mode", "compile")
+    torch_ms = peer.get(f"torch_gpt_{mode}_step_ms")
+    columns = COLUMNS + ([("x torch", "7.2f")] if torch_ms else [])
     head = harness.table_header(columns)
     lines += [head, "-" * len(head)]
     for r in report["results"]:
-        extra = (r["ms_median"] / torch_ms,) if torch_ms else ()
+        extra = (torch_ms / r["ms_median"],) if torch_ms else ()
         lines.append(harness.table_row(columns, row_values(r) + extra))
         if r.get("warning"):
             lines.append(f"  WARNING {r['name']}: {r['warning']}")
@@ -367,11 +377,11 @@ def format_table(report: dict) -> str:
                 and s["dtype"] != "float32" and r["attention_kernel"] != "cudnn"):
             lines.append(f"  WARNING {r['name']}: fused attention fell back to XLA (no cuDNN)")
     if torch_ms:
-        lines.append(f"torch peer: {torch_ms:.1f} ms/step, "
-                     f"{peer.get(PEER_PREFIX + 'tokens_per_s', float('nan')):.0f} tok/s, "
-                     f"MFU {peer.get(PEER_PREFIX + 'mfu', float('nan')):.1f}% "
-                     f"({peer.get('torch', 'torch')}); /torch = flaxlab median / torch "
-                     "(the peer times one 30-step window, mean)")
+        lines.append(f"torch peer ({mode}, {peer.get('device')}): {torch_ms:.1f} ms/step, "
+                     f"{peer.get(f'torch_gpt_{mode}_tokens_per_s', float('nan')):.0f} tok/s, "
+                     f"MFU {peer.get(f'torch_gpt_{mode}_mfu', float('nan')):.1f}% "
+                     f"({peer.get('torch', 'torch')}); x torch = torch ms / flaxlab ms "
+                     "(tokens/s ratio; > 1: flaxlab faster), both medians of their windows")
     elif peer:
         lines.append(f"torch peer skipped: {peer.get('skipped')}")
     return "\n".join(lines)
@@ -381,7 +391,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     names = harness.select(args.compare, PRESETS, DEFAULT_COMPARE)
     # The peer runs before JAX initializes its backend: JAX preallocates most of the GPU.
-    peer = run_peer(args) if args.peer and not args.dry_run else None
+    peer = None if args.dry_run else run_peer(args)
 
     report = harness.new_report(
         "gpt2_train_step", argv,
@@ -391,11 +401,10 @@ def main(argv=None) -> dict:
     if peer is not None:
         report["peer"] = peer
     harness.run_each(names, lambda name: run_config(args, name), report, args.out)
-    torch_ms = (peer or {}).get(PEER_PREFIX + "step_ms")
+    torch_ms = (peer or {}).get(peer_metric(args, "step_ms"))
     if torch_ms:
         for r in report["results"]:
-            r["ratio_to_torch"] = r["ms_median"] / torch_ms
-            r["ratio_to_torch_mean"] = r["ms_mean"] / torch_ms
+            r["speedup_vs_torch"] = torch_ms / r["ms_median"]
     return harness.print_and_write(report, format_table(report), args.out)
 
 

@@ -8,10 +8,9 @@ numbers from different benchmarks are comparable (the method is benchmarks/READM
   so compilation never lands in a timed window;
 * `warm_up`, then `time_windows` + `window_stats`: windows of steps with no host
   synchronization inside, each closed by `jax.block_until_ready`; median / mean / min;
-* `run_peer` runs a function of an optional PyTorch peer script (`--peer=PATH`, a file
-  of your own that defines `bench_gpt` / `bench_rnn`; see benchmarks/README.md) in a
-  subprocess and parses its `NAME value unit` lines (`torch_gpt2_124M_step_ms 95.1
-  ms ...`, `torch_cudnn_lstm_float32_step_ms 3.21 ms ...`);
+* `run_peer` runs the benchmark's PyTorch peer (`benchmarks/peers/<name>.py`, or any
+  script with the same command line: `--peer=PATH`) in a subprocess and parses its
+  `NAME value unit` lines (`torch_gpt_step_ms 95.1 ms ...`);
 * `select` + `run_each`: several named configurations in one process (--compare);
 * `count_params`, `mfu`, `environment`, `new_report`, `write_json`, `table_header` /
   `table_row`, and the flags every benchmark has (`add_timing_flags`, `add_peer_flags`).
@@ -69,11 +68,24 @@ def require_at_least(p: argparse.ArgumentParser, args, keys: Sequence[str], low:
             p.error(f"--{key} must be >= {low}{why}")
 
 
-def add_peer_flags(p: argparse.ArgumentParser, what: str) -> None:
-    """--peer (path to torch_peers.py; `what` it runs) / --peer_python / --peer_timeout."""
-    p.add_argument("--peer", default="",
-                   help=f"path to a PyTorch peer script: run its {what} first (NVIDIA GPU "
-                        "only; empty: no peer)")
+PEERS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers")
+
+
+def peer_script(name: str) -> str:
+    """The path of this repository's peer `benchmarks/peers/<name>.py`."""
+    return os.path.join(PEERS_DIR, name + ".py")
+
+
+def add_peer_flags(p: argparse.ArgumentParser, name: str) -> None:
+    """--peer / --peer_device / --peer_python / --peer_timeout for the peer `name`
+    (benchmarks/peers/<name>.py)."""
+    p.add_argument("--peer", default=peer_script(name),
+                   help="PyTorch peer script run first in a subprocess (default: this "
+                        "repository's; another script must take the same command line); "
+                        "'' = no peer")
+    p.add_argument("--peer_device", default="auto", choices=("auto", "cuda", "cpu"),
+                   help="auto: the GPU when there is an NVIDIA one, else no peer; cpu: "
+                        "the peer on the CPU (smoke runs, CPU comparisons)")
     p.add_argument("--peer_python", default=sys.executable,
                    help="interpreter with PyTorch for the peer")
     p.add_argument("--peer_timeout", type=float, default=420.0, help="seconds")
@@ -104,6 +116,16 @@ def hlo_text(lowered, compiled=None) -> str:
         except Exception:  # noqa: BLE001 -- not every backend/version provides it
             pass
     return text
+
+
+def attention_kernel(hlo: str, implementation: str) -> str:
+    """The attention kernel a step was compiled with, read from its HLO text (`hlo_text`):
+    "cudnn" when it calls cuDNN's fused attention (`__cudnn$fmha...`), else "xla" for
+    implementation "fused" (the model falls back from cuDNN to XLA silently) or
+    "reference" (explicit matmuls + softmax)."""
+    if "cudnn$fmha" in hlo:
+        return "cudnn"
+    return "xla" if implementation == "fused" else "reference"
 
 
 def warm_up(step: Callable, state, inputs: Sequence, n: int, probe=None
@@ -211,21 +233,8 @@ def memory_report(compiled, device) -> dict:
 # ----------------------------------------------------------------------------------------
 # The PyTorch peer.
 # ----------------------------------------------------------------------------------------
-# Loads the peer by path (it is not a package) and runs a call appended to this.
-_PEER_DRIVER = """
-    import importlib.util, sys
-    path = sys.argv[1]
-    import torch
-    if not torch.cuda.is_available():
-        print("peer_skipped torch sees no CUDA device"); sys.exit(0)
-    spec = importlib.util.spec_from_file_location("torch_peers", path)
-    peers = importlib.util.module_from_spec(spec); spec.loader.exec_module(peers)
-    torch.backends.cuda.matmul.allow_tf32 = True   # as torch_peers.py's __main__
-    torch.backends.cudnn.allow_tf32 = True
-    print("torch", torch.__version__, torch.cuda.get_device_name(), flush=True)
-"""
 # `NAME value unit...`: the peer's result lines. The value must parse as a float, which
-# excludes e.g. `torch 2.5.1 NVIDIA H100` and `torch_cudnn_gru_torch.float32 failed: ...`.
+# excludes e.g. `torch 2.5.1 NVIDIA H100` and `torch_cudnn_gru_float32 failed: ...`.
 _METRIC_LINE = re.compile(r"^([A-Za-z_]\w*)\s+([0-9.eE+-]+)")
 
 
@@ -244,30 +253,44 @@ def nvidia_gpu_present() -> bool:
     return os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi") is not None
 
 
-def run_peer(python: str, path: str, call: str, argv: Sequence[str], *, timeout: float,
-             prefix: str = "", required: str | None = None, record: dict | None = None,
-             label: str = "") -> dict:
-    """Run `call` of the peer at `path` in a subprocess; its figures, or why not.
+def peer_device(requested: str) -> str | None:
+    """The device a peer runs on for --peer_device: None = no peer here (auto without an
+    NVIDIA GPU)."""
+    if requested == "auto":
+        return "cuda" if nvidia_gpu_present() else None
+    return requested
 
-    `call` is Python using `peers` (the loaded peer module) and `sys.argv[2:]` (`argv`),
-    e.g. `"peers.bench_rnn('lstm', B=int(sys.argv[2]))"`; TF32 is on as in the peer's
-    own `__main__`. Call this before JAX initializes the GPU. Returns `record` extended
-    with `wall_s`, the stdout tail, every metric line whose name starts with `prefix`
-    (NAME: value), `torch` (its version line) and `skipped` (a reason) when it could not
-    run here or did not produce the `required` metric. Output is echoed as `peer| ...`.
+
+def run_peer(args, argv: Sequence[str], *, prefix: str = "", required: str | None = None,
+             record: dict | None = None) -> dict | None:
+    """Run the peer script of `args.peer` with `argv` (+ `--device`) in a subprocess.
+
+    None when there is no peer (`--peer=''`). Otherwise `record` extended with `script`,
+    `device`, `wall_s`, the stdout tail, every metric line whose name starts with
+    `prefix` (NAME: value), `torch` (its version line) and `skipped` (a reason) when it
+    could not run here or printed no `required` metric. Output is echoed as `peer| ...`.
+    Call this before JAX initializes a GPU: JAX preallocates most of its memory.
     """
-    out = dict(record or {})
-    if not os.path.exists(path):
-        return {**out, "skipped": f"{path} does not exist"}
-    if not nvidia_gpu_present():
+    if not args.peer:
+        return None
+    out = {"script": args.peer, **(record or {})}
+    device = peer_device(args.peer_device)
+    if device is None:
+        return {**out, "skipped": "no NVIDIA GPU on this machine (--peer_device=cpu runs "
+                                  "the peer on the CPU)"}
+    out["device"] = device
+    if not os.path.exists(args.peer):
+        return {**out, "skipped": f"{args.peer} does not exist"}
+    if device == "cuda" and not nvidia_gpu_present():
         return {**out, "skipped": "no NVIDIA GPU on this machine"}
-    print(f"peer: running {label or call} of {path} ...", flush=True)
-    cmd = [python, "-c", textwrap.dedent(_PEER_DRIVER) + call, path, *map(str, argv)]
+    cmd = [args.peer_python, args.peer, *map(str, argv), f"--device={device}"]
+    print(f"peer: {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True,
+                              timeout=args.peer_timeout)
     except subprocess.TimeoutExpired:
-        return {**out, "skipped": f"timed out after {timeout:.0f} s"}
+        return {**out, "skipped": f"timed out after {args.peer_timeout:.0f} s"}
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     out["stdout"] = proc.stdout[-4000:]
     for line in proc.stdout.splitlines():
@@ -277,13 +300,11 @@ def run_peer(python: str, path: str, call: str, argv: Sequence[str], *, timeout:
             out[metric[0]] = metric[1]
         if line.startswith("torch "):
             out["torch"] = line.strip()
-        if line.startswith("peer_skipped"):
-            out["skipped"] = line[len("peer_skipped "):]
     if proc.returncode != 0:
         out["skipped"] = f"exit code {proc.returncode}"
         out["stderr"] = proc.stderr[-4000:]
         print(textwrap.indent(proc.stderr[-2000:], "  peer! "))
-    elif required and required not in out and "skipped" not in out:
+    elif required and required not in out:
         out["skipped"] = f"no {required} line in its output"
     return out
 

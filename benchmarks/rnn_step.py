@@ -3,10 +3,10 @@ backward + SGD update, lax.scan vs cuDNN, float32 and bfloat16, against the PyTo
 
     python benchmarks/rnn_step.py                 # 2 layers, B=64, T=256, I=512, H=1024
     python benchmarks/rnn_step.py --batch=4 --seq_len=16 --input=32 --hidden=64 --steps=3
-    python benchmarks/rnn_step.py --peer=PATH/torch_peers.py   # + the peer's cuDNN figures
+    python benchmarks/rnn_step.py --peer_device=cpu   # the peer on the CPU (else GPU only)
 
-Each configuration (cell x dtype x implementation) times exactly the step of the optional
-PyTorch peer's `bench_rnn` (its contract: benchmarks/README.md): y = RNN(x) over a fixed random x [B, T, I], loss = mean(y^2) in
+Each configuration (cell x dtype x implementation) times exactly the step of the PyTorch
+peer (benchmarks/peers/rnn.py step: nn.LSTM / nn.GRU, cuDNN on a GPU): y = RNN(x) over a fixed random x [B, T, I], loss = mean(y^2) in
 float32, gradients, params -= lr * grads; params in the compute dtype as the peer's
 `.to(dtype)` (--param_dtype=float32 for mixed precision). The step is jitted with the
 params donated; `--num_batches` distinct inputs sit on the device and are used in turn.
@@ -20,8 +20,9 @@ calls the cuDNN RNN custom call, else `scan`.
 Timing, the peer subprocess, the environment and the JSON/table plumbing are
 benchmarks/harness.py's (the method: benchmarks/README.md). TFLOP/s counts the matmuls only:
 forward 2 B T sum_layers D (I_l + H) G H, training 3x forward (G gates, D directions).
-`--peer` runs `bench_rnn` for every cell and dtype first (JAX has not touched the GPU yet)
-and reports flaxlab ms / torch cuDNN ms (`/torch`) for the same cell and dtype.
+The peer runs every cell and dtype first (JAX has not touched the GPU yet; on a machine
+with an NVIDIA GPU, or `--peer_device=cpu`) and the table reports flaxlab ms / torch cuDNN
+ms (`/torch`, < 1: flaxlab faster) for the same cell and dtype.
 """
 from __future__ import annotations
 
@@ -44,16 +45,6 @@ from benchmarks import harness  # noqa: E402 -- timing, peer, reports
 
 DEFAULT_OUT = os.path.join(REPO_ROOT, "benchmarks", "results", "rnn_step.json")
 PEER_PREFIX = "torch_cudnn_"   # its lines: torch_cudnn_{lstm,gru}_{float32,bfloat16}_step_ms
-# Run by harness.run_peer after loading the peer: every cell x dtype, one failure each.
-PEER_CALL = """
-B, T, I, Hd, L = (int(a) for a in sys.argv[4:9])
-for kind in sys.argv[2].split(","):
-    for name in sys.argv[3].split(","):
-        try:
-            peers.bench_rnn(kind, B=B, T=T, I=I, Hd=Hd, layers=L, dtype=getattr(torch, name))
-        except Exception as e:  # noqa: BLE001
-            print(f"torch_cudnn_{kind}_{name} failed: {e}")
-"""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     harness.add_timing_flags(p)
     p.add_argument("--seed", type=int, default=0)
-    harness.add_peer_flags(p, "bench_rnn (every cell and dtype)")
+    harness.add_peer_flags(p, "rnn")
     p.add_argument("--out", default=DEFAULT_OUT, help="JSON results path ('' = none)")
     args = p.parse_args(argv)
     harness.require_at_least(p, args, ("batch", "seq_len", "input", "hidden", "layers",
@@ -157,13 +148,13 @@ def run_config(args, name: str) -> dict:
     return result
 
 
-def run_peer(args) -> dict:
-    out = {"path": args.peer}
+def run_peer(args) -> dict | None:
+    """benchmarks/peers/rnn.py's cuDNN step for every cell and dtype (one failure each)."""
     return harness.run_peer(
-        args.peer_python, args.peer, PEER_CALL,
-        [args.cells, args.dtypes, args.batch, args.seq_len, args.input, args.hidden,
-         args.layers], timeout=args.peer_timeout, prefix=PEER_PREFIX, record=out,
-        label=f"bench_rnn({args.cells} x {args.dtypes})")
+        args, ["step", f"--cells={args.cells}", f"--dtypes={args.dtypes}",
+               f"--batch={args.batch}", f"--seq_len={args.seq_len}", f"--input={args.input}",
+               f"--hidden={args.hidden}", f"--layers={args.layers}", f"--steps={args.steps}",
+               f"--windows={args.windows}"], prefix=PEER_PREFIX)
 
 
 COLUMNS = [("config", "<22"), ("kernel", "<6"), ("ms med", "8.2f"), ("ms mean", "8.2f"),
@@ -193,7 +184,8 @@ def format_table(report: dict) -> str:
             lines.append(f"  WARNING {r['name']}: the params were not donated")
     figures = {k: v for k, v in peer.items() if k.startswith(PEER_PREFIX)}
     if figures:
-        lines.append("torch peer (cuDNN, one 20-step window, mean): " + ", ".join(
+        lines.append(f"torch peer (cuDNN on {peer.get('device')}, median of its windows): "
+                     + ", ".join(
             f"{k[len(PEER_PREFIX):-len('_step_ms')]} {v:.2f} ms" for k, v in figures.items())
             + f" ({peer.get('torch', 'torch')}); /torch = flaxlab median / torch")
     elif peer:
@@ -204,7 +196,7 @@ def format_table(report: dict) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     names = _names(args)
-    peer = run_peer(args) if args.peer else None   # before JAX initializes the GPU
+    peer = run_peer(args)   # before JAX initializes the GPU
     report = harness.new_report(
         "rnn_step", argv, batch=args.batch, seq_len=args.seq_len, input=args.input,
         hidden=args.hidden, layers=args.layers, steps=args.steps, windows=args.windows,

@@ -28,6 +28,7 @@ Rows with a visible key are unchanged.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable
 
@@ -154,9 +155,26 @@ def _reference_attention(query, key, value, mask, *, scale, dropout_rate, dropou
     return jnp.transpose(out, (0, 2, 1, 3)), weights
 
 
+# The platform a trace is for: None = the default backend's. `lowering_for("gpu")` traces
+# the fused path as for a GPU on any host (jax.export(..., platforms=("cuda",)) from a CPU
+# machine), so a CPU test can check that a model's lowered step keeps the cuDNN kernel.
+_TARGET_PLATFORM: list[str] = []
+
+
+@contextlib.contextmanager
+def lowering_for(platform: str):
+    """Trace attention as for `platform` ("gpu", "cpu", ...) whatever this host has."""
+    _TARGET_PLATFORM.append(platform)
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.pop()
+
+
 def _cudnn_eligible(query: Array, key: Array) -> bool:
     """cuDNN flash attention needs a GPU, half precision and head_dim % 8 == 0, <= 256."""
-    if jax.default_backend() != "gpu":
+    platform = _TARGET_PLATFORM[-1] if _TARGET_PLATFORM else jax.default_backend()
+    if platform != "gpu":
         return False
     d = query.shape[-1]
     return (query.dtype in (jnp.bfloat16, jnp.float16) and key.dtype == query.dtype
