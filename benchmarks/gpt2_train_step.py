@@ -230,12 +230,6 @@ def peer_metric(args, what: str) -> str:
 # ----------------------------------------------------------------------------------------
 # One configuration.
 # ----------------------------------------------------------------------------------------
-def attention_kernel(hlo_text: str, settings: dict) -> str:
-    if "__cudnn$fmha" in hlo_text or "cudnn$fmha" in hlo_text:
-        return "cudnn"
-    return "xla" if settings["attention_impl"] == "fused" else "reference"
-
-
 def random_batches(args, setup: Setup) -> list:
     from train import sharding
     rng = np.random.default_rng(args.seed)
@@ -279,7 +273,8 @@ def run_config(args, name: str) -> dict:
         with setup.rules():
             lowered = setup.p_train_step.lower(setup.abstract_state, setup.abstract_batch)
         result["trace_s"] = time.perf_counter() - t0
-        result["attention_kernel"] = attention_kernel(lowered.as_text(), settings)
+        result["attention_kernel"] = harness.attention_kernel(lowered.as_text(),
+                                                               settings["attention_impl"])
         result.update(dry_run=True, scalars=sorted(scalars))
         return result
 
@@ -291,8 +286,8 @@ def run_config(args, name: str) -> dict:
         lowered, compiled, times = harness.lower_and_compile(setup.p_train_step, state,
                                                              batches[0])
     result.update(times)
-    result["attention_kernel"] = attention_kernel(harness.hlo_text(lowered, compiled),
-                                                  settings)
+    result["attention_kernel"] = harness.attention_kernel(harness.hlo_text(lowered, compiled),
+                                                          settings["attention_impl"])
     result["xla_cost_flops_per_step"] = harness.cost_flops(compiled)
     del lowered
 

@@ -128,8 +128,9 @@ class TextTower(nn.Module):
         # A causal tower needs no key padding mask: right padding follows every real token,
         # so no real position attends to it. Without the mask, a checkpoint whose
         # pad_token_id is a real token (CLIP's config says 1, a quote mark, while its
-        # tokenizer pads with end-of-text) reads every token as transformers does.
-        attend = jnp.ones_like(valid) if self.causal else valid
+        # tokenizer pads with end-of-text) reads every token as transformers does. And no
+        # mask at all (not an all-ones one) gives the fused path cuDNN's plain causal kernel.
+        attend = None if self.causal else valid
         x = transformer.TransformerStack(cfg, cfg.num_layers, causal=self.causal,
                                          name="encoder")(x, attend, deterministic=not train)
         if self.pooling == "cls":

@@ -1,6 +1,6 @@
 """What only a GPU can check: cuDNN kernels against the reference paths, bf16 training.
 
-    python -m pytest -q -m gpu tests/gpu                     # on a machine with a GPU
+    JAX_PLATFORMS= python -m pytest -q -m gpu tests/gpu      # on a machine with a GPU
     FLAXLAB_GPU_SMOKE=1 python -m pytest -q -m gpu tests/gpu  # the same code on the CPU
 
 On a GPU every test runs at its real size and asserts that the cuDNN kernel was really
@@ -9,7 +9,8 @@ tests are skipped unless FLAXLAB_GPU_SMOKE=1, which runs them on the CPU at smok
 (seconds) so the suite never spends GPU time on a crash: there the kernels are XLA's and
 the kernel assertions are off, every numerical assertion stays.
 
-`benchmarks/gpu_suite.sh` runs this file first.
+`benchmarks/gpu_suite.sh` runs this file first. (tests/conftest.py pins JAX to the CPU
+unless JAX_PLATFORMS is set: the empty value lets jax take the GPU.)
 """
 from __future__ import annotations
 
