@@ -44,7 +44,6 @@ if PEERS not in sys.path:
     sys.path.insert(0, PEERS)
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
 
@@ -130,13 +129,18 @@ def gpt_peer(flax_step: FlaxlabStep, mode: str):
 def seq2seq_peer(flax_step: FlaxlabStep, mode: str):
     """benchmarks/peers/rnn.py's twin of the LSTM seq2seq model and its train step."""
     rnn = importlib.import_module("rnn")
-    model = rnn.build_seq2seq_from_flaxlab(flax_step.model_cfg)
-    c, o = flax_step.config, flax_step.config.optim
+    m, c = flax_step.model_cfg, flax_step.config
+    model = rnn.build_seq2seq(vocab_size=m.vocab_size, embed_dim=m.embed_dim, hidden=m.hidden,
+                              num_layers=m.num_layers, decoder_layers=m.decoder_layers,
+                              attention_dim=m.attention_dim, dropout=m.dropout, pad_id=m.pad_id,
+                              seed=c.seed)
+    o = c.optim
     step = rnn.make_seq2seq_step(
         model, flax_step.host_batches, mode=mode, device="cpu", lr=o.learning_rate,
-        weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, grad_clip=o.grad_clip_norm,
-        warmup_steps=o.schedule.warmup_steps, total_steps=c.train.num_steps,
-        end_lr_fraction=o.schedule.end_lr_fraction)
+        betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay,
+        grad_clip_norm=o.grad_clip_norm, warmup_steps=o.schedule.warmup_steps,
+        total_steps=c.train.num_steps, end_lr_fraction=o.schedule.end_lr_fraction,
+        label_smoothing=c.task.get("label_smoothing", 0.0))
     return model, step
 
 
@@ -159,7 +163,9 @@ class TorchStep:
         import torch
         self.torch = torch
         self.model, self.step = pair.peer(flax_step, mode)
-        self.n_params = sum(p.numel() for p in self.model.parameters())
+        # Trainable ones: a twin may hold frozen zeros where flaxlab has no parameter
+        # (nn.LSTM's second bias, b_hh, in peers/rnn.py).
+        self.n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
     def __call__(self):
         return self.step()
