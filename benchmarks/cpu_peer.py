@@ -11,7 +11,9 @@ What is timed, for each model:
                  count, asserted; same initialization scheme, loss, gradient clip, AdamW
                  with the same hyper-parameters and weight-decay exclusions), eager;
   torch compile  the same with the model under torch.compile (inductor; the optimizer
-                 step eager, as nanoGPT does).
+                 step eager, as nanoGPT does; for the seq2seq twin, one decoder step is
+                 compiled and reused for every target position: compiling the unrolled
+                 loop takes tens of minutes).
 
 The three are timed in alternation in one process on the same cores: `--rounds` rounds,
 each one window of `--steps` steps of every implementation (the order rotates from round

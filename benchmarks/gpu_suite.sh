@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_suite.sh                 # on a machine with an NVIDIA GPU
 #   bash benchmarks/gpu_suite.sh --cpu_smoke     # the same parts at tiny sizes on the CPU
 #   bash benchmarks/gpu_suite.sh --out_dir=DIR   # where the JSON reports go
+#   bash benchmarks/gpu_suite.sh --parts=gpt2,rnn  # some of the parts only
 #
 # Parts, in order, each under its own time limit (seconds), each writing its JSON report
 # (or JUnit XML) into the output directory as it finishes, so a part that fails or runs
@@ -28,12 +29,15 @@ cd "$(dirname "$0")/.."
 
 smoke=0
 out_dir=""
+parts=",tests,gpt2,clip,rnn,decode,"
 for arg in "$@"; do
   case "$arg" in
     --cpu_smoke) smoke=1 ;;
     --out_dir=*) out_dir="${arg#--out_dir=}" ;;
+    --parts=*) parts=",${arg#--parts=}," ;;
     -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
-    *) echo "gpu_suite.sh: unknown argument $arg; allowed: --cpu_smoke, --out_dir=DIR" >&2
+    *) echo "gpu_suite.sh: unknown argument $arg; allowed: --cpu_smoke, --out_dir=DIR," \
+          "--parts=tests,gpt2,clip,rnn,decode" >&2
        exit 2 ;;
   esac
 done
@@ -42,15 +46,16 @@ PY=${PYTHON:-python3}
 PEER_PY=${PEER_PYTHON:-$PY}
 if [[ $smoke == 1 ]]; then
   out_dir=${out_dir:-$(mktemp -d)}
-  export FLAXLAB_GPU_SMOKE=1 JAX_PLATFORMS=cpu
+  export JAX_PLATFORMS=cpu   # tests/gpu run at their smoke sizes on the CPU
   limits=(tests=300 gpt2=120 clip=120 rnn=90 decode=90)
   peer=(--peer_device=cpu --peer_python="$PEER_PY")
   gpt2=(--variant=tiny --batch=4 --seq_len=32 --vocab=512 --steps=2 --windows=2 --warmup=1
         --peer_mode=eager)
-  clip=(--towers=tiny --batch=4 --dtype=float32 --steps=2 --windows=2 --warmup=1
+  clip=(--towers=tiny --batch=8 --dtype=float32 --steps=2 --windows=2 --warmup=1
         --peer_mode=eager --peer_threads=1)
   rnn=(--batch=4 --seq_len=8 --input=16 --hidden=32 --steps=2 --windows=2 --warmup=1)
-  decode=(--variant=tiny --prompt_len=4 --new_tokens=4 --windows=2 --peer_mode=eager)
+  decode=(--variant=tiny --vocab=256 --prompt_len=8 --new_tokens=4 --windows=2 --warmup=1
+          --compare=bf16,int8 --loop=step --peer_mode=eager --peer_threads=1)
 else
   gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
   if [[ -z $gpu ]]; then
@@ -77,6 +82,7 @@ limit() { for kv in "${limits[@]}"; do [[ ${kv%%=*} == "$1" ]] && echo "${kv#*=}
 failed=()
 part() {   # part NAME COMMAND...: run under its limit, log to <out_dir>/NAME.log
   local name=$1; shift
+  [[ $parts == *",$name,"* ]] || return 0
   local t0=$SECONDS
   echo "== $name (limit $(limit "$name") s): $*"
   timeout --signal=TERM --kill-after=10 "$(limit "$name")" "$@" 2>&1 | tee "$out_dir/$name.log"

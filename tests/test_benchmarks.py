@@ -4,8 +4,12 @@ import json
 import math
 import os
 
+import subprocess
+
 import numpy as np
 import pytest
+
+from benchmarks import harness
 
 _BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "benchmarks")
@@ -19,43 +23,128 @@ def _load(name="gpt2_train_step"):
     return module
 
 
-def test_gpt2_train_step_tiny_writes_json(tmp_path):
-    bench = _load()
-    out = tmp_path / "results" / "bench.json"
-    report = bench.main(["--variant=tiny", "--batch=4", "--seq_len=32", "--vocab=256",
-                         "--dtype=float32", "--steps=2", "--windows=2", "--warmup=1",
-                         "--num_devices=1", f"--out={out}"])
-    saved = json.loads(out.read_text())
-    (r,) = saved["results"]
+def test_gpu_suite_cpu_smoke_runs_every_benchmark_with_its_peer(tmp_path):
+    """benchmarks/gpu_suite.sh --cpu_smoke (its benchmark parts; tests/gpu run in the
+    ordinary suite): each part writes its report with the PyTorch peer's figures (the peer
+    on the CPU, eager), and the summary has a measured value for every target."""
+    repo = os.path.dirname(_BENCHMARKS)
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_suite.sh", "--cpu_smoke", f"--out_dir={tmp_path}",
+         "--parts=gpt2,clip,rnn,decode"], cwd=repo, env=env, capture_output=True, text=True,
+        timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in (
+        "gpt2_train_step", "clip_train_step", "rnn_step", "decode_step")}
+
+    # GPT: the tiny decoder, bf16, fused attention (XLA's here), donated state.
+    (r,) = report["gpt2_train_step"]["results"]
     assert r["name"] == "base" and r["settings"]["attention_impl"] == "fused"
-    assert r["steps_run"] == 1 + 2 * 2 and r["nonfinite_step"] == -1
+    assert r["attention_kernel"] == "xla"                      # no cuDNN on a CPU
+    assert r["steps_run"] == 1 + 2 * 2 and r["nonfinite_step"] == -1 and r["state_donated"]
     assert r["ms_median"] > 0 and r["tokens_per_s"] > 0 and r["compile_s"] > 0
-    assert len(r["window_ms"]) == 2 and r["state_donated"]
-    # Random tokens over 256 ids: the initial loss is close to ln(256) = 5.55.
-    assert 5.0 < r["first_loss"] < 6.2
+    # Random tokens over 512 ids: the initial loss is close to ln(512) = 6.24.
+    assert 5.7 < r["first_loss"] < 6.8
     # 6N + 12 L H Q T with N excluding the 64 x 32 learned position table.
     assert r["params"] - r["params_no_position"] == 64 * 32
     assert r["flops_per_token"] == 6 * r["params_no_position"] + 12 * 2 * 2 * 16 * 32
-    assert saved["environment"]["jax"] and report["results"][0]["mfu"] > 0
+    peer = report["gpt2_train_step"]["peer"]
+    assert "skipped" not in peer, peer.get("stderr")
+    assert peer["device"] == "cpu" and peer["mode"] == "eager"
+    assert peer["torch_gpt_params"] == r["params"]             # the same model
+    assert r["speedup_vs_torch"] == pytest.approx(peer["torch_gpt_eager_step_ms"]
+                                                  / r["ms_median"])
+
+    # RNN: every cell x dtype; cuDNN rows skipped on a CPU; the peer's cuDNN-named rows.
+    rnn = report["rnn_step"]
+    scans = [x for x in rnn["results"] if x["name"].endswith("/scan")]
+    assert {(x["cell"], x["dtype"]) for x in scans} == {
+        (c, d) for c in ("lstm", "gru") for d in ("float32", "bfloat16")}
+    assert all("skipped" in x for x in rnn["results"] if x["name"].endswith("/cudnn"))
+    lstm = next(x for x in scans if (x["cell"], x["dtype"]) == ("lstm", "float32"))
+    # 2 LSTM layers, 4 gates: (in * 4H + H * 4H + 4H) per layer, in = 16 then 32.
+    assert lstm["params"] == (16 + 32 + 1) * 128 + (32 + 32 + 1) * 128
+    assert lstm["flops_per_step"] == 3 * 2 * 4 * 8 * 128 * ((16 + 32) + (32 + 32))
+    assert lstm["ratio_to_torch"] == pytest.approx(
+        lstm["ms_median"] / rnn["peer"]["torch_cudnn_lstm_float32_step_ms"])
+
+    # CLIP: the tiny towers' closed-form count; InfoNCE at init about ln B.
+    (c,) = report["clip_train_step"]["results"]
+    assert c["params"] == c["params_closed_form"]["total"] == 139_713
+    assert abs(c["first_loss"] - math.log(8)) < 0.3 and c["attention_kernel"] == "xla"
+    assert c["samples_per_s"] == pytest.approx(8 / (c["ms_median"] / 1e3))
+    assert c["flops_per_step"] == 3 * 8 * c["forward_flops_per_sample"]["total"]
+    clip_peer = report["clip_train_step"]["peer"]
+    assert "skipped" not in clip_peer, clip_peer.get("stderr")
+    assert (clip_peer["device"], clip_peer["mode"], clip_peer["towers"]) == (
+        "cpu", "eager", "tiny")
+    sps = clip_peer["torch_clip_tiny_eager_samples_per_s"]
+    assert clip_peer["torch_clip_tiny_eager_step_ms"] == pytest.approx(8e3 / sps, rel=1e-4)
+    assert c["speedup_vs_torch"] == pytest.approx(c["samples_per_s"] / sps)
+    # open_clip's towers lack flaxlab's patch-embedding bias (64 here).
+    bias = 0 if clip_peer["impl"].startswith("equivalent") else 64
+    assert clip_peer["torch_clip_tiny_params"] == c["params"] - bias
+
+    # Decoding: bf16 vs int8 weight-only, the bytes each reads in closed form.
+    report = report["decode_step"]
+    bf16, int8 = report["results"]
+    assert (bf16["name"], bf16["weights"], int8["name"], int8["weights"]) == (
+        "bf16", "bfloat16", "int8", "int8")
+    # Tiny GPT, fused QKV, tied table: L=2, d=32, MLP 64, vocab 256, 64 positions.
+    L, d, m, v, positions = 2, 32, 64, 256, 64
+    n_matmul = L * (4 * d * d + 2 * d * m) + v * d      # kernels + the tied table
+    n_other = L * (9 * d + m) + 2 * d                    # biases, norms, final norm
+    n_out = L * (5 * d + m) + v                          # output channels = scales
+    assert report["params"] == n_matmul + n_other + positions * d
+    b, q = bf16["bytes_per_token"], int8["bytes_per_token"]
+    assert q["matmul"] * 2 == b["matmul"] == 2 * n_matmul   # int8 reads half of bf16's
+    assert q["scales"] == 4 * n_out and b["scales"] == 0
+    assert q["other"] == b["other"] == 2 * n_other
+    assert b["total"] == 2 * (n_matmul + n_other) + 2 * d    # + one position row
+    assert q["total"] == n_matmul + 4 * n_out + 2 * n_other + 2 * d
+    for r in (bf16, int8):
+        assert len(r["window_ms"]) == 2 and r["ms_per_token"] > 0
+        assert r["tokens_per_s"] == 1e3 / r["ms_per_token"]
+        assert r["weight_GBps"] == pytest.approx(
+            r["bytes_per_token"]["total"] / r["ms_per_token"] / 1e6)
+        assert np.asarray(r["tokens"]).shape == (1, 1 + 4)
+    assert int8["speedup_vs_bf16"] == bf16["ms_per_token"] / int8["ms_per_token"]
+    assert 0.0 <= int8["tokens_match_bf16"] <= 1.0 and bf16["tokens_match_bf16"] == 1.0
+    # Every int8 kernel (4 a layer) and the table is an int8 parameter of the step.
+    assert int8["int8_operands"]["int8_params"] == 4 * L + 1
+    peer = report["peer"]
+    assert "skipped" not in peer, peer
+    assert peer["device"] == "cpu" and peer["int8_impl"] in ("torchao", "int8pack_mm",
+                                                             "explicit")
+    assert peer["torch_decode_bf16_eager_ms_per_token"] > 0
+    assert peer["torch_decode_int8_eager_ms_per_token"] > 0
+    assert peer["torch_decode_int8_eager_speedup"] > 0
+    # The peer's GPT is the same model: its parameter count (position table included).
+    assert peer["torch_decode_params"] == report["params"]
+
+    summary = json.loads((tmp_path / "gpu_suite.json").read_text())
+    rows = {row["target"]: row for row in summary["rows"]}
+    assert rows["GPU tests (pytest -m gpu)"]["status"] == "missing"   # not a part here
+    for name, row in rows.items():
+        if name.startswith("GPU tests"):
+            continue
+        assert row["status"] in ("met", "NOT met"), row            # measured, not missing
+    assert rows["GPT-2 small step: cuDNN attention compiled"]["value"] == 0.0
+    assert "flaxlab GPU suite" in proc.stdout
 
 
-def test_rnn_step_cpu_smoke_skips_cudnn_and_a_missing_peer(tmp_path):
+def test_rnn_peer_that_does_not_exist_is_skipped_and_the_benchmark_runs(tmp_path):
     bench = _load("rnn_step")
     out = tmp_path / "rnn.json"
-    bench.main(["--cells=lstm", "--dtypes=float32", "--impls=scan,cudnn", "--batch=4",
-                "--seq_len=16", "--input=32", "--hidden=64", "--steps=2", "--windows=2",
-                "--warmup=1", "--num_batches=2", "--peer=/nonexistent/torch_peers.py",
-                f"--out={out}"])
+    bench.main(["--cells=lstm", "--dtypes=float32", "--impls=scan", "--batch=2",
+                "--seq_len=4", "--input=8", "--hidden=8", "--steps=1", "--windows=1",
+                "--warmup=1", "--num_batches=1", "--peer=/nonexistent/peer.py",
+                "--peer_device=cpu", f"--out={out}"])
     report = json.loads(out.read_text())
-    scan, cudnn = report["results"]
-    assert scan["name"] == "lstm/float32/scan" and scan["kernel"] == "scan"
-    # 2 LSTM layers, 4 gates: (in * 4H + H * 4H + 4H) per layer, in = 32 then 64.
-    assert scan["params"] == (32 + 64 + 1) * 256 + (64 + 64 + 1) * 256 == 57856
-    # 3 x forward matmul FLOPs: 2 B T (in + H) 4H per layer.
-    assert scan["flops_per_step"] == 3 * 2 * 4 * 16 * 256 * ((32 + 64) + (64 + 64))
-    assert len(scan["window_ms"]) == 2 and scan["state_donated"]
-    assert cudnn["name"] == "lstm/float32/cudnn" and "skipped" in cudnn   # no NVIDIA GPU
-    assert report["peer"]["skipped"] == "/nonexistent/torch_peers.py does not exist"
+    assert report["peer"]["skipped"] == "/nonexistent/peer.py does not exist"
+    assert "ratio_to_torch" not in report["results"][0]
+    if not harness.nvidia_gpu_present():   # by default no GPU = no peer, and it says why
+        assert "no NVIDIA GPU" in harness.run_peer(bench.parse_args([]), ["step"])["skipped"]
 
 
 def test_data_batch_smoke_reports_the_batch_it_times(tmp_path):

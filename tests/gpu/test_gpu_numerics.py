@@ -1,13 +1,12 @@
 """What only a GPU can check: cuDNN kernels against the reference paths, bf16 training.
 
     JAX_PLATFORMS= python -m pytest -q -m gpu tests/gpu      # on a machine with a GPU
-    FLAXLAB_GPU_SMOKE=1 python -m pytest -q -m gpu tests/gpu  # the same code on the CPU
 
 On a GPU every test runs at its real size and asserts that the cuDNN kernel was really
-compiled (the model falls back to XLA silently; these tests do not). Without one, the
-tests are skipped unless FLAXLAB_GPU_SMOKE=1, which runs them on the CPU at smoke sizes
-(seconds) so the suite never spends GPU time on a crash: there the kernels are XLA's and
-the kernel assertions are off, every numerical assertion stays.
+compiled (the model falls back to XLA silently; these tests do not). Without one (the
+ordinary test suite) they run on the CPU at smoke sizes, in seconds, so a GPU is never
+spent on a crash: there the kernels are XLA's and the kernel assertions are off; every
+numerical assertion stays.
 
 `benchmarks/gpu_suite.sh` runs this file first. (tests/conftest.py pins JAX to the CPU
 unless JAX_PLATFORMS is set: the empty value lets jax take the GPU.)
@@ -26,9 +25,8 @@ from models.layers import attention as attn
 from models.layers import recurrent as R
 
 ON_GPU = jax.default_backend() == "gpu"
-SMOKE = not ON_GPU and os.environ.get("FLAXLAB_GPU_SMOKE") == "1"
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
-    not (ON_GPU or SMOKE), reason="needs a GPU (FLAXLAB_GPU_SMOKE=1: smoke sizes on CPU)")]
+SMOKE = not ON_GPU          # the CPU: smoke sizes
+pytestmark = pytest.mark.gpu
 
 
 def relative_error(got, want) -> float:
