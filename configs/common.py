@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from train.config import add_eval
 
-__all__ = ["add_eval", "cadence", "series_forecasting", "shapes_classification",
-           "warmup_cosine"]
+__all__ = ["add_eval", "cadence", "series_forecasting", "shapes_augment",
+           "shapes_classification", "warmup_cosine"]
 
 
 def cadence(c, num_steps: int, every: int) -> None:
@@ -38,6 +38,17 @@ def shapes_classification(c, batch_size: int = 64, eval_batch_size: int = 128) -
     c.data.shapes.exclude_heldout_from_train = False
     c.data.batch_size = batch_size
     c.data.eval_batch_size = eval_batch_size
+
+
+def shapes_augment(c) -> None:
+    """The shapes classifiers' augmentation (data.shapes.augment, train/data/augment.py):
+    random resized crops of at least half the area, flips, rotations up to 15 degrees,
+    brightness / contrast / saturation jitter of 0.2 -- no hue turn, since the color is
+    half the class -- and mixup (alpha 0.2) or CutMix (alpha 1), one per example."""
+    a = c.data.shapes.augment
+    a.crop_area_min, a.flip, a.rotate = 0.5, 0.5, 15.0
+    a.brightness = a.contrast = a.saturation = 0.2
+    a.mixup, a.cutmix = 0.2, 1.0
 
 
 def series_forecasting(c, learning_rate: float) -> None:

@@ -111,6 +111,25 @@ def get_sweep(variant: str = "default"):
                      "distill, moe, tiny")
 
 
+def get_search_space(variant: str = "default"):
+    """The search of `python -m train.sweep --config=configs/gpt.py[:variant]
+    --search=tpe --trials=16` (train/search.py): the optimizer's three main knobs around
+    the hand-tuned default (peak learning rate 3e-3, 50 warm-up steps, weight decay 0.01).
+
+    default: learning rate log-uniform in [1e-3, 1e-2], warm-up steps in [0, 200], AdamW's
+      decoupled weight decay log-uniform in [1e-4, 0.1].
+    tiny: learning rate and warm-up only, scaled to its 20 steps (tests, smoke runs).
+    """
+    if variant == "default":
+        return {"optim.learning_rate": "loguniform(1e-3,1e-2)",
+                "optim.schedule.warmup_steps": "int(0,200)",
+                "optim.weight_decay": "loguniform(1e-4,0.1)"}
+    if variant == "tiny":
+        return {"optim.learning_rate": "loguniform(1e-3,1e-2)",
+                "optim.schedule.warmup_steps": "int(0,10)"}
+    raise ValueError(f"no search space for gpt variant {variant!r}; allowed: default, tiny")
+
+
 def moe_sweep():
     """The mixture-of-experts ablation, every row 600 steps of the default schedule:
 

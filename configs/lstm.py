@@ -26,8 +26,11 @@ Measured on 2 CPU cores shared with other jobs (wall times are upper bounds):
   classify  test accuracy 56.4% over 12 modules (chance 8.3%; top-5 82.4%), 1500 steps.
   forecast  test MSE 0.091 vs naive 1.651 and seasonal-naive 0.255 (MAE 0.239 vs 1.031 /
             0.407), 1000 steps -- PatchTST on the same split: 0.129.
+Pictures (default, luong): alignment.png, the attention of the first 4 test decodes (Bahdanau
+et al. 2015, fig. 3); default: 1.26 nats per row (uniform over a 7-token source: 1.95), the
+most attended source position not moving back in 75% of the steps.
 """
-from configs.common import cadence, series_forecasting, warmup_cosine
+from configs.common import add_eval, cadence, series_forecasting, warmup_cosine
 from train.config import base_config, shrink_for_smoke_test
 
 VARIANTS = ("default", "luong", "classify", "imdb", "forecast", "tiny", "tiny_classify",
@@ -76,6 +79,8 @@ def get_config(variant: str = "default"):
         raise ValueError(f"unknown lstm variant {variant!r}; allowed: {', '.join(VARIANTS)}")
     if variant in ("default", "luong", "tiny"):
         c = _seq2seq("luong_general" if variant == "luong" else "bahdanau")
+        if variant != "tiny":
+            add_eval(c, "alignment")   # alignment.png: the attention of a few decodes
     elif variant in ("classify", "imdb", "tiny_classify"):
         c = _classify("tfds" if variant == "imdb" else "text_classification")
     else:

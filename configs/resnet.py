@@ -11,7 +11,7 @@ Variants:
   tiny     a seconds-long smoke run (tests).
 Other sizes: --config.model.variant=resnet18 (..., resnet50, resnet101).
 """
-from configs.common import cadence, shapes_classification
+from configs.common import cadence, shapes_augment, shapes_classification
 from train.config import base_config, select_best_by, shrink_for_smoke_test
 
 
@@ -25,7 +25,7 @@ def get_config(variant: str = "default"):
     c.optim.weight_decay = 5e-4
     c.optim.schedule.name = "cosine"
     select_best_by(c, "validation/accuracy", "max")
-    if variant == "default":
+    if variant in ("default", "augment"):
         cadence(c, 1500, 500)
     elif variant == "tiny":
         shrink_for_smoke_test(c, num_steps=6, batch_size=16, eval_batch_size=64, log_every=3,
@@ -33,5 +33,8 @@ def get_config(variant: str = "default"):
         c.data.shapes.shapes_split_sizes.validation = 128
         c.data.shapes.shapes_split_sizes.test = 128
     else:
-        raise ValueError(f"unknown resnet variant {variant!r}; allowed: default, tiny")
+        raise ValueError(f"unknown resnet variant {variant!r}; allowed: default, augment, "
+                         "tiny")
+    if variant == "augment":
+        shapes_augment(c)
     return c

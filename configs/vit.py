@@ -9,12 +9,17 @@ Variants:
            minutes (21 steps/s), test accuracy 91.9% (1500 steps at lr 1e-3: 78.9% -- a
            ViT without convolutions' inductive bias needs more steps than the ResNet).
   tiny     a seconds-long smoke run (tests).
+Pictures of the default run (train/evaluators): embeddings_pca.png, embeddings_tsne.png (the
+test images' pooled features by class), attention_rollout.png (attention rollout through
+both blocks: 31% of it on the objects' 5.6% of the pixels), confusion_matrix.png (test
+accuracy 91.9%, balanced 92.0%, the worst class green circle at 77%).
 Any ViT size works as model.variant (e.g. --config.model.variant=S/16 with image_size 224).
 The transformer's fields are under model.encoder (e.g. --config.model.encoder.num_layers=4,
 --config.model.encoder.dropout_rate=0.1); the image-side ones (patch_size, pool, ...) are
 directly under model.
 """
-from configs.common import cadence, shapes_classification, warmup_cosine
+from configs.common import (add_eval, cadence, shapes_augment, shapes_classification,
+                            warmup_cosine)
 from train.config import base_config, select_best_by, shrink_for_smoke_test
 
 
@@ -23,13 +28,17 @@ def get_config(variant: str = "default"):
     shapes_classification(c)
     warmup_cosine(c, 2e-3, warmup_steps=100, weight_decay=1e-4)
     select_best_by(c, "validation/accuracy", "max")
-    if variant == "default":
+    if variant in ("default", "augment"):
         cadence(c, 3000, 1000)
+        for name in ("embeddings", "attention_rollout", "confusion_matrix"):  # pictures
+            add_eval(c, name)
     elif variant == "tiny":
         shrink_for_smoke_test(c, num_steps=6, batch_size=16, eval_batch_size=64, log_every=3,
                               eval_every=3)
         c.data.shapes.shapes_split_sizes.validation = 128
         c.data.shapes.shapes_split_sizes.test = 128
     else:
-        raise ValueError(f"unknown vit variant {variant!r}; allowed: default, tiny")
+        raise ValueError(f"unknown vit variant {variant!r}; allowed: default, augment, tiny")
+    if variant == "augment":
+        shapes_augment(c)
     return c

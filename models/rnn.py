@@ -258,7 +258,9 @@ class Seq2SeqRNN(nn.Module):
     [B, T, vocab] f32 by teacher forcing (decoder_tokens = targets shifted right, BOS first).
     encode(inputs) -> encoded [B, S, D] (zero at padding). decode(encoded, tokens,
     inputs_valid=, decode=True) continues from the carry in the `cache` collection (create
-    it with models.decoding.init_encdec_cache), consuming the given tokens.
+    it with models.decoding.init_encdec_cache), consuming the given tokens. Sown into
+    `intermediates` by decode: "alignment" [B, T, S], each output step's attention weights
+    over the source (zero at padding; rows sum to 1).
     """
     cfg: RNNConfig
 
@@ -335,7 +337,7 @@ class Seq2SeqRNN(nn.Module):
         x0, out_emb, drop = xs
         top = lambda s: s.h if cfg.cell == "lstm" else s  # noqa: E731
         if cfg.attention == "bahdanau":   # c_i from s_{i-1}, fed into the recurrence
-            ctx, _ = attend(self.attn, cfg.attention, top(states[-1]), *ctx_args, cfg)
+            ctx, weights = attend(self.attn, cfg.attention, top(states[-1]), *ctx_args, cfg)
             feed_in = ctx
         else:
             feed_in = feed
@@ -357,10 +359,10 @@ class Seq2SeqRNN(nn.Module):
             o = rec._dot(jnp.concatenate([below, ctx], -1),
                          self.combine_kernel[:h_dim + ctx.shape[-1]], dcfg) + out_emb
         else:             # Luong: attend with the current top state h_t
-            ctx, _ = attend(self.attn, cfg.attention, below, *ctx_args, cfg)
+            ctx, weights = attend(self.attn, cfg.attention, below, *ctx_args, cfg)
             o = rec._dot(jnp.concatenate([ctx, below], -1), self.combine_kernel, dcfg)
         o = jnp.tanh(o.astype(jnp.float32))
-        return (tuple(new_states), None if feed is None else o), o
+        return (tuple(new_states), None if feed is None else o), (o, weights)
 
     def decode(self, encoded, decoder_tokens, *, inputs_valid, train: bool = False,
                decode: bool = False):
@@ -390,12 +392,15 @@ class Seq2SeqRNN(nn.Module):
         xs = (jnp.swapaxes(x0, 0, 1), jnp.swapaxes(out_emb, 0, 1), drop)
 
         def run(carry):
-            final, outs = lax.scan(lambda c, x: self._step(cells, ctx_args, c, x), carry, xs,
-                                   unroll=cfg.unroll)
-            return jnp.swapaxes(outs, 0, 1), final
+            final, (outs, weights) = lax.scan(lambda c, x: self._step(cells, ctx_args, c, x),
+                                              carry, xs, unroll=cfg.unroll)
+            return (jnp.swapaxes(outs, 0, 1), jnp.swapaxes(weights, 0, 1)), final
 
         fresh = self._fresh_carry(encoded, inputs_valid)
-        outs = self.cache(fresh, run, steps) if decode else run(fresh)[0]
+        outs, weights = self.cache(fresh, run, steps) if decode else run(fresh)[0]
+        # The alignment (Bahdanau et al. 2015, fig. 3): weights [B, T, S] of output step t
+        # over the source positions (a scan output far smaller than the [B, T, H] states).
+        self.sow("intermediates", "alignment", weights)
         outs = self.dropout(outs.astype(cfg.dtype), deterministic=not train)
         return self.logits(outs).astype(jnp.float32)
 

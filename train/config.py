@@ -33,6 +33,7 @@ import ml_collections
 
 from train import compression, distill, optim, sharding
 from train import data as data_lib
+from train.data import augment
 from train import evaluators as evaluators_lib
 from train import families
 from train import init_from as init_from_lib
@@ -206,6 +207,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                              "'validation/loss'")
     data_lib.validate(config.data)
     task_cls.validate_config(config)
+    augment.check_task(config.data, task, task_cls.augment_keys,
+                       tuple(n for n, cls in tasks_lib.TASKS.items() if cls.augment_keys))
     evaluators_lib.validate(config.evals)
     if compression.enabled(config.compress) and task_cls.has_own_train_step():
         raise ValueError(f"compress.* with task.name={task!r} is not supported: the task "

@@ -27,6 +27,11 @@ numeric summary.json key), results.md (key metrics, best first by --sort) and re
 Rerunning resumes: runs with a summary.json are read back, an interrupted run resumes from
 its checkpoint, failed runs are retried. A run that raises is recorded as failed and the
 sweep goes on; the exit status is 1 unless every run finished.
+
+--seeds=K runs every grid point K times, `seed` = the config's seed + i (a `seed=` part in
+the run names); results.md then opens with each point's mean +- std, 95% interval and
+whether it differs from the best beyond the noise (train/sweep_stats.py). --search=random|
+tpe|gp --trials=N searches a space instead of a grid (train/search.py).
 """
 from __future__ import annotations
 
@@ -279,54 +284,67 @@ def _finished_summary(run_dir: str, config) -> dict | None:
         return json.load(f)
 
 
+def train_run(config, run_dir: str, record: dict, label: str, **train_kwargs) -> bool:
+    """Train `config` in run_dir, or read its finished summary back, into `record`'s
+    status, metrics and error; True when it trained. `train_kwargs` go to the trainer
+    (train/search.py's pruning callback). A run that raises is recorded as failed."""
+    from train import trainer  # noqa: PLC0415 -- parse/validation errors stay fast
+
+    t0, trained = time.time(), False
+    try:
+        summary = _finished_summary(run_dir, config)
+        if summary is None:
+            logging.info("sweep run %s", label)
+            trained = True
+            summary = trainer.train_and_evaluate(config, run_dir, **train_kwargs)
+            # Report what summary.json holds, so a rerun reads back identical values.
+            summary = _finished_summary(run_dir, config) or summary
+        else:
+            logging.info("sweep run %s finished already, skipped", label)
+        record["status"] = summary.get("status", "finished")
+        record["metrics"] = {k: v for k, v in summary.items()
+                             if isinstance(v, Real) and not isinstance(v, bool)}
+    except Exception as e:  # noqa: BLE001 -- one broken run must not end the sweep
+        logging.exception("sweep run %s failed", label)
+        record["status"], record["error"] = "failed", f"{type(e).__name__}: {e}"
+    if trained:
+        logging.info("sweep run %s: %s in %s", label, record["status"],
+                     format_duration(time.time() - t0))
+    return trained
+
+
 def run_sweep(base_config, runs: list[dict], workdir: str,
               sort_metric: str = "validation/loss", sort_mode: str = "auto",
-              spec=None) -> list[dict]:
+              spec=None, seeds: int = 1) -> list[dict]:
     """Train every run in `workdir/<run_name>` (skipping finished ones); write the results.
 
     Returns one record per run, in sweep order: {"name", "overrides" (the run's own),
     "settings" (its value of every swept key), "status" ("finished", "failed", a trainer
     status such as "preempted", or "pending" when the sweep stopped first), "metrics"
-    (numeric summary.json values), "error"}. `spec` is only recorded in sweep.json.
+    (numeric summary.json values), "error"} (+ "group" with seeds > 1: every run of `runs`
+    K = seeds times, train/sweep_stats.py). `spec` is only recorded in sweep.json.
     """
-    from train import trainer  # noqa: PLC0415 -- parse/validation errors stay fast
+    from train import sweep_stats  # noqa: PLC0415 -- it imports this module
 
+    runs = sweep_stats.with_seeds(runs, base_config, seeds)
     plan = plan_runs(base_config, runs)
     sort_direction(sort_metric, sort_mode)  # a bad sort_mode must not wait for the runs
     swept = list(dict.fromkeys(k for _, overrides, _ in plan for k in overrides))
     os.makedirs(workdir, exist_ok=True)
     write_json(os.path.join(workdir, "sweep.json"), {
         "base_config": json.loads(base_config.to_json_best_effort(sort_keys=True)),
-        "sweep": spec, "runs": [{"name": n, "overrides": o} for n, o, _ in plan]})
+        "sweep": spec, "seeds": seeds,
+        "runs": [{"name": n, "overrides": o} for n, o, _ in plan]})
     records = [{"name": name, "overrides": overrides, "status": "pending", "metrics": {},
                 "error": "", "settings": {k: _get(config, k) for k in swept}}
                for name, overrides, config in plan]
+    sweep_stats.mark_groups(records, seeds)
     start = time.time()
     for i, ((name, _, config), record) in enumerate(zip(plan, records)):
-        run_dir = os.path.join(workdir, name)
-        t0, trained = time.time(), False
-        try:
-            summary = _finished_summary(run_dir, config)
-            if summary is None:
-                logging.info("sweep run %d/%d: %s", i + 1, len(plan), name)
-                trained = True
-                summary = trainer.train_and_evaluate(config, run_dir)
-                # Report what summary.json holds, so a rerun reads back identical values.
-                summary = _finished_summary(run_dir, config) or summary
-            else:
-                logging.info("sweep run %d/%d: %s finished already, skipped", i + 1,
-                             len(plan), name)
-            record["status"] = summary.get("status", "finished")
-            record["metrics"] = {k: v for k, v in summary.items()
-                                 if isinstance(v, Real) and not isinstance(v, bool)}
-        except Exception as e:  # noqa: BLE001 -- one broken run must not end the sweep
-            logging.exception("sweep run %s failed", name)
-            record["status"], record["error"] = "failed", f"{type(e).__name__}: {e}"
-        if trained:
-            logging.info("sweep run %s: %s in %s", name, record["status"],
-                         format_duration(time.time() - t0))
-            if i + 1 < len(plan):  # progress for a long sweep; the last write is below
-                write_results(records, workdir, sort_metric, sort_mode)
+        trained = train_run(config, os.path.join(workdir, name), record,
+                            f"{i + 1}/{len(plan)}: {name}")
+        if trained and i + 1 < len(plan):  # progress for a long sweep; the last write below
+            write_results(records, workdir, sort_metric, sort_mode)
         if record["status"] not in ("finished", "failed"):
             # Preempted (SIGTERM/Ctrl-C caught by the trainer): stop; a rerun resumes here.
             logging.warning("sweep stopped at run %s (%s)", name, record["status"])
@@ -406,6 +424,10 @@ def write_results(records: list[dict], workdir: str, sort_metric: str = "validat
                  *(_cell(r["metrics"].get(m, "")) for m in key_metrics), _cell(status)]
         lines.append("| " + " | ".join(cells) + " |")
     markdown = "\n".join(lines) + "\n"
+    if any("group" in r for r in records):  # --seeds=K: the statistics of each group first
+        from train import sweep_stats  # noqa: PLC0415 -- it imports this module
+        markdown = sweep_stats.write_grouped(records, workdir, sort_metric, sort_mode) + (
+            "\nEvery run:\n\n" + markdown)
     with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
         f.write(markdown)
     plot_results(ranked, workdir, sort_metric)
@@ -430,37 +452,50 @@ def define_flags() -> None:
     flags.DEFINE_enum("sort_mode", "auto", ["auto", "min", "max"],
                       "auto: highest first for accuracy/bleu/exact_match/..., lowest first "
                       "otherwise.")
+    from train import search  # noqa: PLC0415 -- it imports this module
+    search.define_flags()  # --search, --trials, --space, --search_seed, --prune, --seeds
     flags.mark_flags_as_required(["config", "workdir"])
 
 
-def sweep_from_config_file(config_arg: str):
-    """get_sweep(variant) of the config file named by a --config value ('path.py:variant')."""
+def sweep_from_config_file(config_arg: str, function: str = "get_sweep",
+                           flag: str = "--sweep"):
+    """get_sweep(variant) (or `function`) of the config file named by a --config value."""
     path, _, variant = config_arg.partition(":")
     module_spec = importlib.util.spec_from_file_location("flaxlab_sweep_config", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_sweep"):
-        raise ValueError(f"no --sweep given and {path} defines no get_sweep(variant)")
-    return module.get_sweep(variant) if variant else module.get_sweep()
+    if not hasattr(module, function):
+        raise ValueError(f"no {flag} given and {path} defines no {function}(variant)")
+    return getattr(module, function)(*([variant] if variant else []))
 
 
 def main(argv):
+    from train import search, sweep_stats  # noqa: PLC0415 -- they import this module
+
     quiet_library_logs()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     fl = flags.FLAGS
     base = fl.config
     try:
+        if search.check_flags(fl):  # --search=random|tpe|gp: train/search.py runs it
+            return search.main(fl)
         spec = (fl.sweep if fl.sweep is not None
                 else sweep_from_config_file(fl["config"].config_filename))
         runs = parse_sweep(spec, base)
-        plan_runs(base, runs)  # every config error before the first run
+        plan_runs(base, sweep_stats.with_seeds(runs, base, fl.seeds))  # errors before runs
     except ValueError as e:
         sys.exit(errors.report(errors.ConfigError(str(e))))
-    records = run_sweep(base, runs, fl.workdir, fl.sort, fl.sort_mode, spec=spec)
-    with open(os.path.join(fl.workdir, "results.md"), encoding="utf-8") as f:
+    records = run_sweep(base, runs, fl.workdir, fl.sort, fl.sort_mode, spec=spec,
+                        seeds=fl.seeds)
+    finish(records, fl.workdir)
+
+
+def finish(records: list[dict], workdir: str, done=("finished",)) -> None:
+    """Print results.md; exit with status 1 naming the runs whose status is not in `done`."""
+    with open(os.path.join(workdir, "results.md"), encoding="utf-8") as f:
         print(f.read(), end="")
-    unfinished = [r["name"] for r in records if r["status"] != "finished"]
+    unfinished = [r["name"] for r in records if r["status"] not in done]
     if unfinished:
         sys.exit(f"flaxlab sweep: {len(unfinished)} of {len(records)} runs did not finish: "
                  f"{', '.join(unfinished)}")

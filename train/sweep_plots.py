@@ -1,5 +1,6 @@
-"""Sweep figures: results.png (metric per run, loss curves) and pareto.png (metric vs
-stored bytes for compression sweeps, with the Pareto front)."""
+"""Sweep figures: results.png (metric per run, loss curves), pareto.png (metric vs
+stored bytes for compression sweeps, with the Pareto front), and a search's history.png
+(trial values, best so far) and importances.png (train/search.py)."""
 from __future__ import annotations
 
 import math
@@ -111,5 +112,62 @@ def plot_results(ranked: list[dict], workdir: str, sort_metric: str,
     curves.grid(alpha=0.3)
     path = os.path.join(workdir, filename)
     fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_history(points: list[tuple[int, float, str]], workdir: str, metric: str,
+                 direction: str) -> str:
+    """history.png: each search trial's value by trial number (pruned trials at their last
+    intermediate value, as crosses) and the best finished value so far."""
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    for state, label, style in (
+            ("finished", "finished trial", dict(marker="o", color="tab:blue")),
+            ("pruned", "pruned trial (its last validation value)",
+             dict(marker="x", color="tab:gray"))):
+        shown = [(n, v) for n, v, s in points if s == state and math.isfinite(v)]
+        if shown:
+            ax.scatter(*zip(*shown), label=label, **style)
+    best, steps = None, []
+    for number, value, state in points:
+        if state == "finished" and math.isfinite(value):
+            best = value if best is None else (min if direction == "min" else max)(best, value)
+        if best is not None:
+            steps.append((number, best))
+    if steps:
+        ax.step(*zip(*steps), where="post", color="tab:red", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(metric)
+    ax.set_title(f"optimization history ({'lower' if direction == 'min' else 'higher'} "
+                 "is better)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = os.path.join(workdir, "history.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_importances(importances: dict[str, float], workdir: str, method: str) -> str:
+    """importances.png: each searched key's importance, largest on top."""
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    names = sorted(importances, key=importances.get, reverse=True)
+    fig, ax = plt.subplots(figsize=(7, 1.5 + 0.4 * len(names)), layout="constrained")
+    bars = ax.barh(range(len(names)), [importances[n] for n in names], color="tab:blue")
+    ax.bar_label(bars, fmt="%.3f", fontsize=8, padding=2)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"importance ({method}; sums to 1)")
+    ax.set_title("parameter importances")
+    ax.grid(axis="x", alpha=0.3)
+    path = os.path.join(workdir, "importances.png")
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -3,9 +3,9 @@
     summary = train_and_evaluate(config, workdir)
 
 Sections below: workdir, mesh, input, model + task, state, steps, checkpoint, loop, final.
-Determinism: params come from `seed`, the batch of step s is `data.batch(s)` and the
-dropout key of step s is fold_in(key, s) -- so a run resumed from step s computes exactly
-what an uninterrupted run computes (the test suite checks it to the bit on CPU).
+Determinism: params come from `seed`, the batch of step s is `data.batch(s)` (augmented on
+device by the step's key), the dropout key of step s is fold_in(key, s) -- so a run resumed
+from step s computes exactly what an uninterrupted run computes (checked to the bit on CPU).
 
 Nothing is written to the workdir until the run has validated its config, built its
 data (every split), model and state, restored its checkpoint and checked its metric
@@ -42,12 +42,13 @@ from train import config as config_lib
 from train import evaluators as evaluators_lib
 from train import distributed, families, optim, sharding
 from train import workdir as workdir_lib
+from train.data import augment as augment_lib
 from train.errors import ConfigError, FlaxlabError, NonFiniteError
 from train.metrics_log import MetricsLog, plot_loss_curve, write_json
 from train.preemption import PreemptionGuard
 from train.run_data import RunData
 from train.state import TrainState
-from train.tasks import common, make_task
+from train.tasks import common, get_task_class, make_task
 
 
 class NonFiniteLossError(NonFiniteError):
@@ -81,7 +82,8 @@ def make_init_state(model, tx, init_key, init_args, init_kwargs):
 
 
 def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = None,
-                       restart_from_step: int | str | None = None) -> dict:
+                       restart_from_step: int | str | None = None,
+                       on_evaluation=None) -> dict:
     """Train `config` in `workdir` (resuming if it holds a checkpoint); return the summary.
 
     stop_after_steps: stop (with a checkpoint) after this many steps of *this* invocation,
@@ -89,6 +91,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
     restart_from_step: continue the workdir's run from this checkpoint step ("latest":
       the newest intact one) under `config` although its identity keys differ (a new
       lineage; train/workdir.py), e.g. with a lower learning rate after a NaN.
+    on_evaluation: on_evaluation(step, {"validation/<metric>": value}) after each validation
+      pass before the end; a true result stops the run there (checkpointed) with status
+      "pruned": train/search.py's pruning. Staged runs (distill.stages) ignore it.
 
     Raises train.errors.FlaxlabError subclasses for what the user can fix (config,
     workdir, checkpoint, non-finite values); summary["status"] is "preempted" after a
@@ -119,7 +124,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
             # constraints (logical axis names) map onto this mesh (config.sharding.rules).
             with sharding.use_rules(mesh, config.sharding):
                 return _train_and_evaluate(config, wd, current, mesh, stop_after_steps,
-                                           _Restart(restart_from_step, changed))
+                                           _Restart(restart_from_step, changed),
+                                           on_evaluation)
         except (ValueError, FileNotFoundError) as e:
             if wd.committed or isinstance(e, FlaxlabError):
                 raise
@@ -136,20 +142,22 @@ class _Restart:
 
 
 def _train_and_evaluate(config, wd: workdir_lib.Workdir, current: dict, mesh,
-                        stop_after_steps: int | None, restart: _Restart) -> dict:
+                        stop_after_steps: int | None, restart: _Restart,
+                        on_evaluation=None) -> dict:
     # Where this process writes the run's files: the workdir in process 0, a scratch
     # directory (deleted at the end) in the others. Checkpoints go to the workdir from all.
     workdir = wd.path if wd.primary else tempfile.mkdtemp(
         prefix=f"flaxlab-process-{jax.process_index()}-")
     try:
-        return _run(config, wd, workdir, current, mesh, stop_after_steps, restart)
+        return _run(config, wd, workdir, current, mesh, stop_after_steps, restart,
+                    on_evaluation)
     finally:
         if not wd.primary:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _run(config, wd: workdir_lib.Workdir, workdir: str, current: dict, mesh,
-         stop_after_steps: int | None, restart: _Restart) -> dict:
+         stop_after_steps: int | None, restart: _Restart, on_evaluation=None) -> dict:
     t_cfg, num_steps = config.train, config.train.num_steps
     batch_sh = sharding.batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
@@ -205,7 +213,11 @@ def _run(config, wd: workdir_lib.Workdir, workdir: str, current: dict, mesh,
                  config.model.variant, config.task.name, n_params, n_bytes / 1e6)
 
     # ---- Steps --------------------------------------------------------------------------
-    train_step = task.make_train_step(tx, train_key, config.optim)
+    # config.data.<source>.augment runs inside the jitted step (off: the task's own step).
+    augmenter = augment_lib.for_run(config.data, get_task_class(config.task.name).augment_keys,
+                                    data.info)
+    train_step = augment_lib.wrap_train_step(task.make_train_step(tx, train_key, config.optim),
+                                             augmenter, train_key)
     p_train_step = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
                            out_shardings=(state_sh, replicated), donate_argnums=0)
 
@@ -327,7 +339,7 @@ def _run(config, wd: workdir_lib.Workdir, workdir: str, current: dict, mesh,
     # Throughput counts training steps only: the clock starts after compilation (the first
     # step of this invocation) and pauses for evaluations and checkpoints.
     timer = _StepTimer()
-    status, step = "finished", start
+    status, step, pruned = "finished", start, False
     try:
         with PreemptionGuard(multi_process=distributed.is_multi_process()) as guard:
             while step < num_steps and not meta["stopped_early"]:
@@ -353,13 +365,14 @@ def _run(config, wd: workdir_lib.Workdir, workdir: str, current: dict, mesh,
                     log.write(step, "validation", _strip(eval_metrics, "validation/"))
                     check_finite_metrics(step, eval_metrics)
                     _update_early_stopping(meta, eval_metrics, es)
+                    pruned = bool(on_evaluation and on_evaluation(step, eval_metrics))
                     task.after_evaluation(step, task.model_params(state.params),
                                           state.model_state, workdir)
                 if any(ev.due(step, num_steps) for ev in evaluators):
                     timer.pause(scalars)
                     check_finite(step)
                     run_evaluators(step, final=False)
-                interrupted = guard.stop_at(step) or (
+                interrupted = guard.stop_at(step) or pruned or (
                     stop_after_steps is not None and step - start >= stop_after_steps)
                 force = interrupted or bool(meta["stopped_early"])
                 # The last step is saved after the final evaluation.
@@ -368,7 +381,8 @@ def _run(config, wd: workdir_lib.Workdir, workdir: str, current: dict, mesh,
                     save(step, eval_metrics, force=force)
                 timer.resume()
                 if interrupted and step < num_steps:
-                    status = "preempted" if guard.requested else "stopped"
+                    status = ("preempted" if guard.requested else "pruned" if pruned
+                              else "stopped")
                     break
         if status != "finished":
             logging.info("stopped at step %d (%s); run the same command to resume", step,

@@ -9,6 +9,7 @@ import pytest
 from configs import bert, clip, lstm, patchtst, resnet, vit
 from configs import transformer as transformer_configs
 from train import trainer
+from train.data import augment
 from train.data.tokenizers import BOS, MASK, NUM_SPECIAL, PAD
 from train.main import format_summary
 from train.tasks import common
@@ -89,12 +90,20 @@ def test_bleu_is_zero_without_4_grams_even_when_every_decode_is_right():
     (bert, "tiny"), (transformer_configs, "tiny"), (vit, "tiny"), (resnet, "tiny"),
     (clip, "tiny"), (lstm, "tiny"), (lstm, "tiny_classify"), (lstm, "tiny_forecast"),
     (patchtst, "tiny")])
-def test_tiny_configs_train_end_to_end(tmp_path, config_module, variant):
+def test_tiny_configs_train_end_to_end(tmp_path, monkeypatch, config_module, variant):
     c = config_module.get_config(variant)
     c.train.num_steps = 4
     c.sharding.num_devices = 1  # every family end to end; the 8-device runs are elsewhere
+    traced = []  # the ResNet run's train step goes through the augmentation on device
+    if config_module is resnet:
+        a = c.data.shapes.augment
+        a.crop_area_min, a.flip, a.mixup, a.cutmix = 0.6, 0.5, 0.4, 1.0
+        call = augment.Augmenter.__call__
+        monkeypatch.setattr(augment.Augmenter, "__call__", lambda self, batch, key: (
+            traced.append(key) or call(self, batch, key)))
     summary = trainer.train_and_evaluate(c, str(tmp_path))
     assert summary["train/steps"] == 4
+    assert len(traced) == (config_module is resnet)  # traced once, into the jitted step
     assert np.isfinite(summary["validation/loss"]) and np.isfinite(summary["test/loss"])
     if c.task.name == "forecast":
         for key in ("test/mse", "test/naive_mse", "test/seasonal_naive_mse", "test/mae"):

@@ -13,7 +13,9 @@ The config section ``config.data`` holds the keys every source shares -- ``sourc
 ``config.data.<source>`` (e.g. ``config.data.shapes.image_size``), owned by the source's
 module (its ``default_config``, ``validate`` and ``make``, registered in ``SOURCES``).
 Only the selected source's section is validated and used; every section is always
-present, so ``--config.data.source=shapes`` works on any config.
+present, so ``--config.data.source=shapes`` works on any config. The image sources'
+sections hold ``augment`` (``data.shapes.augment.flip=0.5``, ...): training-time
+augmentation that runs on device inside the train step (augment.py; all off by default).
 
 Sources (``config.data.source``):
   "stdlib_text"       byte-level LM on Python standard-library source  -> {"tokens"}

@@ -37,7 +37,7 @@ from numbers import Integral
 import ml_collections
 import numpy as np
 
-from train.data import checks
+from train.data import augment, checks
 from train.data.base import RandomAccessDataset, Source
 from train.data.tokenizers import make_tokenizer, pad_batch
 
@@ -405,6 +405,8 @@ def default_config() -> ml_collections.ConfigDict:
     # image tower's (CLIP: (0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)).
     c.image_mean = (0.0, 0.0, 0.0)
     c.image_std = (1.0, 1.0, 1.0)
+    # Training-time augmentation on device (train/data/augment.py); all off by default.
+    c.augment = augment.default_config()
     return c
 
 
@@ -439,6 +441,7 @@ def validate(c: ml_collections.ConfigDict, prefix: str = "data.shapes") -> None:
                 key == "image_std" and min(v) <= 0):
             checks.fail(f"{prefix}.{key}", v, "expected 3 numbers (R, G, B)"
                         + (", each > 0" if key == "image_std" else ""))
+    augment.validate(c.augment, f"{prefix}.augment")
     for split in SPLITS:
         v = c.shapes_split_sizes.get(split)
         if not isinstance(v, Integral) or isinstance(v, bool) or v < 1:

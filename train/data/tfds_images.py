@@ -27,7 +27,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from train.data import checks
+from train.data import augment, checks
 from train.data.base import RandomAccessDataset, Source
 from train.data.tfds_source import _as_bytes, _records, data_source, tfds_config
 from train.data.tokenizers import ByteTokenizer, pad_batch
@@ -200,6 +200,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.image_size = 32              # side in pixels (0 = native size)
     # Caption tokens BOS + text + EOS, PAD-padded; longer captions are cut to fit.
     c.max_caption_len = 48
+    # Training-time augmentation on device (train/data/augment.py); all off by default.
+    c.augment = augment.default_config()
     return c
 
 
@@ -211,6 +213,7 @@ def validate(c: ml_collections.ConfigDict, prefix: str = "data.tfds_images") -> 
         checks.check_str(c, prefix, key)
     if c.caption_key:
         checks.check_int(c, prefix, "max_caption_len", 3)
+    augment.validate(c.augment, f"{prefix}.augment")
 
 
 def make(c: ml_collections.ConfigDict, split: str, batch_size: int, seed: int

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import ml_collections
 
+from train.evaluators.attention_maps import Alignment, AttentionRollout
 from train.evaluators.base import EvalContext, Evaluator
+from train.evaluators.confusion import ConfusionMatrix
 from train.evaluators.contrastive import Heatmap, LinearProbe, Retrieval, ZeroShot
+from train.evaluators.embeddings import Embeddings
 from train.evaluators.experts import ExpertLoad
 from train.evaluators.generative import AtInit, GANSamples, GANScore, IWAEBound, VAEPictures
 from train.evaluators.images import SegmentationPlot
@@ -27,6 +30,10 @@ EVALUATORS: dict[str, type[Evaluator]] = {cls.name: cls for cls in (
     VAEPictures,
     SegmentationPlot,
     ExpertLoad,
+    Embeddings,
+    AttentionRollout,
+    Alignment,
+    ConfusionMatrix,
 )}
 
 

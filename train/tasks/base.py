@@ -10,6 +10,9 @@ override what differs, and register the class in `train/tasks/__init__.TASKS`:
   validate_config(config)     ValueError naming a bad `task.*` key (before anything
                               compiles; gets the whole run config)
   default_evals               evaluators a run of this task gets (train/evaluators/)
+  augment_keys                the batch keys training-time augmentation may change
+                              (train/data/augment.py): "image" (every op), "mask" (its
+                              geometric ops), "label" (mixup / CutMix: "label_probs")
   init_args(batch)            -> (args, kwargs) of model.init for a host batch [1, ...]
   loss_fn(params, model_state, batch, rng, train[, step])
                               -> (loss, (metrics, model_state)); jitted, traced once
@@ -70,6 +73,9 @@ class Task:
     # teacher's variables; train/distill.py).
     needs_frozen: ClassVar[bool] = False
     default_evals: ClassVar[tuple[str, ...]] = ()
+    # What config.data.<source>.augment may change in a training batch (() = nothing: an
+    # augmented run of this task is refused by train.config.validate).
+    augment_keys: ClassVar[tuple[str, ...]] = ()
     # True: predict applies the model through apply_capturing, so a mixture of experts'
     # routing statistics reach model_losses (its balancing terms join the objective).
     collects_model_losses: ClassVar[bool] = False

@@ -4,6 +4,10 @@ Works for any model mapping an input batch to logits [B, num_classes]: images
 (batch["image"], ViT / ResNet / EfficientNet) or token sequences (batch["tokens"]).
 Models with batch statistics (batch norm) update them in training and use them frozen in
 evaluation: the task passes the non-parameter collections as mutable only when training.
+A training batch mixed by mixup / CutMix (config.data.<source>.augment, train/data/
+augment.py) carries "label_probs" [B, num_classes]: the loss is then the cross-entropy
+with that distribution (label smoothing mixes it with the uniform one), while accuracy
+stays on the hard "label" (each example's own, unmixed).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ class ClassificationTask(CrossEntropyTask):
     """batch {input_key: [B, ...], "label": int[B]} -> logits [B, num_classes]."""
 
     name = "classify"
+    augment_keys = ("image", "label")
 
     @classmethod
     def default_config(cls) -> ml_collections.ConfigDict:
@@ -57,7 +62,11 @@ class ClassificationTask(CrossEntropyTask):
 
     def metrics_of(self, outputs: dict, batch) -> tuple:
         logits, labels, w = outputs["logits"], outputs["targets"], outputs["weights"]
-        loss, nll = common.cross_entropy(logits, labels, self.config.task.label_smoothing)
+        if "label_probs" in batch:  # mixup / CutMix targets (training only)
+            loss, nll = common.soft_cross_entropy(logits, batch["label_probs"],
+                                                  self.config.task.label_smoothing)
+        else:
+            loss, nll = common.cross_entropy(logits, labels, self.config.task.label_smoothing)
         total = jnp.sum(w)
         metrics = {"loss": (jnp.sum(nll * w), total),
                    "accuracy": (jnp.sum(topk_correct(logits, labels, 1) * w), total)}

@@ -34,6 +34,24 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float 
     return (1.0 - label_smoothing) * nll + label_smoothing * smooth, nll
 
 
+def soft_cross_entropy(logits: jax.Array, probs: jax.Array, label_smoothing: float = 0.0
+                       ) -> tuple[jax.Array, jax.Array]:
+    """Per-example (training loss, cross-entropy) against target distributions: logits
+    [..., V], probs [..., V] (rows summing to 1, e.g. mixup / CutMix labels).
+
+    cross-entropy = -sum_v p_v log q_v with q = softmax(logits); label smoothing eps
+    takes the target (1 - eps) p + eps / V, as ``cross_entropy`` does for a one-hot p.
+    """
+    if probs.shape[-1] != logits.shape[-1]:
+        raise ValueError(f"soft targets have {probs.shape[-1]} classes, the logits "
+                         f"{logits.shape[-1]} (model.num_classes must be the dataset's)")
+    log_q = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    ce = -jnp.sum(probs.astype(jnp.float32) * log_q, axis=-1)
+    if label_smoothing == 0.0:
+        return ce, ce
+    return (1.0 - label_smoothing) * ce - label_smoothing * jnp.mean(log_q, axis=-1), ce
+
+
 def token_metrics(logits, targets, weights, label_smoothing: float = 0.0
                   ) -> tuple[jax.Array, Metrics]:
     """Mean training loss over weighted tokens, and (sum, weight) metrics.

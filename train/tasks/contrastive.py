@@ -24,6 +24,7 @@ class ContrastiveTask(Task):
 
     name = "contrastive"
     default_evals = ("zero_shot", "retrieval", "linear_probe", "heatmap")
+    augment_keys = ("image",)  # the image side only; captions stay as they are
 
     @classmethod
     def default_config(cls) -> ml_collections.ConfigDict:

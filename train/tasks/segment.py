@@ -89,6 +89,7 @@ class SegmentationTask(CrossEntropyTask):
 
     name = "segment"
     default_evals = ("segmentation_plot",)
+    augment_keys = ("image", "mask")  # geometric ops move the mask with its image
 
     @classmethod
     def default_config(cls) -> ml_collections.ConfigDict:

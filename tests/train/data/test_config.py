@@ -12,6 +12,11 @@ from train.data.tfds_source import ClassificationDataset
 
 
 SPLIT3 = {"train": "train", "validation": "validation", "test": "test"}
+# Every image source's augmentation section (train/data/augment.py): all off.
+AUGMENT_OFF = {"crop_area_min": 1.0, "crop_aspect": 4 / 3, "rotate": 0.0, "flip": 0.0,
+               "brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0,
+               "randaugment_ops": 0, "randaugment_magnitude": 0.5, "mixup": 0.0,
+               "cutmix": 0.0, "fill": 0.5}
 
 
 def test_default_config_keys_and_values():
@@ -33,10 +38,11 @@ def test_default_config_keys_and_values():
                    "shapes_split_sizes": {"train": 50_000, "validation": 2_000, "test": 2_000,
                                           "zero_shot": 2_000},
                    "tokenizer": "", "image_mean": (0.0, 0.0, 0.0),
-                   "image_std": (1.0, 1.0, 1.0)},
+                   "image_std": (1.0, 1.0, 1.0), "augment": AUGMENT_OFF},
         "tfds_images": {"tfds_name": "mnist", "tfds_splits": SPLIT3, "data_dir": None,
                         "label_key": "", "max_eval_examples": 0, "image_key": "image",
-                        "caption_key": "", "image_size": 32, "max_caption_len": 48},
+                        "caption_key": "", "image_size": 32, "max_caption_len": 48,
+                        "augment": AUGMENT_OFF},
         "synthetic_series": {"lookback": 96, "horizon": 24,
                              "series_split_fractions": {"train": 0.7, "validation": 0.1,
                                                         "test": 0.2},
