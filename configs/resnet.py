@@ -11,9 +11,9 @@ Variants:
            (1000 steps: 91.2%).
   augment  the default with training-time augmentation (configs/common.py shapes_augment,
            as configs/vit.py:augment; train/data/augment.py). Measured on 2 CPU cores
-           shared with other jobs (where the default reproduces its 98.55%): test accuracy
-           65.5%. Which ops cost it -- test accuracy after 1500 steps, each row this
-           variant with --config.data.shapes.augment.<key>=... overrides:
+           shared with other jobs (where the default gives 98.55%, the README's number for
+           this code): test accuracy 65.5%. Which ops cost it -- test accuracy after 1500
+           steps, each row this variant with --config.data.shapes.augment.<key>=... overrides:
              all: crops, rotations, flips, color jitter, mixup / CutMix     65.5%
              no mixing (mixup=0 cutmix=0)                                  88.45%
              no resampling (crop_area_min=1 rotate=0)                      86.05%
@@ -21,7 +21,7 @@ Variants:
              nothing (the default)                                         98.55%
            Flips and color jitter move no pixel off the grid and keep the class: neutral.
            Crops and rotations resample 5-9 px shapes (bilinear blur, scale changes), the
-           mixed labels make every step's target softer: each costs ~10 points in this
+           mixed labels make every step's target softer: each costs 10-13 points in this
            budget (1500 steps = 2 epochs; train and test are one distribution, so there is
            no overfitting for augmentation to cure), 33 together.
   tiny     a seconds-long smoke run (tests).
