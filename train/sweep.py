@@ -16,6 +16,8 @@ it, `get_sweep(variant)` of the config file, in one of three forms:
                             just a label): ("optimizer", [{"optim.name": "sgd",
                             "optim.momentum": 0.9, "optim.learning_rate": 0.1}, ...]).
   [{key: value, ...}, ...]  explicit runs, for sweeps that are not grids.
+  ""                        --sweep="": the base config alone, one run ("base"); with
+                            --seeds=K its K seeds (train/sweep_stats.py).
 
 Axes combine as a Cartesian product, first axis slowest. Unknown keys, wrong value types and
 invalid run configs stop the sweep before any run starts.
@@ -174,6 +176,8 @@ def _axes_from_text(spec: str) -> list[tuple[str, list[str]]]:
 def parse_sweep(spec, base_config: ml_collections.ConfigDict) -> list[dict]:
     """The runs of `spec` (see the module docstring) as typed override dicts, in order."""
     if isinstance(spec, str):
+        if not spec.strip():  # --sweep="": the base config alone (with --seeds: K runs)
+            return [{}]
         spec = _axes_from_text(spec)
     spec = list(spec or [])
     if not spec:
@@ -447,7 +451,8 @@ def define_flags() -> None:
         lock_config=True)
     flags.DEFINE_string("workdir", None, "Sweep directory (one subdirectory a run).")
     flags.DEFINE_string("sweep", None, 'Grid, e.g. "optim.name=adamw,sgd;model.num_layers=2,4"'
-                        "; default: get_sweep(variant) of the config file.")
+                        '; "" = the base config alone (for --seeds); default: '
+                        "get_sweep(variant) of the config file.")
     flags.DEFINE_string("sort", "validation/loss", "Summary metric ranking the runs.")
     flags.DEFINE_enum("sort_mode", "auto", ["auto", "min", "max"],
                       "auto: highest first for accuracy/bleu/exact_match/..., lowest first "

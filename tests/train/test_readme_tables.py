@@ -1,0 +1,152 @@
+"""train.readme_tables: README's results tables written from a sweep's runs (mean, std,
+min-max range, the command), and this repository's README equal to what its data give."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from train import readme_tables, sweep, trainer
+from train.config import base_config
+
+# (model.num_layers, seed) -> (validation/perplexity, validation/accuracy, baseline)
+METRICS = {(1, 0): (5.10, 0.80), (1, 1): (5.16, 0.70), (1, 2): (5.13, 0.90),
+           (2, 0): (4.90, 0.61), (2, 1): (4.91, 0.62), (2, 2): None}
+BASELINE = 21.9
+SPEC = """
+[tables.demo]
+columns = ["config", "result", "command"]
+
+[[tables.demo.rows]]
+id = "one_layer"
+config = "one layer"
+workdir = "runs/fixture"
+where = {"model.num_layers" = 1}
+command = "python -m train.sweep --config=configs/gpt.py --workdir=runs/fixture --sweep=model.num_layers=1,2 --seeds=3"
+result = "perplexity **{validation/perplexity|.3f}** vs {validation/baseline|.2f}; accuracy {validation/accuracy|.1%}, mean {validation/accuracy|.1%|mean}"
+
+[[tables.demo.rows]]
+id = "two_layers"
+config = "two layers"
+workdir = "runs/fixture"
+where = {"model.num_layers" = 2}
+command = "python -m train.sweep --config=configs/gpt.py --workdir=runs/fixture --sweep=model.num_layers=1,2 --seeds=3"
+result = "perplexity {validation/perplexity|.3f}"
+
+[[tables.demo.rows]]
+id = "legacy"
+config = "measured once"
+command = "python -m train.main --config=configs/gpt.py --workdir=runs/gpt"
+result = "perplexity 5.13 | one run"
+"""
+README = "# Title\n\nbefore\n\n<!-- results:demo -->\nstale\n<!-- /results:demo -->\n\nafter\n"
+
+
+def fake_train(config, workdir, **kwargs):
+    values = METRICS[config.model.num_layers, config.seed]
+    if values is None:
+        raise RuntimeError("this seed fails")
+    os.makedirs(workdir, exist_ok=True)
+    summary = {"validation/perplexity": values[0], "validation/accuracy": values[1],
+               "validation/baseline": BASELINE}
+    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f)
+    return summary
+
+
+@pytest.fixture(scope="module")
+def fixture_repo(tmp_path_factory):
+    """A repository with README markers, a spec and a real 2 x 3-seed sweep's outputs."""
+    repo = str(tmp_path_factory.mktemp("repo"))
+    os.makedirs(os.path.join(repo, "docs", "results"))
+    with open(os.path.join(repo, readme_tables.SPEC), "w", encoding="utf-8") as f:
+        f.write(SPEC)
+    with open(os.path.join(repo, "README.md"), "w", encoding="utf-8") as f:
+        f.write(README)
+    base = base_config("lm", "mini", family="transformer")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "train_and_evaluate", fake_train)
+        mp.setattr(sweep, "plot_results", lambda *a, **k: None)
+        sweep.run_sweep(base, sweep.parse_sweep("model.num_layers=1,2", base),
+                        os.path.join(repo, "runs", "fixture"), seeds=3)
+    return repo
+
+
+def _table(readme: str) -> list[list[str]]:
+    body = readme.split("<!-- results:demo -->\n")[1].split("<!-- /results:demo -->")[0]
+    return [[c.strip() for c in line.strip().strip("|").split(" | ")]
+            for line in body.strip().splitlines()]
+
+
+def test_tables_are_written_from_the_sweep_with_mean_std_range_and_command(fixture_repo):
+    assert readme_tables.run(fixture_repo, do_collect=True) == 0
+    with open(os.path.join(fixture_repo, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    assert readme.startswith("# Title\n\nbefore\n\n") and readme.endswith("\n\nafter\n")
+    header, rule, one, two, legacy = _table(readme)
+    assert header == ["config", "result", "command", "seeds"] and rule == ["---|---|---|---"]
+
+    ppl = np.array([5.10, 5.16, 5.13])
+    acc = np.array([0.80, 0.70, 0.90])
+    assert f"{ppl.mean():.3f} ± {ppl.std(ddof=1):.3f}" == "5.130 ± 0.030"
+    # The perplexity's range (1.2% of the mean) is small: no min-max; the accuracy's
+    # (25%) is large: its min-max follows. A value every run shares is shown once.
+    assert one == ["one layer",
+                   "perplexity **5.130 ± 0.030** vs 21.90; accuracy 80.0 ± 10.0% "
+                   "(70.0-90.0%), mean 80.0%",
+                   "`python -m train.sweep --config=configs/gpt.py --workdir=runs/fixture "
+                   "--sweep=model.num_layers=1,2 --seeds=3`", "3"]
+    # Two layers: the failed seed is left out, and the seeds cell says 2.
+    assert two[1] == f"perplexity {np.mean([4.90, 4.91]):.3f} ± {np.std([4.90, 4.91], ddof=1):.3f}"
+    assert two[1] == "perplexity 4.905 ± 0.007" and two[3] == "2"
+    assert legacy[1] == "perplexity 5.13 \\| one run" and legacy[3] == "1"
+    assert readme_tables.run(fixture_repo, check=True) == 0
+
+    # The collected data alone rewrite the same tables, without the runs.
+    runs = os.path.join(fixture_repo, "runs")
+    shutil.move(runs, runs + ".moved")
+    try:
+        with open(os.path.join(fixture_repo, "README.md"), "w", encoding="utf-8") as f:
+            f.write(README)
+        assert readme_tables.run(fixture_repo, check=True) == 1   # stale README
+        assert readme_tables.run(fixture_repo, do_collect=True) == 0   # keeps the old data
+        with open(os.path.join(fixture_repo, "README.md"), encoding="utf-8") as f:
+            assert f.read() == readme
+    finally:
+        shutil.move(runs + ".moved", runs)
+    data = readme_tables.read_data(fixture_repo, "demo")
+    assert sorted(data) == ["one_layer", "two_layers"]
+    assert data["one_layer"]["model.num_layers=1,seed=1"]["validation/perplexity"] == 5.16
+
+
+def test_refuses_too_few_seeds_a_command_that_disagrees_and_missing_markers(
+        fixture_repo, tmp_path):
+    row = {"id": "r", "workdir": "runs/fixture", "command": "python -m train.sweep --seeds=5"}
+    with pytest.raises(readme_tables.TableError, match="--seeds=3; its command must say "
+                                                       "--seeds=3"):
+        readme_tables.runs_of_row(fixture_repo, row)
+    with open(os.path.join(fixture_repo, "runs", "fixture", "sweep.json"),
+              encoding="utf-8") as f:
+        recorded = json.load(f)
+    few = tmp_path / "runs" / "two_seeds"
+    few.mkdir(parents=True)
+    (few / "sweep.json").write_text(json.dumps({**recorded, "seeds": 2}))
+    shutil.copy(os.path.join(fixture_repo, "runs", "fixture", "results.csv"), few)
+    row = {"id": "r", "workdir": "runs/two_seeds", "command": "x --seeds=2"}
+    with pytest.raises(readme_tables.TableError, match="must be at least 3"):
+        readme_tables.runs_of_row(str(tmp_path), row)
+    row = {"id": "r", "workdir": "runs/fixture", "where": {"model.num_layers": 7},
+           "command": "x --seeds=3"}
+    with pytest.raises(readme_tables.TableError, match="no finished run .* with"):
+        readme_tables.runs_of_row(fixture_repo, row)
+    with pytest.raises(readme_tables.TableError, match="exactly one <!-- results:demo -->"):
+        readme_tables.render_readme("no markers\n", readme_tables.load_spec(fixture_repo),
+                                    fixture_repo)
+    with pytest.raises(readme_tables.TableError, match="2 of 3 runs have no metric 'x/y'"):
+        readme_tables.fill("{x/y|.3f}", {"a": {"x/y": 1.0}, "b": {}, "c": {}}, "row")
+
+
+def test_this_readme_is_what_its_collected_results_give():
+    """README.md's results tables are docs/results/ rendered (python -m train.readme_tables)."""
+    assert readme_tables.run(readme_tables.REPO, check=True) == 0

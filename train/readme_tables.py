@@ -1,0 +1,270 @@
+"""README's results tables, written from the sweeps that measured them.
+
+    python -m train.readme_tables --collect    # sweep outputs -> docs/results/<table>.csv
+    python -m train.readme_tables              # docs/results/*.csv -> README.md's tables
+    python -m train.readme_tables --check      # exit 1 if README.md is not what they give
+
+`docs/results/tables.toml` lists the tables. A table has `columns` and `rows`; a row gives a
+text for every column, a `command` (rendered as code) and, when it is measured over seeds,
+the `workdir` its command writes (a sweep directory, usually `--sweep="" --seeds=3`) and
+optionally `where` = {swept key: value} selecting some of the sweep's runs. Its texts hold
+placeholders
+
+    {metric|spec}       over the row's finished runs: "mean ± std" with the format spec
+                        (".3f", ".1%": a percentage, "81.5 ± 3.2%"), then " (min-max)"
+                        where the spread is large (max - min above LARGE_RANGE of |mean|);
+                        one value alone where every run agrees (a baseline, a count)
+    {metric|spec|mean}  the mean alone
+
+and a table's `seeds` column says how many runs each row has. A row without a workdir is a
+single run's text as it stands (its `seeds` cell says 1) until it is re-measured.
+
+`--collect` reads each row's `<workdir>/results.csv` and `sweep.json` (train/sweep.py) and
+keeps every numeric metric of the row's finished runs in `docs/results/<table>.csv` (one
+line per run and metric, values as repr: they read back exactly), so the tables can be
+rewritten and checked without the runs. It refuses a sweep run with fewer seeds than
+MIN_SEEDS, or whose `--seeds` differs from the row's command. Rows whose workdir is absent
+keep what was collected before. README.md's table NAME lies between the lines
+`<!-- results:NAME -->` and `<!-- /results:NAME -->`; the rest of README is left alone.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import sys
+import tomllib
+
+import numpy as np
+from absl import app, flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPEC = os.path.join("docs", "results", "tables.toml")
+MIN_SEEDS = 3
+LARGE_RANGE = 0.02          # show min-max when max - min exceeds 2% of |mean|
+PLACEHOLDER = re.compile(r"\{([^{}|]+)\|([^{}|]+)(?:\|(mean))?\}")
+SEEDS_FLAG = re.compile(r"--seeds=(\d+)")
+DATA_HEADER = ["row", "run", "metric", "value"]
+
+
+class TableError(ValueError):
+    """A spec, sweep or README that cannot give a table: one line saying what and where."""
+
+
+# ---- Spec ---------------------------------------------------------------------------------
+def load_spec(repo: str = REPO, spec: str = SPEC) -> dict:
+    """{table name: {"columns": [...], "rows": [{id, command, workdir?, where?, <column>}]}}"""
+    path = os.path.join(repo, spec)
+    try:
+        with open(path, "rb") as f:
+            tables = tomllib.load(f).get("tables", {})
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise TableError(f"cannot read the tables spec {path}: {e}") from None
+    for name, table in tables.items():
+        columns = table.get("columns")
+        if not columns or not isinstance(columns, list):
+            raise TableError(f"{spec}: table {name!r} needs columns = [...]")
+        ids = [row.get("id") for row in table.get("rows", [])]
+        for row, row_id in zip(table.get("rows", []), ids):
+            missing = [c for c in ("id", "command", *columns) if c not in row]
+            if missing:
+                raise TableError(f"{spec}: table {name!r} row {row_id!r} has no "
+                                 f"{', '.join(missing)}")
+        if len(set(ids)) != len(ids):
+            raise TableError(f"{spec}: table {name!r} repeats a row id: {ids}")
+    return tables
+
+
+def _data_path(repo: str, name: str) -> str:
+    return os.path.join(repo, os.path.dirname(SPEC), f"{name}.csv")
+
+
+# ---- Collect: sweep outputs -> docs/results/<table>.csv ------------------------------------
+def runs_of_row(repo: str, row: dict) -> dict[str, dict[str, float]] | None:
+    """{run name: {metric: value}} of the row's finished runs; None without its workdir."""
+    workdir = os.path.join(repo, row["workdir"])
+    results = os.path.join(workdir, "results.csv")
+    if not os.path.exists(results):
+        return None
+    with open(os.path.join(workdir, "sweep.json"), encoding="utf-8") as f:
+        seeds = int(json.load(f).get("seeds", 1))
+    flag = SEEDS_FLAG.search(row["command"])
+    if seeds < MIN_SEEDS or flag is None or int(flag.group(1)) != seeds:
+        raise TableError(f"row {row['id']!r}: {row['workdir']} was swept with --seeds={seeds}"
+                         f"; its command must say --seeds={seeds} and that must be at least "
+                         f"{MIN_SEEDS}: {row['command']}")
+    with open(results, newline="", encoding="utf-8") as f:
+        lines = list(csv.DictReader(f))
+    where = {k: str(v) for k, v in row.get("where", {}).items()}
+    runs = {}
+    for line in lines:
+        if line["status"] != "finished" or any(line.get(k) != v for k, v in where.items()):
+            continue
+        metrics = {}
+        for key, text in line.items():
+            try:
+                metrics[key] = float(text)
+            except (TypeError, ValueError):
+                continue
+        runs[line["run"]] = metrics
+    if not runs:
+        raise TableError(f"row {row['id']!r}: no finished run in {results}"
+                         + (f" with {where}" if where else ""))
+    return runs
+
+
+def read_data(repo: str, name: str) -> dict[str, dict[str, dict[str, float]]]:
+    """{row id: {run: {metric: value}}} as collected for table `name` ({} if none yet)."""
+    path = _data_path(repo, name)
+    if not os.path.exists(path):
+        return {}
+    data: dict = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        for line in csv.DictReader(f):
+            data.setdefault(line["row"], {}).setdefault(line["run"], {})[line["metric"]] = (
+                float(line["value"]))
+    return data
+
+
+def collect(repo: str = REPO, spec: str = SPEC) -> list[str]:
+    """Refresh every table's data from the sweeps present; return the ids collected."""
+    collected = []
+    for name, table in load_spec(repo, spec).items():
+        data = read_data(repo, name)
+        ids = {row["id"] for row in table.get("rows", [])}
+        data = {k: v for k, v in data.items() if k in ids}   # rows removed from the spec
+        for row in table.get("rows", []):
+            if "workdir" in row and (runs := runs_of_row(repo, row)) is not None:
+                data[row["id"]] = runs
+                collected.append(f"{name}/{row['id']}")
+        if data:
+            os.makedirs(os.path.dirname(_data_path(repo, name)), exist_ok=True)
+            with open(_data_path(repo, name), "w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f)
+                writer.writerow(DATA_HEADER)
+                for row_id, runs in data.items():
+                    for run, metrics in runs.items():
+                        for metric, value in sorted(metrics.items()):
+                            writer.writerow([row_id, run, metric, repr(value)])
+    return collected
+
+
+# ---- Render: data -> markdown --------------------------------------------------------------
+def format_stat(values, spec: str, mean_only: bool = False) -> str:
+    """"mean ± std" of `values` in format `spec` (see the module docstring)."""
+    x = np.asarray(values, dtype=np.float64)
+    percent = spec.endswith("%")
+    scale, fmt, unit = (100.0, spec[:-1] + "f", "%") if percent else (1.0, spec, "")
+    mean = float(x.mean())
+
+    def show(v):
+        return format(v * scale, fmt)
+
+    if mean_only or x.size == 1 or show(x.max()) == show(x.min()):
+        return show(mean) + unit
+    text = f"{show(mean)} ± {show(float(x.std(ddof=1)))}{unit}"
+    if x.max() - x.min() > LARGE_RANGE * abs(mean):
+        text += f" ({show(float(x.min()))}-{show(float(x.max()))}{unit})"
+    return text
+
+
+def fill(text: str, runs: dict[str, dict[str, float]], where: str) -> str:
+    """`text` with every placeholder replaced by its statistic over `runs`."""
+    def one(match):
+        metric, spec, mean_only = match.group(1), match.group(2), bool(match.group(3))
+        values = [m[metric] for m in runs.values() if math.isfinite(m.get(metric, math.nan))]
+        if len(values) != len(runs):
+            raise TableError(f"{where}: {len(runs) - len(values)} of {len(runs)} runs have no "
+                             f"metric {metric!r}")
+        try:
+            return format_stat(values, spec, mean_only)
+        except ValueError as e:
+            raise TableError(f"{where}: bad format {spec!r} for {metric}: {e}") from None
+
+    return PLACEHOLDER.sub(one, text)
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_table(name: str, table: dict, data: dict) -> str:
+    """The markdown of table `name`: its columns, then command and seeds."""
+    texts = [c for c in table["columns"] if c != "command"]   # command: as code, last by default
+    header = [*table["columns"], *([] if "command" in table["columns"] else ["command"]),
+              "seeds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table.get("rows", []):
+        where = f"table {name!r} row {row['id']!r}"
+        if "workdir" in row:
+            runs = data.get(row["id"])
+            if not runs:
+                raise TableError(f"{where}: nothing collected from {row['workdir']}; run its "
+                                 "command, then python -m train.readme_tables --collect")
+            cells = {c: fill(str(row[c]), runs, where) for c in texts}
+            seeds = str(len(runs))
+        else:
+            if any(PLACEHOLDER.search(str(row[c])) for c in texts):
+                raise TableError(f"{where}: placeholders need a workdir to fill them from")
+            cells, seeds = {c: str(row[c]) for c in texts}, "1"
+        cells = {c: _escape(v) for c, v in cells.items()}
+        cells["command"], cells["seeds"] = f"`{_escape(row['command'])}`", seeds
+        lines.append("| " + " | ".join(cells[c] for c in header) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_readme(readme: str, tables: dict, repo: str = REPO) -> str:
+    """`readme` with every table between its markers rewritten."""
+    for name, table in tables.items():
+        start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
+        pattern = re.compile(re.escape(start) + r"\n.*?" + re.escape(end), re.S)
+        if len(pattern.findall(readme)) != 1:
+            raise TableError(f"README.md needs exactly one {start} ... {end} block for table "
+                             f"{name!r}")
+        body = render_table(name, table, read_data(repo, name))
+        readme = pattern.sub(lambda _: f"{start}\n{body}{end}", readme)
+    return readme
+
+
+# ---- Command line --------------------------------------------------------------------------
+def run(repo: str = REPO, do_collect: bool = False, check: bool = False,
+        spec: str = SPEC) -> int:
+    """The command line's work; returns its exit status (1: README.md is stale)."""
+    if do_collect:
+        for done in collect(repo, spec):
+            print(f"collected {done}")
+    tables = load_spec(repo, spec)
+    path = os.path.join(repo, "README.md")
+    with open(path, encoding="utf-8") as f:
+        readme = f.read()
+    new = render_readme(readme, tables, repo)
+    if check:
+        if new != readme:
+            print("flaxlab: README.md's results tables differ from docs/results: run "
+                  "python -m train.readme_tables", file=sys.stderr)
+            return 1
+        return 0
+    if new != readme:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(new)
+        print(f"rewrote {', '.join(tables)} in README.md")
+    return 0
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        return run(flags.FLAGS.repo, flags.FLAGS.collect, flags.FLAGS.check)
+    except TableError as e:
+        print(f"flaxlab: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    flags.DEFINE_bool("collect", False, "First read every row's sweep into docs/results/.")
+    flags.DEFINE_bool("check", False, "Only check that README.md is up to date (exit 1).")
+    flags.DEFINE_string("repo", REPO, "The repository root (README.md, docs/results/).")
+    app.run(lambda argv: sys.exit(main(argv)))
