@@ -64,7 +64,7 @@ import sys
 import numpy as np
 from absl import flags, logging
 
-from train import errors, sweep, sweep_stats
+from train import errors, sweep, sweep_spec, sweep_stats
 from train.metrics_log import write_json
 from train.search_space import parse_space
 from train.sweep_plots import plot_history, plot_importances
@@ -316,7 +316,7 @@ def write_search_results(optuna, study, records: list[dict], workdir: str, base_
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     if complete:
         best = (min if direction == "min" else max)(complete, key=lambda t: t.value)
-        found = ", ".join(f"{k}={sweep._format_value(v)}" for k, v in best.params.items())
+        found = ", ".join(f"{k}={sweep_spec._format_value(v)}" for k, v in best.params.items())
         lines += [f"Best: trial {best.number}, {metric} {best.value:.5g}"
                   f"{' (mean of the seeds)' if settings['seeds'] > 1 else ''}: {found}", ""]
     found = importances(optuna, study, settings["search_seed"])

@@ -4,7 +4,7 @@ Kinds (KINDS): loguniform(low,high) and uniform(low,high) for float fields, int(
 for integer fields (both ends included), categorical(a,b,...) for any field, each value
 parsed like a --sweep value. A config file's get_search_space(variant) may return the same
 text or {key: "kind(arguments)" or (kind, *arguments)}. Keys are checked as --sweep keys are
-(train/sweep.py), each kind against its field's type, and both ends of every range (every
+(train/sweep_spec.py), each kind against its field's type, and both ends of every range (every
 categorical value) must make a valid run config, so a bad space stops before any trial.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from numbers import Real
 
-from train import sweep
+from train import sweep_spec
 
 KINDS = {"loguniform": float, "uniform": float, "int": int, "categorical": None}
 # Optuna keeps categorical values of these types; others (tuples) go in as their repr.
@@ -34,7 +34,7 @@ class Dimension:
     def text(self) -> str:
         """The canonical `key=kind(arguments)` (the study's identity, sweep.json)."""
         args = self.choices if self.kind == "categorical" else (self.low, self.high)
-        return f"{self.key}={self.kind}({','.join(sweep._format_value(a) for a in args)})"
+        return f"{self.key}={self.kind}({','.join(sweep_spec._format_value(a) for a in args)})"
 
     def _plain(self) -> bool:
         return all(type(c) in _OPTUNA_TYPES for c in self.choices)
@@ -88,14 +88,14 @@ def _items(spec) -> list[tuple[str, str, list]]:
                              "optim.learning_rate=loguniform(1e-4,1e-2)")
         if key is not None and match.group(1) != key:
             raise ValueError(f"search dimension {key!r}: {text!r} names another key")
-        args = [a.strip() for a in sweep._top_level_split(match.group(3))]
+        args = [a.strip() for a in sweep_spec._top_level_split(match.group(3))]
         items.append((match.group(1), match.group(2), [] if args == [""] else args))
     return items
 
 
 def _number(key: str, kind: str, arg, want: type):
     if isinstance(arg, str):
-        return sweep._parse_text(key, arg, want)
+        return sweep_spec._parse_text(key, arg, want)
     if isinstance(arg, Real) and not isinstance(arg, bool) and (
             want is float or float(arg).is_integer()):
         return want(arg)
@@ -104,14 +104,14 @@ def _number(key: str, kind: str, arg, want: type):
 
 
 def _dimension(key: str, kind: str, args: list, base_config) -> Dimension:
-    _, _, field_type, _ = sweep._field(base_config, key)  # unknown keys: the sweep's error
+    _, _, field_type, _ = sweep_spec._field(base_config, key)  # unknown keys: the sweep's error
     if kind not in KINDS:
         raise ValueError(f"search dimension {key}={kind}(...): unknown kind {kind!r}; "
                          f"allowed: {', '.join(KINDS)}")
     if kind == "categorical":
         if not args:
             raise ValueError(f"search dimension {key}=categorical() needs at least one value")
-        choices = tuple(sweep._coerce(key, a, base_config) for a in args)
+        choices = tuple(sweep_spec._coerce(key, a, base_config) for a in args)
         if len({repr(c) for c in choices}) < len(choices):
             raise ValueError(f"search dimension {key}: a categorical value is given twice")
         return Dimension(key, kind, choices=choices)
@@ -120,8 +120,8 @@ def _dimension(key: str, kind: str, args: list, base_config) -> Dimension:
         suggestion = {int: "int(low,high)", float: "loguniform(low,high) or uniform(low,high)"
                       }.get(field_type, "categorical(a,b,...)")
         raise ValueError(f"search dimension {key}={kind}(...): {key} holds "
-                         f"{sweep._TYPE_NAMES.get(field_type, field_type.__name__)}, "
-                         f"{kind} draws {sweep._TYPE_NAMES[want]}; use {suggestion}")
+                         f"{sweep_spec._TYPE_NAMES.get(field_type, field_type.__name__)}, "
+                         f"{kind} draws {sweep_spec._TYPE_NAMES[want]}; use {suggestion}")
     if len(args) != 2:
         raise ValueError(f"search dimension {key}={kind}(...) takes (low,high); got "
                          f"{len(args)} arguments")
@@ -147,7 +147,7 @@ def parse_space(spec, base_config) -> list[Dimension]:
         dim = _dimension(key, kind, args, base_config)
         corners = dim.choices if kind == "categorical" else (dim.low, dim.high)
         try:
-            sweep.plan_runs(base_config, [{key: v} for v in corners])
+            sweep_spec.plan_runs(base_config, [{key: v} for v in corners])
         except ValueError as e:
             raise ValueError(f"search dimension {dim.text()}: {e}") from None
         dims.append(dim)

@@ -90,6 +90,7 @@ def test_tables_are_written_from_the_sweep_with_mean_std_range_and_command(fixtu
     ppl = np.array([5.10, 5.16, 5.13])
     acc = np.array([0.80, 0.70, 0.90])
     assert f"{ppl.mean():.3f} ± {ppl.std(ddof=1):.3f}" == "5.130 ± 0.030"
+    assert f"{100 * acc.mean():.1f} ± {100 * acc.std(ddof=1):.1f}%" == "80.0 ± 10.0%"
     # The perplexity's range (1.2% of the mean) is small: no min-max; the accuracy's
     # (25%) is large: its min-max follows. A value every run shares is shown once.
     assert one == ["one layer",

@@ -81,13 +81,20 @@ def test_tuple_axes_from_the_command_line(base):
     ("optim.weight_decay_exclude=bias", ["'bias'", "optim.weight_decay_exclude", "tuple"]),
     ("optim.name", ["key=value1,value2"]),
     ("model.num_layers=1;model.num_layers=2", ["'model.num_layers' is set by two axes"]),
-    ("", ["empty"]),
+    (";", ["empty"]),
+    ([], ["empty"]),
 ])
 def test_bad_sweeps_name_the_key_and_what_is_allowed(base, spec, words):
     with pytest.raises(ValueError) as e:
         sweep.parse_sweep(spec, base)
     for word in words:
         assert word in str(e.value)
+
+
+def test_an_empty_sweep_text_is_the_base_config_alone(base):
+    """--sweep="": one run, "base" (with --seeds=K, the K seeds of the base config)."""
+    assert sweep.parse_sweep("", base) == sweep.parse_sweep("  ", base) == [{}]
+    assert [name for name, _, _ in sweep.plan_runs(base, [{}])] == ["base"]
 
 
 def test_python_values_are_checked_too(base):
