@@ -415,21 +415,6 @@ def run_peer(args) -> dict | None:
 # ----------------------------------------------------------------------------------------
 # Report.
 # ----------------------------------------------------------------------------------------
-COLUMNS = [("config", "<13"), ("attn", "<9"), ("qkv", "<5"), ("scan", "<5"), ("remat", "<6"),
-           ("dtype", "<8"), ("ms med", "8.2f"), ("ms mean", "8.2f"), ("ms min", "8.2f"),
-           ("spread", ">6"), ("samples/s", "9.1f"), ("MFU%", "5.1f"), ("compile", ">7"),
-           ("temp GiB", "8.2f"), ("loss0", "6.3f"), ("lossN", "6.3f")]
-
-
-def row_values(r: dict) -> tuple:
-    s, mem = r["settings"], r["memory"].get("temp_size_in_bytes")
-    return (r["name"], r["attention_kernel"], "fused" if s["fused_qkv"] else "sep",
-            str(s["scan_layers"]), s["remat_policy"], s["dtype"], r["ms_median"],
-            r["ms_mean"], r["ms_min"], f"{r['spread_pct']:5.1f}%", r["samples_per_s"],
-            r["mfu"] * 100, f"{r['lower_s'] + r['compile_s']:6.1f}s",
-            mem / 2**30 if mem else float("nan"), r["first_loss"], r["last_loss"])
-
-
 def format_table(report: dict) -> str:
     env, peer, r0 = report["environment"], report.get("peer") or {}, report["results"][0]
     fl = r0["forward_flops_per_sample"]
@@ -444,28 +429,13 @@ def format_table(report: dict) -> str:
              f"forward {fl['total'] / 1e9:.2f} GFLOP/sample (image {fl['image'] / 1e9:.2f} + "
              f"text {fl['text'] / 1e9:.2f}{oc_flops}); step = 3 x forward = "
              f"{r0['flops_per_step'] / 1e12:.2f} TFLOP"]
-    if report.get("dry_run"):
-        for r in report["results"]:
-            lines.append(f"[dry run] {r['name']}: train step traced and lowered in "
-                         f"{r['trace_s']:.1f} s, attention {r['attention_kernel']} "
-                         f"(scalars: {', '.join(r['scalars'])}); {r['settings']}")
-        return "\n".join(lines)
     towers, mode = report["towers"], peer.get("mode")
     torch_sps = peer.get(peer_metric(towers, mode, "samples_per_s"))
-    columns = COLUMNS + ([("x torch", "7.2f")] if torch_sps else [])
-    head = harness.table_header(columns)
-    lines += [head, "-" * len(head)]
-    for r in report["results"]:
-        extra = (r["samples_per_s"] / torch_sps,) if torch_sps else ()
-        lines.append(harness.table_row(columns, row_values(r) + extra))
-        if r.get("warning"):
-            lines.append(f"  WARNING {r['name']}: {r['warning']}")
-        if not r.get("state_donated", True):
-            lines.append(f"  WARNING {r['name']}: the train state was not donated")
-        s = r["settings"]
-        if (env["platform"] == "gpu" and s["attention_impl"] == "fused"
-                and s["dtype"] != "float32" and r["attention_kernel"] != "cudnn"):
-            lines.append(f"  WARNING {r['name']}: fused attention fell back to XLA (no cuDNN)")
+    lines += harness.train_step_rows(
+        report, ("samples/s", "9.1f", "samples_per_s"),
+        (lambda r: r["samples_per_s"] / torch_sps) if torch_sps else None)
+    if report.get("dry_run"):
+        return "\n".join(lines)
     if torch_sps:
         lines.append(f"torch peer ({peer.get('impl', '?')}, {mode}, {peer.get('device')}): "
                      f"{peer.get(peer_metric(towers, mode, 'step_ms'), 0):.2f} ms/step, "

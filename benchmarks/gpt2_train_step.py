@@ -323,21 +323,6 @@ def run_config(args, name: str) -> dict:
 # ----------------------------------------------------------------------------------------
 # Report.
 # ----------------------------------------------------------------------------------------
-COLUMNS = [("config", "<13"), ("attn", "<9"), ("qkv", "<5"), ("scan", "<5"), ("remat", "<6"),
-           ("dtype", "<8"), ("ms med", "8.2f"), ("ms mean", "8.2f"), ("ms min", "8.2f"),
-           ("spread", ">6"), ("tok/s", "9.0f"), ("MFU%", "5.1f"), ("compile", ">7"),
-           ("temp GiB", "8.2f"), ("loss0", "6.3f"), ("lossN", "6.3f")]
-
-
-def row_values(r: dict) -> tuple:
-    s, mem = r["settings"], r["memory"].get("temp_size_in_bytes")
-    return (r["name"], r["attention_kernel"], "fused" if s["fused_qkv"] else "sep",
-            str(s["scan_layers"]), s["remat_policy"], s["dtype"], r["ms_median"],
-            r["ms_mean"], r["ms_min"], f"{r['spread_pct']:5.1f}%", r["tokens_per_s"],
-            r["mfu"] * 100, f"{r['lower_s'] + r['compile_s']:6.1f}s",
-            mem / 2**30 if mem else float("nan"), r["first_loss"], r["last_loss"])
-
-
 def format_table(report: dict) -> str:
     env, peer = report["environment"], report.get("peer") or {}
     lines = [f"flaxlab GPT-2 train step ({report['variant']}, B={report['batch']}, "
@@ -349,28 +334,13 @@ def format_table(report: dict) -> str:
                  f"embeddings); {r0['flops_per_token'] / 1e6:.1f} MFLOP/token (6N+12LHQT)")
     if r0.get("param_check"):
         lines.append(r0["param_check"])
-    if report.get("dry_run"):
-        for r in report["results"]:
-            lines.append(f"[dry run] {r['name']}: train step traced and lowered in "
-                         f"{r['trace_s']:.1f} s, attention {r['attention_kernel']} "
-                         f"(scalars: {', '.join(r['scalars'])}); {r['settings']}")
-        return "\n".join(lines)
     mode = peer.get("mode", "compile")
     torch_ms = peer.get(f"torch_gpt_{mode}_step_ms")
-    columns = COLUMNS + ([("x torch", "7.2f")] if torch_ms else [])
-    head = harness.table_header(columns)
-    lines += [head, "-" * len(head)]
-    for r in report["results"]:
-        extra = (torch_ms / r["ms_median"],) if torch_ms else ()
-        lines.append(harness.table_row(columns, row_values(r) + extra))
-        if r.get("warning"):
-            lines.append(f"  WARNING {r['name']}: {r['warning']}")
-        if not r.get("state_donated", True):
-            lines.append(f"  WARNING {r['name']}: the train state was not donated")
-        s = r["settings"]
-        if (env["platform"] == "gpu" and s["attention_impl"] == "fused"
-                and s["dtype"] != "float32" and r["attention_kernel"] != "cudnn"):
-            lines.append(f"  WARNING {r['name']}: fused attention fell back to XLA (no cuDNN)")
+    lines += harness.train_step_rows(
+        report, ("tok/s", "9.0f", "tokens_per_s"),
+        (lambda r: torch_ms / r["ms_median"]) if torch_ms else None)
+    if report.get("dry_run"):
+        return "\n".join(lines)
     if torch_ms:
         lines.append(f"torch peer ({mode}, {peer.get('device')}): {torch_ms:.1f} ms/step, "
                      f"{peer.get(f'torch_gpt_{mode}_tokens_per_s', float('nan')):.0f} tok/s, "

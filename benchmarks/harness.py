@@ -438,3 +438,50 @@ def table_header(columns: Sequence[tuple[str, str]]) -> str:
 def table_row(columns: Sequence[tuple[str, str]], values: Sequence) -> str:
     """One row: `values` formatted with the columns' specs, lining up with the header."""
     return " ".join(f"{v:{spec}}" for v, (_, spec) in zip(values, columns, strict=True))
+
+
+# The train-step benchmarks' table (gpt2_train_step, clip_train_step): a row per config,
+# its throughput column named by the benchmark.
+_STEP_COLUMNS = [("config", "<13"), ("attn", "<9"), ("qkv", "<5"), ("scan", "<5"),
+                 ("remat", "<6"), ("dtype", "<8"), ("ms med", "8.2f"), ("ms mean", "8.2f"),
+                 ("ms min", "8.2f"), ("spread", ">6")]
+_STEP_TAIL = [("MFU%", "5.1f"), ("compile", ">7"), ("temp GiB", "8.2f"), ("loss0", "6.3f"),
+              ("lossN", "6.3f")]
+
+
+def train_step_rows(report: dict, throughput: tuple[str, str, str],
+                    ratio: Callable[[dict], float] | None = None) -> list[str]:
+    """The lines of a train-step benchmark's table, one config a row, with its warnings
+    (non-finite loss, state not donated, fused attention that fell back to XLA on a GPU).
+
+    throughput: (column title, format, result key), e.g. ("tok/s", "9.0f", "tokens_per_s");
+    ratio: each result's "x torch" value, or None without a peer. In a dry run: what each
+    config traced and lowered instead.
+    """
+    if report.get("dry_run"):
+        return [f"[dry run] {r['name']}: train step traced and lowered in {r['trace_s']:.1f} s"
+                f", attention {r['attention_kernel']} (scalars: {', '.join(r['scalars'])}); "
+                f"{r['settings']}" for r in report["results"]]
+    title, spec, key = throughput
+    columns = [*_STEP_COLUMNS, (title, spec), *_STEP_TAIL, *([("x torch", "7.2f")] if ratio
+                                                             else [])]
+    head = table_header(columns)
+    lines = [head, "-" * len(head)]
+    gpu = report["environment"]["platform"] == "gpu"
+    for r in report["results"]:
+        s, mem = r["settings"], r["memory"].get("temp_size_in_bytes")
+        values = (r["name"], r["attention_kernel"], "fused" if s["fused_qkv"] else "sep",
+                  str(s["scan_layers"]), s["remat_policy"], s["dtype"], r["ms_median"],
+                  r["ms_mean"], r["ms_min"], f"{r['spread_pct']:5.1f}%", r[key],
+                  r["mfu"] * 100, f"{r['lower_s'] + r['compile_s']:6.1f}s",
+                  mem / 2**30 if mem else float("nan"), r["first_loss"], r["last_loss"])
+        lines.append(table_row(columns, values + ((ratio(r),) if ratio else ())))
+        if r.get("warning"):
+            lines.append(f"  WARNING {r['name']}: {r['warning']}")
+        if not r.get("state_donated", True):
+            lines.append(f"  WARNING {r['name']}: the train state was not donated")
+        if (gpu and s["attention_impl"] == "fused" and s["dtype"] != "float32"
+                and r["attention_kernel"] != "cudnn"):
+            lines.append(f"  WARNING {r['name']}: fused attention fell back to XLA (no cuDNN)")
+    return lines
+

@@ -1,4 +1,6 @@
-"""Shared checks of the interop tests (tests/train/test_interop_*.py)."""
+"""Shared checks of the interop tests (tests/train/test_interop_*.py) and readers of a
+sweep's results files (the sweep, search and seeds tests)."""
+import csv
 import os
 from types import SimpleNamespace
 
@@ -107,3 +109,26 @@ def interop():
                            convert_in_and_out=convert_in_and_out, bpe_tokenizer=bpe_tokenizer,
                            wordpiece_tokenizer=wordpiece_tokenizer,
                            pretrained_run=pretrained_run)
+
+
+def read_csv(path) -> list[dict]:
+    """A results.csv / results_grouped.csv as one dict per row (header cells as keys)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def md_tables(path) -> list[list[dict]]:
+    """Every markdown table of the file as a list of dicts (header cells as keys)."""
+    tables, lines = [], []
+    for line in [*open(path, encoding="utf-8"), ""]:
+        if line.startswith("|"):
+            lines.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif lines:
+            tables.append([dict(zip(lines[0], row)) for row in lines[2:]])
+            lines = []
+    return tables
+
+
+@pytest.fixture(scope="session")
+def sweep_files():
+    return SimpleNamespace(read_csv=read_csv, md_tables=md_tables)

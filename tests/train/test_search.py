@@ -2,7 +2,6 @@
 checked with NumPy, and the trainer's on_evaluation stop in a real tiny GPT run), the
 results files, and the command line. Searches train a fake trainer (a closed-form loss of
 the sampled learning rate), so the tests time the search, not training."""
-import csv
 import importlib.util
 import json
 import math
@@ -81,21 +80,8 @@ def _proposals(records):
              r["overrides"]["optim.schedule.warmup_steps"]) for r in records]
 
 
-def _read_csv(path):
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
 
 
-def _md_tables(path):
-    """Every markdown table of the file as a list of dicts (header cells as keys)."""
-    tables, lines = [], []
-    for line in [*open(path, encoding="utf-8"), ""]:
-        if line.startswith("|"):
-            lines.append([c.strip() for c in line.strip().strip("|").split("|")])
-        elif lines:
-            tables.append([dict(zip(lines[0], row)) for row in lines[2:]])
-            lines = []
-    return tables
 
 
 # ---- The space ---------------------------------------------------------------------------
@@ -217,7 +203,7 @@ def test_gp_search_proposes_inside_the_space(base, tmp_path, fake):
 
 # ---- Pruning -----------------------------------------------------------------------------
 def test_pruned_trials_are_recorded_as_pruned_by_the_median_rule(base, tmp_path, fake,
-                                                                  monkeypatch):
+                                                                  monkeypatch, sweep_files):
     workdir = str(tmp_path)
     records = search.run_search(base, SPACE, workdir, trials=12, sampler="random",
                                 prune="median", search_seed=1)
@@ -241,12 +227,13 @@ def test_pruned_trials_are_recorded_as_pruned_by_the_median_rule(base, tmp_path,
     # Recorded as pruned in results.csv, results.md and sweep.json, never trained again.
     pruned = {r["name"]: study.trials[r["trial"]] for r in records if r["status"] == "pruned"}
     assert len(pruned) == states.count("PRUNED")
-    rows = {row["run"]: row for row in _read_csv(os.path.join(workdir, "results.csv"))}
+    rows = {row["run"]: row
+            for row in sweep_files.read_csv(os.path.join(workdir, "results.csv"))}
     assert {n for n, row in rows.items() if row["status"] == "pruned"} == set(pruned)
     for name, trial in pruned.items():  # the step it stopped at, no final metrics
         assert rows[name]["train/steps"] == str(trial.user_attrs["pruned_at_step"])
         assert rows[name]["validation/loss"] == ""
-    table = _md_tables(os.path.join(workdir, "results.md"))[0]
+    table = sweep_files.md_tables(os.path.join(workdir, "results.md"))[0]
     assert [row["status"] for row in table[-len(pruned):]] == ["pruned"] * len(pruned)
     with open(os.path.join(workdir, "sweep.json")) as f:
         recorded = json.load(f)
@@ -285,7 +272,7 @@ def test_pruning_stops_a_real_run_with_a_checkpoint(base, tmp_path):
 
 # ---- Results -----------------------------------------------------------------------------
 def test_results_show_the_best_trial_importances_and_history(base, tmp_path, fake,
-                                                            monkeypatch):
+                                                            monkeypatch, sweep_files):
     workdir = str(tmp_path)
     search.run_search(base, SPACE, workdir, trials=8, sampler="random")
     for (module, name), function in FIGURES.items():  # drawn once, by the read-back
@@ -298,14 +285,14 @@ def test_results_show_the_best_trial_importances_and_history(base, tmp_path, fak
             f"optim.learning_rate={best['overrides']['optim.learning_rate']!r}") in text
     assert "8 of 8 trials: 8 finished, 0 pruned, 0 failed" in text
     # fANOVA importances sum to 1; the loss depends on the learning rate only.
-    importance = {row["parameter"]: row["importance"] for row in _md_tables(
+    importance = {row["parameter"]: row["importance"] for row in sweep_files.md_tables(
         os.path.join(workdir, "results.md"))[1]}
     assert sum(map(float, importance.values())) == pytest.approx(1, abs=2e-3)
     assert float(importance["optim.learning_rate"]) > 0.8
     for name in ("results.png", "history.png", "importances.png"):
         with open(os.path.join(workdir, name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    table = _md_tables(os.path.join(workdir, "results.md"))[0]
+    table = sweep_files.md_tables(os.path.join(workdir, "results.md"))[0]
     assert [float(row["validation/loss"]) for row in table] == [
         float(f"{v:.4g}") for v in sorted(values)]
 

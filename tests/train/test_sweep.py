@@ -1,6 +1,5 @@
 """train.sweep: parsing and typing a sweep, run names, and a real sweep of the tiny GPT
 (results tables equal to each run's summary.json, skip on rerun, failed runs, exit status)."""
-import csv
 import json
 import math
 import os
@@ -154,9 +153,6 @@ def _must_not_train(config, workdir, **kwargs):
 
 
 # ---- A real sweep ----------------------------------------------------------------------
-def _read_csv(path):
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
 
 
 def _md_rows(path):
@@ -166,7 +162,7 @@ def _md_rows(path):
     return [dict(zip(cells[0], row)) for row in cells[2:]]
 
 
-def test_sweep_of_the_tiny_gpt_end_to_end(base, tmp_path, monkeypatch):
+def test_sweep_of_the_tiny_gpt_end_to_end(base, tmp_path, monkeypatch, sweep_files):
     fast = sweep.apply_overrides(base, {"train.num_steps": 4, "train.log_every": 2,
                                         "train.eval_every": 2, "checkpoint.every": 4})
     runs = sweep.parse_sweep(gpt.get_sweep("tiny"), fast)
@@ -175,7 +171,7 @@ def test_sweep_of_the_tiny_gpt_end_to_end(base, tmp_path, monkeypatch):
     assert [r["status"] for r in records] == ["finished", "finished"]
 
     # results.csv: one row per run, override values, status, every numeric summary key.
-    rows = _read_csv(os.path.join(workdir, "results.csv"))
+    rows = sweep_files.read_csv(os.path.join(workdir, "results.csv"))
     assert [row["run"] for row in rows] == ["model.num_layers=1", "model.num_layers=2"]
     for row, layers in zip(rows, (1, 2)):
         with open(os.path.join(workdir, row["run"], "summary.json")) as f:
@@ -221,7 +217,8 @@ def test_sweep_of_the_tiny_gpt_end_to_end(base, tmp_path, monkeypatch):
     assert list(table[0])[2] == "validation/accuracy"
 
 
-def test_a_failing_run_is_recorded_and_the_others_complete(base, tmp_path, monkeypatch):
+def test_a_failing_run_is_recorded_and_the_others_complete(base, tmp_path, monkeypatch,
+                                                            sweep_files):
     def fake_train(config, workdir):  # what the trainer leaves behind, without training
         if config.model.num_layers == 2:
             raise RuntimeError("boom\nsecond line")
@@ -241,7 +238,7 @@ def test_a_failing_run_is_recorded_and_the_others_complete(base, tmp_path, monke
     records = sweep.run_sweep(base, runs, str(tmp_path))
     assert [r["status"] for r in records] == ["finished", "failed", "finished"]
     assert records[1]["error"] == "RuntimeError: boom\nsecond line"
-    rows = _read_csv(tmp_path / "results.csv")
+    rows = sweep_files.read_csv(tmp_path / "results.csv")
     assert [(r["status"], r["validation/loss"]) for r in rows] == [
         ("finished", "4.0"), ("failed", ""), ("finished", "2.0")]
     assert rows[1]["error"] == "RuntimeError: boom\nsecond line"
@@ -250,13 +247,13 @@ def test_a_failing_run_is_recorded_and_the_others_complete(base, tmp_path, monke
         ("3", "finished"), ("1", "finished"), ("2", "failed: RuntimeError: boom")]
 
 
-def test_a_preempted_run_stops_the_sweep(base, tmp_path, monkeypatch):
+def test_a_preempted_run_stops_the_sweep(base, tmp_path, monkeypatch, sweep_files):
     # SIGTERM/SIGINT inside a run: the trainer checkpoints and returns this status.
     monkeypatch.setattr(trainer, "train_and_evaluate",
                         lambda config, workdir: {"status": "preempted", "step": 3})
     records = sweep.run_sweep(base, sweep.parse_sweep("seed=1,2", base), str(tmp_path))
     assert [r["status"] for r in records] == ["preempted", "pending"]
-    assert [r["status"] for r in _read_csv(tmp_path / "results.csv")] == [
+    assert [r["status"] for r in sweep_files.read_csv(tmp_path / "results.csv")] == [
         "preempted", "pending"]
 
 

@@ -18,8 +18,7 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 _spec = importlib.util.spec_from_file_location("sweep_tests", os.path.join(HERE, "test_sweep.py"))
 _sweep_tests = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_sweep_tests)
-base, _read_csv, _must_not_train = (_sweep_tests.base, _sweep_tests._read_csv,
-                                    _sweep_tests._must_not_train)
+base, _must_not_train = _sweep_tests.base, _sweep_tests._must_not_train
 
 # validation/loss of (model.num_layers, seed): layers 2 is within the noise of layers 1,
 # layers 3 clearly worse; layers 2's seed 1 fails, so it has 2 of its 3 runs.
@@ -45,15 +44,6 @@ def fake_train(config, workdir, **kwargs):
     return summary
 
 
-def _md_tables(path):
-    tables, lines = [], []
-    for line in [*open(path, encoding="utf-8"), ""]:
-        if line.startswith("|"):
-            lines.append([c.strip() for c in line.strip().strip("|").split("|")])
-        elif lines:
-            tables.append([dict(zip(lines[0], row)) for row in lines[2:]])
-            lines = []
-    return tables
 
 
 def test_seeds_repeat_every_run_with_seed_parts_in_the_names(base):
@@ -71,7 +61,7 @@ def test_seeds_repeat_every_run_with_seed_parts_in_the_names(base):
         sweep_stats.with_seeds(runs, base, 0)
 
 
-def test_grouped_statistics_equal_numpy(base, tmp_path, monkeypatch):
+def test_grouped_statistics_equal_numpy(base, tmp_path, monkeypatch, sweep_files):
     monkeypatch.setattr(trainer, "train_and_evaluate", fake_train)
     monkeypatch.setattr(sweep, "plot_results", lambda *a, **k: None)
     workdir = str(tmp_path)
@@ -80,14 +70,14 @@ def test_grouped_statistics_equal_numpy(base, tmp_path, monkeypatch):
     assert [r["group"] for r in records[:4]] == ["model.num_layers=3"] * 3 + [
         "model.num_layers=1"]
     # results.csv: still one row per run, with its seed.
-    rows = _read_csv(os.path.join(workdir, "results.csv"))
+    rows = sweep_files.read_csv(os.path.join(workdir, "results.csv"))
     assert [(row["model.num_layers"], row["seed"]) for row in rows] == [
         (str(n), str(s)) for n in (3, 1, 2) for s in (0, 1, 2)]
     values = {n: np.array([LOSSES[n, s] for s in range(3) if LOSSES[n, s] is not None])
               for n in (1, 2, 3)}
 
     # results_grouped.csv: exact (repr) statistics, best mean first.
-    grouped = _read_csv(os.path.join(workdir, "results_grouped.csv"))
+    grouped = sweep_files.read_csv(os.path.join(workdir, "results_grouped.csv"))
     assert [row["model.num_layers"] for row in grouped] == ["1", "2", "3"]
     for row in grouped:
         x = values[int(row["model.num_layers"])]
@@ -107,7 +97,7 @@ def test_grouped_statistics_equal_numpy(base, tmp_path, monkeypatch):
     assert [row["differs_from_best"] for row in grouped] == ["False", "False", "True"]
 
     # results.md: the groups first (4 significant digits), then every run.
-    groups, runs = _md_tables(os.path.join(workdir, "results.md"))
+    groups, runs = sweep_files.md_tables(os.path.join(workdir, "results.md"))
     assert len(runs) == 9 and list(groups[0])[:3] == ["#", "model.num_layers", "n"]
     for row, n in zip(groups, (1, 2, 3)):
         x = values[n]
@@ -142,7 +132,8 @@ def test_small_groups_and_ties():
     assert sweep_stats.t_quantile(0.975, 2) == pytest.approx(t_975(2), rel=1e-12)
 
 
-def test_a_search_with_seeds_is_valued_by_the_mean(base, tmp_path, monkeypatch):
+def test_a_search_with_seeds_is_valued_by_the_mean(base, tmp_path, monkeypatch,
+                                                   sweep_files):
     pytest.importorskip("optuna")
     from train import search  # noqa: PLC0415
 
@@ -166,7 +157,7 @@ def test_a_search_with_seeds_is_valued_by_the_mean(base, tmp_path, monkeypatch):
     for trial in study.trials:
         losses = [r["metrics"]["validation/loss"] for r in records if r["trial"] == trial.number]
         assert trial.value == pytest.approx(np.mean(losses), rel=1e-12)
-    grouped = _read_csv(tmp_path / "results_grouped.csv")
+    grouped = sweep_files.read_csv(tmp_path / "results_grouped.csv")
     assert sorted(int(row["trial"]) for row in grouped) == [0, 1, 2]
     assert all(row["n"] == "2" for row in grouped)
     with pytest.raises(ValueError, match="seeds"):  # --seeds is the study's identity

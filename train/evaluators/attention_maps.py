@@ -26,7 +26,6 @@ import re
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import traverse_util
 
@@ -35,7 +34,7 @@ from models import decoding
 from models import vit as vit_lib
 from train.data.tokenizers import BOS, EOS, PAD
 from train.evaluators import figures
-from train.evaluators.base import Evaluator, check_positive
+from train.evaluators.base import SampleEvaluator
 from train.tasks.seq2seq import shift_right
 
 RESIDUAL = 0.5   # Abnar & Zuidema 2020, sec. 3: A = 0.5 W_att + 0.5 I (the residual path)
@@ -123,21 +122,12 @@ def vit_of(model):
                      + (f" with model.image_tower={tower!r}" if tower else ""))
 
 
-class AttentionRollout(Evaluator):
-    """attention_rollout.png (see the module docstring)."""
+class AttentionRollout(SampleEvaluator):
+    """attention_rollout.png (see the module docstring) of the split's first `images`
+    images, one column each."""
 
     name = "attention_rollout"
-
-    @classmethod
-    def default_config(cls) -> ml_collections.ConfigDict:
-        c = super().default_config()
-        c.split = "test"
-        c.images = 6               # the first test images, one column each
-        return c
-
-    @classmethod
-    def validate_config(cls, cfg) -> None:
-        check_positive(cfg, cls.name, "images")
+    SAMPLE_KEY, SAMPLE_DEFAULT = "images", 6
 
     def run(self, step, params, model_state, final):
         ctx = self.ctx
@@ -229,21 +219,12 @@ def token_labels(tokenizer, ids) -> list[str]:
     return [label(t) for t in ids]
 
 
-class Alignment(Evaluator):
-    """alignment.png and its entropy / monotonicity (see the module docstring)."""
+class Alignment(SampleEvaluator):
+    """alignment.png and its entropy / monotonicity (see the module docstring) of the
+    split's first `examples` examples, one matrix each."""
 
     name = "alignment"
-
-    @classmethod
-    def default_config(cls) -> ml_collections.ConfigDict:
-        c = super().default_config()
-        c.split = "test"
-        c.examples = 4             # the first test examples, one matrix each
-        return c
-
-    @classmethod
-    def validate_config(cls, cfg) -> None:
-        check_positive(cfg, cls.name, "examples")
+    SAMPLE_KEY, SAMPLE_DEFAULT = "examples", 4
 
     def run(self, step, params, model_state, final):
         ctx, model = self.ctx, self.ctx.model

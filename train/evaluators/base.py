@@ -81,6 +81,30 @@ class Evaluator:
         raise NotImplementedError(f"{type(self).__name__} must define run")
 
 
+class SampleEvaluator(Evaluator):
+    """An evaluator of the first examples of one split: `evals.<name>.split` (default
+    "test") and the count `evals.<name>.<SAMPLE_KEY>` (default SAMPLE_DEFAULT, at least 1;
+    with SAMPLE_ALL, 0 means the whole split)."""
+
+    SAMPLE_KEY: ClassVar[str] = "examples"
+    SAMPLE_DEFAULT: ClassVar[int] = 4
+    SAMPLE_ALL: ClassVar[bool] = False
+
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        c = super().default_config()
+        c.split = "test"
+        c[cls.SAMPLE_KEY] = cls.SAMPLE_DEFAULT
+        return c
+
+    @classmethod
+    def validate_config(cls, cfg) -> None:
+        if cls.SAMPLE_ALL:
+            check_positive(cfg, cls.name, cls.SAMPLE_KEY, 0, " (0 = the whole split)")
+        else:
+            check_positive(cfg, cls.name, cls.SAMPLE_KEY)
+
+
 def check_positive(cfg, name: str, key: str, low: int = 1, note: str = "") -> None:
     """ValueError unless evals.<name>.<key> >= low."""
     if cfg[key] < low:

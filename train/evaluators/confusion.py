@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from train.evaluators import figures
-from train.evaluators.base import Evaluator, check_positive
+from train.evaluators.base import SampleEvaluator
 
 
 def confusion_matrix(labels, predictions, num_classes: int, weights=None) -> np.ndarray:
@@ -42,21 +41,12 @@ def confusion_stats(counts: np.ndarray) -> dict:
             "min_recall": float(recall.min()) if recall.size else 0.0}
 
 
-class ConfusionMatrix(Evaluator):
-    """confusion_matrix.png and its accuracies (see the module docstring)."""
+class ConfusionMatrix(SampleEvaluator):
+    """confusion_matrix.png and its accuracies (see the module docstring) over the split's
+    first `examples` examples (0 = the whole split)."""
 
     name = "confusion_matrix"
-
-    @classmethod
-    def default_config(cls) -> ml_collections.ConfigDict:
-        c = super().default_config()
-        c.split = "test"
-        c.examples = 0             # examples counted (0 = the whole split)
-        return c
-
-    @classmethod
-    def validate_config(cls, cfg) -> None:
-        check_positive(cfg, cls.name, "examples", 0, " (0 = the whole split)")
+    SAMPLE_KEY, SAMPLE_DEFAULT, SAMPLE_ALL = "examples", 0, True
 
     def run(self, step, params, model_state, final):
         ctx, task = self.ctx, self.ctx.task
