@@ -15,6 +15,10 @@ placeholders
                         where the spread is large (max - min above LARGE_RANGE of |mean|);
                         one value alone where every run agrees (a baseline, a count)
     {metric|spec|mean}  the mean alone
+    {metric|vs=ROW}     this row against row ROW of the same table by Welch's t-test
+                        (train/sweep_stats.py), two-sided at 5%: "differs from ROW (p=0.01)"
+                        or "ties with ROW (p=0.43)" -- claims are stated only where the
+                        difference exceeds the seed noise
 
 and a table's `seeds` column says how many runs each row has. A row without a workdir is a
 single run's text as it stands (its `seeds` cell says 1) until it is re-measured.
@@ -45,6 +49,7 @@ SPEC = os.path.join("docs", "results", "tables.toml")
 MIN_SEEDS = 3
 LARGE_RANGE = 0.02          # show min-max when max - min exceeds 2% of |mean|
 PLACEHOLDER = re.compile(r"\{([^{}|]+)\|([^{}|]+)(?:\|(mean))?\}")
+COMPARE = re.compile(r"vs=([A-Za-z0-9_.-]+)")
 SEEDS_FLAG = re.compile(r"--seeds=(\d+)")
 DATA_HEADER = ["row", "run", "metric", "value"]
 
@@ -170,14 +175,38 @@ def format_stat(values, spec: str, mean_only: bool = False) -> str:
     return text
 
 
-def fill(text: str, runs: dict[str, dict[str, float]], where: str) -> str:
-    """`text` with every placeholder replaced by its statistic over `runs`."""
+def _metric_values(runs: dict[str, dict[str, float]], metric: str, where: str) -> list:
+    values = [m[metric] for m in runs.values() if math.isfinite(m.get(metric, math.nan))]
+    if len(values) != len(runs):
+        raise TableError(f"{where}: {len(runs) - len(values)} of {len(runs)} runs have no "
+                         f"metric {metric!r}")
+    return values
+
+
+def compare(a: list[float], b: list[float], other: str) -> str:
+    """Welch's verdict on a vs b: "differs from OTHER (p=...)" or "ties with OTHER"."""
+    from train.sweep_stats import ALPHA, welch_p  # noqa: PLC0415 -- SciPy, only here
+
+    p = welch_p(a, b)
+    if math.isnan(p):
+        raise TableError(f"comparing with {other} needs 2 or more runs on each side")
+    return f"{'differs from' if p < ALPHA else 'ties with'} {other} (p={p:.2g})"
+
+
+def fill(text: str, runs: dict[str, dict[str, float]], where: str,
+         table: dict[str, dict] | None = None) -> str:
+    """`text` with every placeholder replaced by its statistic over `runs` (`table`: every
+    row's runs, for {metric|vs=ROW})."""
     def one(match):
         metric, spec, mean_only = match.group(1), match.group(2), bool(match.group(3))
-        values = [m[metric] for m in runs.values() if math.isfinite(m.get(metric, math.nan))]
-        if len(values) != len(runs):
-            raise TableError(f"{where}: {len(runs) - len(values)} of {len(runs)} runs have no "
-                             f"metric {metric!r}")
+        values = _metric_values(runs, metric, where)
+        if (vs := COMPARE.fullmatch(spec)) is not None:
+            other = vs.group(1)
+            if other not in (table or {}):
+                raise TableError(f"{where}: vs={other}: no such measured row; rows: "
+                                 f"{', '.join(table or {})}")
+            return compare(values, _metric_values(table[other], metric, f"{where} vs {other}"),
+                           other)
         try:
             return format_stat(values, spec, mean_only)
         except ValueError as e:
@@ -203,7 +232,7 @@ def render_table(name: str, table: dict, data: dict) -> str:
             if not runs:
                 raise TableError(f"{where}: nothing collected from {row['workdir']}; run its "
                                  "command, then python -m train.readme_tables --collect")
-            cells = {c: fill(str(row[c]), runs, where) for c in texts}
+            cells = {c: fill(str(row[c]), runs, where, data) for c in texts}
             seeds = str(len(runs))
         else:
             if any(PLACEHOLDER.search(str(row[c])) for c in texts):

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from train import readme_tables, sweep, trainer
 from train.config import base_config
@@ -32,7 +33,7 @@ config = "two layers"
 workdir = "runs/fixture"
 where = {"model.num_layers" = 2}
 command = "python -m train.sweep --config=configs/gpt.py --workdir=runs/fixture --sweep=model.num_layers=1,2 --seeds=3"
-result = "perplexity {validation/perplexity|.3f}"
+result = "perplexity {validation/perplexity|.3f}: {validation/perplexity|vs=one_layer}; accuracy {validation/accuracy|vs=one_layer}"
 
 [[tables.demo.rows]]
 id = "legacy"
@@ -99,8 +100,14 @@ def test_tables_are_written_from_the_sweep_with_mean_std_range_and_command(fixtu
                    "`python -m train.sweep --config=configs/gpt.py --workdir=runs/fixture "
                    "--sweep=model.num_layers=1,2 --seeds=3`", "3"]
     # Two layers: the failed seed is left out, and the seeds cell says 2.
-    assert two[1] == f"perplexity {np.mean([4.90, 4.91]):.3f} ± {np.std([4.90, 4.91], ddof=1):.3f}"
-    assert two[1] == "perplexity 4.905 ± 0.007" and two[3] == "2"
+    # Claims against another row: Welch's t-test, SciPy's p-values.
+    p_ppl = stats.ttest_ind([4.90, 4.91], ppl, equal_var=False).pvalue
+    p_acc = stats.ttest_ind([0.61, 0.62], acc, equal_var=False).pvalue
+    assert p_ppl < 0.05 < p_acc
+    assert two[1] == (f"perplexity {np.mean([4.90, 4.91]):.3f} ± "
+                      f"{np.std([4.90, 4.91], ddof=1):.3f}: differs from one_layer "
+                      f"(p={p_ppl:.2g}); accuracy ties with one_layer (p={p_acc:.2g})")
+    assert two[1].startswith("perplexity 4.905 ± 0.007: differs") and two[3] == "2"
     assert legacy[1] == "perplexity 5.13 \\| one run" and legacy[3] == "1"
     assert readme_tables.run(fixture_repo, check=True) == 0
 
@@ -144,6 +151,8 @@ def test_refuses_too_few_seeds_a_command_that_disagrees_and_missing_markers(
     with pytest.raises(readme_tables.TableError, match="exactly one <!-- results:demo -->"):
         readme_tables.render_readme("no markers\n", readme_tables.load_spec(fixture_repo),
                                     fixture_repo)
+    with pytest.raises(readme_tables.TableError, match="vs=nope: no such measured row"):
+        readme_tables.fill("{x/y|vs=nope}", {"a": {"x/y": 1.0}}, "row", {"a": {}})
     with pytest.raises(readme_tables.TableError, match="2 of 3 runs have no metric 'x/y'"):
         readme_tables.fill("{x/y|.3f}", {"a": {"x/y": 1.0}, "b": {}, "c": {}}, "row")
 
