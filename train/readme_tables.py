@@ -4,11 +4,13 @@
     python -m train.readme_tables              # docs/results/*.csv -> README.md's tables
     python -m train.readme_tables --check      # exit 1 if README.md is not what they give
 
-`docs/results/tables.toml` lists the tables. A table has `columns` and `rows`; a row gives a
-text for every column, a `command` (rendered as code) and, when it is measured over seeds,
-the `workdir` its command writes (a sweep directory, usually `--sweep="" --seeds=3`) and
-optionally `where` = {swept key: value} selecting some of the sweep's runs. Its texts hold
-placeholders
+`docs/results/tables.toml` lists the tables. A table has `columns`, optionally `right` (the
+columns aligned right) and `rows`; a row gives a text for every column, a `command`
+(rendered as code, in a command column) and, when it is measured over seeds, the `workdir`
+its command writes (a sweep directory, usually `--sweep="" --seeds=3`) and optionally
+`where` = {swept key: value} selecting some of the sweep's runs. A table whose rows are one
+sweep's gives that sweep's `command` once instead (README shows it above the table; no
+command column). Its texts hold placeholders
 
     {metric|spec}       over the row's finished runs: "mean ± std" with the format spec
                         (".3f", ".1%": a percentage, "81.5 ± 3.2%"), then " (min-max)"
@@ -72,8 +74,9 @@ def load_spec(repo: str = REPO, spec: str = SPEC) -> dict:
         if not columns or not isinstance(columns, list):
             raise TableError(f"{spec}: table {name!r} needs columns = [...]")
         ids = [row.get("id") for row in table.get("rows", [])]
+        needs = ("id", *([] if "command" in table else ["command"]), *columns)
         for row, row_id in zip(table.get("rows", []), ids):
-            missing = [c for c in ("id", "command", *columns) if c not in row]
+            missing = [c for c in needs if c not in row]
             if missing:
                 raise TableError(f"{spec}: table {name!r} row {row_id!r} has no "
                                  f"{', '.join(missing)}")
@@ -87,19 +90,21 @@ def _data_path(repo: str, name: str) -> str:
 
 
 # ---- Collect: sweep outputs -> docs/results/<table>.csv ------------------------------------
-def runs_of_row(repo: str, row: dict) -> dict[str, dict[str, float]] | None:
-    """{run name: {metric: value}} of the row's finished runs; None without its workdir."""
+def runs_of_row(repo: str, row: dict, command: str = "") -> dict[str, dict[str, float]] | None:
+    """{run name: {metric: value}} of the row's finished runs; None without its workdir.
+    `command`: the table's, for a row without its own."""
+    command = row.get("command", command)
     workdir = os.path.join(repo, row["workdir"])
     results = os.path.join(workdir, "results.csv")
     if not os.path.exists(results):
         return None
     with open(os.path.join(workdir, "sweep.json"), encoding="utf-8") as f:
         seeds = int(json.load(f).get("seeds", 1))
-    flag = SEEDS_FLAG.search(row["command"])
+    flag = SEEDS_FLAG.search(command)
     if seeds < MIN_SEEDS or flag is None or int(flag.group(1)) != seeds:
         raise TableError(f"row {row['id']!r}: {row['workdir']} was swept with --seeds={seeds}"
                          f"; its command must say --seeds={seeds} and that must be at least "
-                         f"{MIN_SEEDS}: {row['command']}")
+                         f"{MIN_SEEDS}: {command}")
     with open(results, newline="", encoding="utf-8") as f:
         lines = list(csv.DictReader(f))
     where = {k: str(v) for k, v in row.get("where", {}).items()}
@@ -141,7 +146,9 @@ def collect(repo: str = REPO, spec: str = SPEC) -> list[str]:
         ids = {row["id"] for row in table.get("rows", [])}
         data = {k: v for k, v in data.items() if k in ids}   # rows removed from the spec
         for row in table.get("rows", []):
-            if "workdir" in row and (runs := runs_of_row(repo, row)) is not None:
+            runs = (runs_of_row(repo, row, table.get("command", "")) if "workdir" in row
+                    else None)
+            if runs is not None:
                 data[row["id"]] = runs
                 collected.append(f"{name}/{row['id']}")
         if data:
@@ -221,10 +228,13 @@ def _escape(text: str) -> str:
 
 def render_table(name: str, table: dict, data: dict) -> str:
     """The markdown of table `name`: its columns, then command and seeds."""
-    texts = [c for c in table["columns"] if c != "command"]   # command: as code, last by default
-    header = [*table["columns"], *([] if "command" in table["columns"] else ["command"]),
-              "seeds"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    texts = [c for c in table["columns"] if c != "command"]
+    shown = "command" not in table     # a command column: as code, last by default
+    header = [*(table["columns"] if shown else texts),
+              *(["command"] if shown and "command" not in table["columns"] else []), "seeds"]
+    right = set(table.get("right", [])) | {"seeds"}   # right-aligned columns
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "".join("---:|" if c in right else "---|" for c in header)]
     for row in table.get("rows", []):
         where = f"table {name!r} row {row['id']!r}"
         if "workdir" in row:
@@ -239,7 +249,9 @@ def render_table(name: str, table: dict, data: dict) -> str:
                 raise TableError(f"{where}: placeholders need a workdir to fill them from")
             cells, seeds = {c: str(row[c]) for c in texts}, "1"
         cells = {c: _escape(v) for c, v in cells.items()}
-        cells["command"], cells["seeds"] = f"`{_escape(row['command'])}`", seeds
+        cells["seeds"] = seeds
+        if shown:
+            cells["command"] = f"`{_escape(row['command'])}`"
         lines.append("| " + " | ".join(cells[c] for c in header) + " |")
     return "\n".join(lines) + "\n"
 
