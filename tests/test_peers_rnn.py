@@ -198,6 +198,7 @@ def test_default_config_parameter_count_and_decay_exclusions_equal_flaxlab():
                for name, path, _ in rows}
     assert {n: not peer.no_decay(n) for n in decided} == decided
     assert decided["decoder.combine.weight"] and not decided["embed.weight"]
+    assert not decided["decoder.combine.bias"]   # combine_bias: a named bias
 
 
 # ----------------------------------------------------------------------------------------

@@ -56,10 +56,12 @@ def default_config() -> ml_collections.ConfigDict:
     # Every other optimizer: classic L2-style, wd * w is added to the gradient before the
     # optimizer (so Adam's moments see it, exactly as PyTorch's `weight_decay=`).
     c.weight_decay = 0.0
-    # Param-path regexes never decayed (and never L1/L2-penalized): biases, norm scales,
-    # embeddings.
+    # Param-path regexes never decayed (and never L1/L2-penalized): biases (also named ones:
+    # logit_bias, mlm_bias, recurrent_bias, ...), norm scales and CLIP's logit_scale,
+    # embeddings and ViT's class token -- the exclusions of open_clip (biases, gains,
+    # logit_scale), timm (pos_embed, cls_token) and Hugging Face (bias, LayerNorm.weight).
     # Sequences are tuples: --config.optim.weight_decay_exclude="('bias', 'scale')".
-    c.weight_decay_exclude = ("(^|/)bias$", "(^|/)scale$", "embed")
+    c.weight_decay_exclude = ("(^|/|_)bias$", "(^|/|_)scale$", "embed", "(^|/)cls$")
     c.grad_clip_norm = 0.0        # clip the global gradient norm to this; 0 = off
     # Explicit penalties added to the LOSS by the trainer, see regularization_penalty:
     # l1 * sum|w| + l2 * sum w^2 (no 0.5 factor), over params not in weight_decay_exclude.

@@ -316,13 +316,12 @@ def trainable_parameters(model: nn.Module) -> int:
 
 
 def no_decay(name: str) -> bool:
-    """flaxlab's default optim.weight_decay_exclude ('(^|/)bias$', '(^|/)scale$',
-    'embed') on the flaxlab path of each twin parameter: the embedding, every LSTM bias
-    and the bridge and logits biases are not decayed; `combine_bias` (the output layer's,
-    a top-level flaxlab param whose name does not start a path segment with "bias") and
-    every kernel are."""
+    """flaxlab's default optim.weight_decay_exclude ('(^|/|_)bias$', '(^|/|_)scale$',
+    'embed', '(^|/)cls$') on the flaxlab path of each twin parameter: the embedding and every
+    bias (the LSTMs', the bridge's, the logits' and `combine_bias`, the output layer's) are
+    not decayed; every weight matrix is."""
     return (name.startswith("embed.") or ".bias_ih" in name or ".bias_hh" in name
-            or name in ("decoder.bridge.bias", "decoder.logits.bias"))
+            or name in ("decoder.bridge.bias", "decoder.logits.bias", "decoder.combine.bias"))
 
 
 def seq2seq_loss(logits, targets, weights, label_smoothing: float = 0.0):

@@ -393,15 +393,29 @@ def test_layer_lr_equals_scaled_learning_rate_for_adam():
 
 @pytest.mark.parametrize("name", ["adamw", "sgd"])
 def test_weight_decay_excludes_biases_scales_embeddings(name):
+    """The default exclusions (open_clip's, timm's, Hugging Face's): every bias, named ones
+    too (SigLIP's logit_bias, BERT's mlm_bias, the GRU's recurrent_bias), norm scales and
+    CLIP's logit_scale, embeddings and ViT's class token; kernels, including named ones
+    (combine_kernel) and a bias-free "biased" name, decay."""
     p0 = f32({"dense": {"kernel": np.array([1.0, -2.0]), "bias": np.array([0.5, 0.25])},
-              "norm": {"scale": np.array([1.5])}, "embed": {"embedding": np.array([0.7])}})
+              "norm": {"scale": np.array([1.5])}, "embed": {"embedding": np.array([0.7])},
+              "logit_scale": np.array(2.6), "logit_bias": np.array(-10.0),
+              "head": {"mlm_bias": np.array([0.1]), "combine_kernel": np.array([0.3]),
+                       "biased": np.array([0.9])},
+              "vit": {"cls": np.array([0.2]), "pos_embedding": np.array([0.4])},
+              "gru": {"recurrent_bias": np.array([0.6])}})
     zero = jax.tree.map(np.zeros_like, p0)
     lr, wd = 0.1, 0.2
     history, _ = run(cfg(name=name, learning_rate=lr, weight_decay=wd), p0, [zero])
-    np.testing.assert_allclose(history[0]["dense"]["kernel"],
-                               p0["dense"]["kernel"] * (1 - lr * wd), rtol=RTOL)
-    for mod, leaf in (("dense", "bias"), ("norm", "scale"), ("embed", "embedding")):
-        assert np.array_equal(history[0][mod][leaf], p0[mod][leaf]), (mod, leaf)
+    for path in (("dense", "kernel"), ("head", "combine_kernel"), ("head", "biased")):
+        np.testing.assert_allclose(history[0][path[0]][path[1]],
+                                   p0[path[0]][path[1]] * (1 - lr * wd), rtol=RTOL)
+    for path in (("dense", "bias"), ("norm", "scale"), ("embed", "embedding"),
+                 ("head", "mlm_bias"), ("vit", "cls"), ("vit", "pos_embedding"),
+                 ("gru", "recurrent_bias")):
+        assert np.array_equal(history[0][path[0]][path[1]], p0[path[0]][path[1]]), path
+    for top in ("logit_scale", "logit_bias"):
+        assert np.array_equal(history[0][top], p0[top]), top
 
 
 def test_grad_clip_bounds_global_update_norm():
