@@ -86,7 +86,7 @@ def test_tables_are_written_from_the_sweep_with_mean_std_range_and_command(fixtu
         readme = f.read()
     assert readme.startswith("# Title\n\nbefore\n\n") and readme.endswith("\n\nafter\n")
     header, rule, one, two, legacy = _table(readme)
-    assert header == ["config", "result", "command", "seeds"] and rule == ["---|---|---|---"]
+    assert header == ["config", "result", "command", "seeds"] and rule == ["---|---|---|---:"]
 
     ppl = np.array([5.10, 5.16, 5.13])
     acc = np.array([0.80, 0.70, 0.90])
