@@ -122,6 +122,9 @@ def test_tiny_configs_train_end_to_end(tmp_path, monkeypatch, config_module, var
                     "linear_probe/accuracy"):
             assert 0.0 <= summary[key] <= 1.0, key
         assert (tmp_path / "similarity_heatmap.png").stat().st_size > 10_000
+        per_class = [summary[f"zero_shot/heldout_top1/{n.replace(' ', '_')}"]
+                     for n in c.data.shapes.heldout_classes]   # a weighted mean: between
+        assert min(per_class) <= summary["zero_shot/top1_among_heldout"] <= max(per_class)
     text = format_summary({**summary, "sample": "abc"})
     assert "validation/loss" in text and text.endswith("sample:\nabc")
 

@@ -90,6 +90,14 @@ class ZeroShot(_ImageText):
                 remap = {c: i for i, c in enumerate(held)}
                 sub = np.array([remap[int(y)] for y in labels])
                 out["top1_among_heldout"] = losses.topk_accuracy(scores[:, held], sub, 1)
+                # Per held-out class: the among-4 accuracy moves by whole classes between
+                # seeds (a class's images mostly right or mostly taken for a sibling).
+                predicted = np.argmax(np.asarray(scores)[:, held], axis=1)
+                for i, c in enumerate(held):
+                    name = zero_shot.class_names[c].replace(" ", "_")
+                    mine = sub == i
+                    out[f"heldout_top1/{name}"] = (float(np.mean(predicted[mine] == i))
+                                                   if mine.any() else float("nan"))
         return out
 
 
