@@ -129,6 +129,22 @@ def md_tables(path) -> list[list[dict]]:
     return tables
 
 
+def must_not_train(config, workdir, **kwargs):
+    """A train_and_evaluate stand-in for reruns that must read every run back."""
+    raise AssertionError(f"trained {workdir} again")
+
+
 @pytest.fixture(scope="session")
 def sweep_files():
-    return SimpleNamespace(read_csv=read_csv, md_tables=md_tables)
+    return SimpleNamespace(read_csv=read_csv, md_tables=md_tables, must_not_train=must_not_train)
+
+
+@pytest.fixture(scope="module")
+def base():
+    """The sweep, search and seeds tests' base config: configs/gpt.py:tiny, locked as the
+    command line's config flag locks it (values change, keys don't)."""
+    from configs import gpt  # noqa: PLC0415
+
+    config = gpt.get_config("tiny")
+    config.lock()
+    return config

@@ -2,7 +2,6 @@
 checked with NumPy, and the trainer's on_evaluation stop in a real tiny GPT run), the
 results files, and the command line. Searches train a fake trainer (a closed-form loss of
 the sampled learning rate), so the tests time the search, not training."""
-import importlib.util
 import json
 import math
 import os
@@ -19,10 +18,6 @@ from train import search, sweep, trainer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-_spec = importlib.util.spec_from_file_location("sweep_tests", os.path.join(HERE, "test_sweep.py"))
-_sweep_tests = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_sweep_tests)
-base, _must_not_train = _sweep_tests.base, _sweep_tests._must_not_train
 SPACE = "optim.learning_rate=loguniform(1e-3,1e-2);optim.schedule.warmup_steps=int(0,10)"
 # The figures and importances, which the `fake` fixture turns off.
 FIGURES = {(sweep, "plot_results"): sweep.plot_results,
@@ -154,7 +149,7 @@ def test_a_random_search_with_a_fixed_seed_proposes_the_same_trials(base, tmp_pa
 
 
 def test_an_interrupted_tpe_study_resumes_without_repeating_finished_trials(
-        base, tmp_path, fake, monkeypatch):
+        base, tmp_path, fake, monkeypatch, sweep_files):
     # TPE fits its model after startup_trials(7) = 3 random trials: 4 proposals use it.
     whole = search.run_search(base, SPACE, str(tmp_path / "whole"), trials=7, sampler="tpe")
     assert search.startup_trials(7) == 3
@@ -184,7 +179,7 @@ def test_an_interrupted_tpe_study_resumes_without_repeating_finished_trials(
     # Finished: a rerun trains nothing and writes the same tables.
     outputs = {n: open(os.path.join(workdir, n), "rb").read() for n in ("results.csv",
                                                                        "results.md")}
-    monkeypatch.setattr(trainer, "train_and_evaluate", _must_not_train)
+    monkeypatch.setattr(trainer, "train_and_evaluate", sweep_files.must_not_train)
     assert search.run_search(base, SPACE, workdir, trials=7, sampler="tpe") == records
     for name, content in outputs.items():
         assert open(os.path.join(workdir, name), "rb").read() == content
@@ -241,7 +236,7 @@ def test_pruned_trials_are_recorded_as_pruned_by_the_median_rule(base, tmp_path,
     assert recorded["search"]["prune"] == "median"
     for name in pruned:
         assert not os.path.exists(os.path.join(workdir, name, "summary.json"))
-    monkeypatch.setattr(trainer, "train_and_evaluate", _must_not_train)
+    monkeypatch.setattr(trainer, "train_and_evaluate", sweep_files.must_not_train)
     again = search.run_search(base, SPACE, workdir, trials=12, sampler="random",
                               prune="median", search_seed=1)
     assert [r["status"] for r in again] == [r["status"] for r in records]
@@ -297,7 +292,7 @@ def test_results_show_the_best_trial_importances_and_history(base, tmp_path, fak
         float(f"{v:.4g}") for v in sorted(values)]
 
 
-def test_failed_trials_count_and_are_not_retried(base, tmp_path, fake, monkeypatch):
+def test_failed_trials_count_and_are_not_retried(base, tmp_path, fake, monkeypatch, sweep_files):
     def flaky(config, workdir, **kwargs):
         if config.optim.learning_rate > 5e-3:
             raise RuntimeError("diverged")
@@ -309,7 +304,7 @@ def test_failed_trials_count_and_are_not_retried(base, tmp_path, fake, monkeypat
     assert all(r["error"] == "RuntimeError: diverged" for r in failed)
     assert [t.state.name == "FAIL" for t in _study(str(tmp_path)).trials] == [
         r["status"] == "failed" for r in records]
-    monkeypatch.setattr(trainer, "train_and_evaluate", _must_not_train)
+    monkeypatch.setattr(trainer, "train_and_evaluate", sweep_files.must_not_train)
     assert search.run_search(base, SPACE, str(tmp_path), trials=6, sampler="random") == records
 
 

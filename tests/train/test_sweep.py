@@ -16,13 +16,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 GRID = "optim.name=adam,sgd;optim.learning_rate=1e-3,3e-3;model.num_layers=1,2"
 
 
-@pytest.fixture(scope="module")
-def base():
-    config = gpt.get_config("tiny")
-    config.lock()  # as the command line's config flag does: values change, keys don't
-    return config
-
-
 # ---- Parsing ---------------------------------------------------------------------------
 def test_grid_is_the_product_of_the_axes_first_axis_slowest(base):
     runs = sweep.parse_sweep(GRID, base)
@@ -121,8 +114,9 @@ def test_run_dicts_and_linked_axis_values(base):
     assert len(plan) == 8 and len(sweep.parse_sweep(gpt.get_sweep("tiny"), base)) == 2
 
 
-def test_invalid_run_configs_stop_the_sweep_before_any_run(base, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer, "train_and_evaluate", _must_not_train)
+def test_invalid_run_configs_stop_the_sweep_before_any_run(base, tmp_path, monkeypatch,
+                                                          sweep_files):
+    monkeypatch.setattr(trainer, "train_and_evaluate", sweep_files.must_not_train)
     runs = sweep.parse_sweep("optim.learning_rate=1e-3,-1", base)
     with pytest.raises(ValueError, match="run optim.learning_rate=-1.0: optim.learning_rate"):
         sweep.run_sweep(base, runs, str(tmp_path / "sweep"))
@@ -146,10 +140,6 @@ def test_run_names_are_readable_filesystem_safe_and_unique(tmp_path):
         assert re.fullmatch(r"[A-Za-z0-9._+=,~-]+", name) and len(name) <= 200
         os.mkdir(tmp_path / name)  # a single, new path component
     assert sorted(os.listdir(tmp_path)) == sorted(names)
-
-
-def _must_not_train(config, workdir, **kwargs):
-    raise AssertionError(f"trained {workdir} again")
 
 
 # ---- A real sweep ----------------------------------------------------------------------
@@ -203,7 +193,7 @@ def test_sweep_of_the_tiny_gpt_end_to_end(base, tmp_path, monkeypatch, sweep_fil
     # Rerun: both runs are read back, not trained, and the tables come out identical.
     outputs = {name: open(os.path.join(workdir, name), "rb").read()
                for name in ("results.csv", "results.md")}
-    monkeypatch.setattr(trainer, "train_and_evaluate", _must_not_train)
+    monkeypatch.setattr(trainer, "train_and_evaluate", sweep_files.must_not_train)
     again = sweep.run_sweep(fast, runs, workdir)
     assert [r["metrics"] for r in again] == [r["metrics"] for r in records]
     for name, content in outputs.items():

@@ -1,6 +1,5 @@
 """train.sweep_stats: --seeds=K runs, and results.md / results_grouped.csv statistics equal
 to NumPy's (the t quantiles in closed form, Welch's p-values equal to SciPy's ttest_ind)."""
-import importlib.util
 import json
 import math
 import os
@@ -15,10 +14,6 @@ from train import sweep, sweep_stats, trainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-_spec = importlib.util.spec_from_file_location("sweep_tests", os.path.join(HERE, "test_sweep.py"))
-_sweep_tests = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_sweep_tests)
-base, _must_not_train = _sweep_tests.base, _sweep_tests._must_not_train
 
 # validation/loss of (model.num_layers, seed): layers 2 is within the noise of layers 1,
 # layers 3 clearly worse; layers 2's seed 1 fails, so it has 2 of its 3 runs.
@@ -113,7 +108,7 @@ def test_grouped_statistics_equal_numpy(base, tmp_path, monkeypatch, sweep_files
     assert groups[2]["vs best"] == f"differs (p={p:.2g})"
 
     # Rerun: read back (the failed run is retried), same tables.
-    monkeypatch.setattr(trainer, "train_and_evaluate", lambda c, w: _must_not_train(c, w)
+    monkeypatch.setattr(trainer, "train_and_evaluate", lambda c, w: sweep_files.must_not_train(c, w)
                         if LOSSES[c.model.num_layers, c.seed] else fake_train(c, w))
     text = open(os.path.join(workdir, "results.md"), encoding="utf-8").read()
     sweep.run_sweep(base, sweep.parse_sweep("model.num_layers=3,1,2", base), workdir, seeds=3)
