@@ -67,3 +67,19 @@ def get_config(variant: str = "default"):
         c.evals.gan_samples.grid = 2
     c.evals.gan_samples.every = c.train.eval_every  # a grid after every evaluation
     return c
+
+
+def get_sweep(variant: str = "default"):
+    """The GAN's two ablations beside the default, each over seeds:
+
+        python -m train.sweep --config=configs/gan.py --workdir=runs/seeds/gan --seeds=3 \
+            --sort=test/fake_score
+
+    Rows: the default (non-saturating loss, one discriminator update per generator
+    update), the saturating minimax loss (the `minimax` variant), two discriminator
+    updates per generator update (the `k2` variant: 2 x 64 real images a step).
+    """
+    if variant != "default":
+        raise ValueError(f"no sweep for gan variant {variant!r}; allowed: default")
+    return [("row", [{}, {"task.loss": "minimax"},
+                     {"task.d_steps": 2, "data.batch_size": 2 * 64}])]

@@ -48,3 +48,18 @@ def get_config(variant: str = "default"):
         c.data.shapes.shapes_split_sizes.test = 24
         c.evals.segmentation_plot.examples = 3
     return c
+
+
+def get_sweep(variant: str = "default"):
+    """The U-Net's two ablations beside the default, each over seeds:
+
+        python -m train.sweep --config=configs/unet.py --workdir=runs/seeds/unet \
+            --seeds=3 --sort=test/miou
+
+    Rows: the default (2x2 transposed-conv upsampling, cross-entropy + soft Dice), bilinear
+    upsampling + 3x3 conv (resize-convolution, the `bilinear` variant), cross-entropy only
+    (task.dice_weight 0).
+    """
+    if variant != "default":
+        raise ValueError(f"no sweep for unet variant {variant!r}; allowed: default")
+    return [("row", [{}, {"model.upsampling": "bilinear"}, {"task.dice_weight": 0.0}])]

@@ -1,5 +1,6 @@
 """train.sweep: parsing and typing a sweep, run names, and a real sweep of the tiny GPT
 (results tables equal to each run's summary.json, skip on rerun, failed runs, exit status)."""
+import importlib
 import json
 import math
 import os
@@ -328,3 +329,19 @@ def test_steps_to_reach_a_reference_including_staged_runs(tmp_path):
     rows = sweep_reach.reach_table(str(tmp_path), "zero_shot/top1")
     assert [(r["final"], r["steps_to_reach"]) for r in rows] == [(0.5, 20), (0.7, 10),
                                                                    (0.55, 20)]
+
+
+@pytest.mark.parametrize("family", ["gan", "unet"])
+def test_the_ablation_sweeps_parse_into_their_rows(family):
+    """configs/gan.py's and configs/unet.py's ablations: the default first (no overrides),
+    then one row per ablation, each override a key of the base config that changes it."""
+    module = importlib.import_module(f"configs.{family}")
+    base = module.get_config()
+    runs = sweep.parse_sweep(module.get_sweep(), base)
+    assert len(runs) == 3 and runs[0] == {}
+    assert len({sweep.run_name(r) for r in runs}) == 3
+    for run in runs[1:]:
+        changed = sweep.apply_overrides(base, run)
+        assert all(sweep._get(changed, k) != sweep._get(base, k) for k in run), run
+    with pytest.raises(ValueError, match="allowed: default"):
+        module.get_sweep("tiny")
