@@ -7,8 +7,9 @@
 Variants:
   default  "resnet_tiny" (basic blocks, stages [1, 1, 1] of 16/32/64 channels, CIFAR stem,
            batch norm; 78K params) on all 16 classes, SGD + Nesterov, cosine. Measured on 2
-           CPU cores: 1500 steps in under 2 minutes (14 steps/s), test accuracy 98.0%
-           (1000 steps: 91.2%).
+           CPU cores: 1500 steps in under 2 minutes (14 steps/s); over 3 seeds (python -m
+           train.sweep --config=configs/resnet.py --workdir=runs/seeds/resnet --sweep=""
+           --seeds=3) test accuracy 98.7 ± 0.1% (98.6-98.8%); one earlier run: 98.0%.
   augment  the default with training-time augmentation (configs/common.py shapes_augment,
            as configs/vit.py:augment; train/data/augment.py). Measured on 2 CPU cores
            shared with other jobs (where the default gives 98.55%, the README's number for
