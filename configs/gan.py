@@ -33,8 +33,13 @@ validation/fake_score next to validation/real_score (the scorer's Inception-Scor
 value of the real validation images, the ceiling); checkpoints are ranked by fake_score.
 """
 from train.config import base_config, select_best_by, shrink_for_smoke_test
+from train.sweep_spec import apply_overrides
 
 VARIANTS = ("default", "minimax", "k2", "tiny")
+# The ablations' overrides of the default: the variants of those names and get_sweep's rows
+# (k2: each of the two discriminator updates sees its own 64 real images).
+ABLATIONS = {"minimax": {"task.loss": "minimax"},
+             "k2": {"task.d_steps": 2, "data.batch_size": 2 * 64}}
 
 
 def get_config(variant: str = "default"):
@@ -56,11 +61,8 @@ def get_config(variant: str = "default"):
     c.train.eval_every = 250
     c.checkpoint.every = 250
     select_best_by(c, "validation/fake_score", "max")
-    if variant == "minimax":
-        c.task.loss = "minimax"
-    elif variant == "k2":
-        c.task.d_steps = 2
-        c.data.batch_size = 2 * 64
+    if variant in ABLATIONS:
+        c = apply_overrides(c, ABLATIONS[variant])
     elif variant == "tiny":
         shrink_for_smoke_test(c, num_steps=4, batch_size=16, eval_batch_size=32, log_every=2,
                               eval_every=2)
@@ -85,5 +87,4 @@ def get_sweep(variant: str = "default"):
     """
     if variant != "default":
         raise ValueError(f"no sweep for gan variant {variant!r}; allowed: default")
-    return [("row", [{}, {"task.loss": "minimax"},
-                     {"task.d_steps": 2, "data.batch_size": 2 * 64}])]
+    return [("row", [{}, ABLATIONS["minimax"], ABLATIONS["k2"]])]

@@ -27,8 +27,12 @@ The best checkpoint is chosen by validation/miou.
 """
 from configs.common import cadence, shapes_classification, warmup_cosine
 from train.config import base_config, select_best_by, shrink_for_smoke_test
+from train.sweep_spec import apply_overrides
 
 VARIANTS = ("default", "bilinear", "tiny")
+# The ablations' overrides of the default: the `bilinear` variant and get_sweep's rows.
+BILINEAR = {"model.upsampling": "bilinear"}
+CE_ONLY = {"task.dice_weight": 0.0}
 
 
 def get_config(variant: str = "default"):
@@ -40,7 +44,7 @@ def get_config(variant: str = "default"):
     select_best_by(c, "validation/miou", "max")
     cadence(c, 400, 200)
     if variant == "bilinear":
-        c.model.upsampling = "bilinear"
+        c = apply_overrides(c, BILINEAR)
     elif variant == "tiny":
         c.model.depth = 1
         shrink_for_smoke_test(c, num_steps=6, batch_size=8, eval_batch_size=16, log_every=3,
@@ -63,4 +67,4 @@ def get_sweep(variant: str = "default"):
     """
     if variant != "default":
         raise ValueError(f"no sweep for unet variant {variant!r}; allowed: default")
-    return [("row", [{}, {"model.upsampling": "bilinear"}, {"task.dice_weight": 0.0}])]
+    return [("row", [{}, BILINEAR, CE_ONLY])]

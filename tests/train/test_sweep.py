@@ -331,17 +331,22 @@ def test_steps_to_reach_a_reference_including_staged_runs(tmp_path):
                                                                    (0.55, 20)]
 
 
-@pytest.mark.parametrize("family", ["gan", "unet"])
-def test_the_ablation_sweeps_parse_into_their_rows(family):
+@pytest.mark.parametrize("family, variants", [("gan", ("minimax", "k2")),
+                                              ("unet", ("bilinear", None))])
+def test_the_ablation_sweeps_are_the_default_and_its_variants(family, variants):
     """configs/gan.py's and configs/unet.py's ablations: the default first (no overrides),
-    then one row per ablation, each override a key of the base config that changes it."""
+    then one row per ablation that changes the default; a row named after a variant gives
+    exactly that variant's config (one definition: they cannot drift apart)."""
     module = importlib.import_module(f"configs.{family}")
     base = module.get_config()
     runs = sweep.parse_sweep(module.get_sweep(), base)
     assert len(runs) == 3 and runs[0] == {}
     assert len({sweep.run_name(r) for r in runs}) == 3
-    for run in runs[1:]:
+    for run, variant in zip(runs[1:], variants):
         changed = sweep.apply_overrides(base, run)
-        assert all(sweep._get(changed, k) != sweep._get(base, k) for k in run), run
+        assert changed.to_json(sort_keys=True) != base.to_json(sort_keys=True), run
+        if variant is not None:
+            assert (changed.to_json(sort_keys=True)
+                    == module.get_config(variant).to_json(sort_keys=True)), variant
     with pytest.raises(ValueError, match="allowed: default"):
         module.get_sweep("tiny")
