@@ -39,6 +39,7 @@ in t-SNE each lands beside the trained classes of its color), attention_rollout.
 class token's attention rollout: 28% of it on the objects' 5.5% of the pixels).
 """
 from configs.common import add_eval, cadence, warmup_cosine
+from train.data.shapes import HELDOUT_FOLDS
 from train.config import base_config, shrink_for_smoke_test
 
 MODEL_VARIANTS = {"default": "clip_tiny", "siglip": "siglip_tiny", "align": "align_tiny",
@@ -46,8 +47,7 @@ MODEL_VARIANTS = {"default": "clip_tiny", "siglip": "siglip_tiny", "align": "ali
                   "heldout8": "clip_tiny"}
 # heldout8: a second Latin-square transversal, disjoint from the default one, held out too:
 # 8 of the 16 combinations unseen, each color and each shape still seen in 2 of its 4.
-HELDOUT_8 = ("red square", "green cross", "blue triangle", "yellow circle",
-             "red circle", "green triangle", "blue cross", "yellow square")
+HELDOUT_8 = HELDOUT_FOLDS[0] + HELDOUT_FOLDS[1]
 # The distillation teacher: the default at twice the width (image tower 128, text 64).
 TEACHER = dict(vit={"encoder": {"d_model": 128, "mlp_dim": 512, "num_heads": 4}},
                text={"d_model": 64, "mlp_dim": 128, "num_heads": 2})

@@ -22,7 +22,10 @@ command column). Its texts hold placeholders
                         or "ties with ROW (p=0.43)" -- claims are stated only where the
                         difference exceeds the seed noise
 
-and a table's `seeds` column says how many runs each row has. A row without a workdir is a
+and a table's `seeds` column says how many runs each row has. A row with `mean_over = KEY`
+(a swept key, e.g. "data.shapes.heldout_fold") first averages each seed's runs over KEY's
+values -- one run per value, e.g. one per held-out fold -- so its statistics are over seeds
+of that mean (a seed missing one of the values is left out, as a failed run is). A row without a workdir is a
 single run's text as it stands (its `seeds` cell says 1) until it is re-measured.
 
 `--collect` reads each row's `<workdir>/results.csv` and `sweep.json` (train/sweep.py) and
@@ -222,6 +225,45 @@ def fill(text: str, runs: dict[str, dict[str, float]], where: str,
     return PLACEHOLDER.sub(one, text)
 
 
+def mean_over(runs: dict[str, dict[str, float]], key: str, where: str
+              ) -> dict[str, dict[str, float]]:
+    """{"seed=S": {metric: mean over the seed's runs}} of the seeds that have a run for
+    every value of `key` any seed has (the metrics every one of those runs has)."""
+    from train.sweep_stats import SEED_KEY  # noqa: PLC0415 -- the trainer's imports, only here
+
+    groups: dict[float, dict[float, dict]] = {}
+    for name, metrics in runs.items():
+        if SEED_KEY not in metrics or key not in metrics:
+            raise TableError(f"{where}: mean_over={key!r}: run {name!r} has no numeric "
+                             f"{SEED_KEY!r} or {key!r}")
+        group = groups.setdefault(metrics[SEED_KEY], {})
+        if metrics[key] in group:
+            raise TableError(f"{where}: mean_over={key!r}: two runs of seed "
+                             f"{metrics[SEED_KEY]:g} with {key}={metrics[key]:g}; select "
+                             "one sweep axis's runs with where")
+        group[metrics[key]] = metrics
+    values = set().union(*(set(g) for g in groups.values()))
+    means = {}
+    for seed, group in sorted(groups.items()):
+        if set(group) != values:
+            continue
+        common = set.intersection(*(set(m) for m in group.values())) - {key}
+        means[f"{SEED_KEY}={seed:g}"] = {m: float(np.mean([r[m] for r in group.values()]))
+                                         for m in sorted(common)}
+    if not means:
+        raise TableError(f"{where}: mean_over={key!r}: no seed has a run for every value "
+                         f"{sorted(values)}")
+    return means
+
+
+def _measured(table: dict, data: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """{row id: runs} of the table's measured rows, averaged where a row says mean_over."""
+    rows = {row["id"]: row for row in table.get("rows", [])}
+    return {row_id: (mean_over(runs, rows[row_id]["mean_over"], f"row {row_id!r}")
+                     if "mean_over" in rows.get(row_id, {}) else runs)
+            for row_id, runs in data.items()}
+
+
 def _escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -235,6 +277,7 @@ def render_table(name: str, table: dict, data: dict) -> str:
     right = set(table.get("right", [])) | {"seeds"}   # right-aligned columns
     lines = ["| " + " | ".join(header) + " |",
              "|" + "".join("---:|" if c in right else "---|" for c in header)]
+    data = _measured(table, data)
     for row in table.get("rows", []):
         where = f"table {name!r} row {row['id']!r}"
         if "workdir" in row:

@@ -36,6 +36,14 @@ command = "python -m train.sweep --config=configs/gpt.py --workdir=runs/fixture 
 result = "perplexity {validation/perplexity|.3f}: {validation/perplexity|vs=one_layer}; accuracy {validation/accuracy|vs=one_layer}"
 
 [[tables.demo.rows]]
+id = "layers_mean"
+config = "mean over both depths"
+workdir = "runs/fixture"
+mean_over = "model.num_layers"
+command = "python -m train.sweep --config=configs/gpt.py --workdir=runs/fixture --sweep=model.num_layers=1,2 --seeds=3"
+result = "perplexity {validation/perplexity|.3f}: {validation/perplexity|vs=one_layer}"
+
+[[tables.demo.rows]]
 id = "legacy"
 config = "measured once"
 command = "python -m train.main --config=configs/gpt.py --workdir=runs/gpt"
@@ -85,7 +93,7 @@ def test_tables_are_written_from_the_sweep_with_mean_std_range_and_command(fixtu
     with open(os.path.join(fixture_repo, "README.md"), encoding="utf-8") as f:
         readme = f.read()
     assert readme.startswith("# Title\n\nbefore\n\n") and readme.endswith("\n\nafter\n")
-    header, rule, one, two, legacy = _table(readme)
+    header, rule, one, two, mean, legacy = _table(readme)
     assert header == ["config", "result", "command", "seeds"] and rule == ["---|---|---|---:"]
 
     ppl = np.array([5.10, 5.16, 5.13])
@@ -108,6 +116,13 @@ def test_tables_are_written_from_the_sweep_with_mean_std_range_and_command(fixtu
                       f"{np.std([4.90, 4.91], ddof=1):.3f}: differs from one_layer "
                       f"(p={p_ppl:.2g}); accuracy ties with one_layer (p={p_acc:.2g})")
     assert two[1].startswith("perplexity 4.905 ± 0.007: differs") and two[3] == "2"
+    # mean_over: each seed's runs averaged over the depths first; seed 2 (its two-layer
+    # run failed) is left out, so two seeds, each the mean of one- and two-layer runs.
+    per_seed = np.array([(5.10 + 4.90) / 2, (5.16 + 4.91) / 2])
+    p_mean = stats.ttest_ind(per_seed, ppl, equal_var=False).pvalue
+    assert mean[1] == (f"perplexity {per_seed.mean():.3f} ± {per_seed.std(ddof=1):.3f}: "
+                       f"{'differs from' if p_mean < 0.05 else 'ties with'} one_layer "
+                       f"(p={p_mean:.2g})") and mean[3] == "2"
     assert legacy[1] == "perplexity 5.13 \\| one run" and legacy[3] == "1"
     assert readme_tables.run(fixture_repo, check=True) == 0
 
@@ -124,7 +139,7 @@ def test_tables_are_written_from_the_sweep_with_mean_std_range_and_command(fixtu
     finally:
         shutil.move(runs + ".moved", runs)
     data = readme_tables.read_data(fixture_repo, "demo")
-    assert sorted(data) == ["one_layer", "two_layers"]
+    assert sorted(data) == ["layers_mean", "one_layer", "two_layers"]
     assert data["one_layer"]["model.num_layers=1,seed=1"]["validation/perplexity"] == 5.16
 
 
@@ -153,6 +168,11 @@ def test_refuses_too_few_seeds_a_command_that_disagrees_and_missing_markers(
                                     fixture_repo)
     with pytest.raises(readme_tables.TableError, match="vs=nope: no such measured row"):
         readme_tables.fill("{x/y|vs=nope}", {"a": {"x/y": 1.0}}, "row", {"a": {}})
+    runs = {"a": {"seed": 0.0, "k": 1.0, "x/y": 1.0}, "b": {"seed": 0.0, "k": 1.0}}
+    with pytest.raises(readme_tables.TableError, match="two runs of seed 0 with k=1"):
+        readme_tables.mean_over(runs, "k", "row")
+    with pytest.raises(readme_tables.TableError, match="run 'a' has no numeric 'seed' or 'j'"):
+        readme_tables.mean_over(runs, "j", "row")
     with pytest.raises(readme_tables.TableError, match="2 of 3 runs have no metric 'x/y'"):
         readme_tables.fill("{x/y|.3f}", {"a": {"x/y": 1.0}, "b": {}, "c": {}}, "row")
 

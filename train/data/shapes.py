@@ -51,6 +51,14 @@ NUM_CLASSES = len(CLASS_NAMES)
 # Latin square: each shape and each color is held out exactly once, so every color and
 # every shape still appears in training (in 3 of its 4 combinations).
 DEFAULT_HELDOUT = ("red square", "green cross", "blue triangle", "yellow circle")
+# The 16 classes as 4 disjoint Latin-square transversals: each fold holds every color and
+# every shape once, and together they hold every class once (fold 0 is DEFAULT_HELDOUT).
+# Holding out each fold in turn (data.shapes.heldout_fold=0..3, one run each) measures
+# zero-shot transfer on all 16 combinations, not on one arbitrary choice of 4.
+HELDOUT_FOLDS = (DEFAULT_HELDOUT,
+                 ("red circle", "green triangle", "blue cross", "yellow square"),
+                 ("red triangle", "green circle", "blue square", "yellow cross"),
+                 ("red cross", "green square", "blue circle", "yellow triangle"))
 SPLITS = ("train", "validation", "test", "zero_shot")
 DEFAULT_SIZES = {"train": 50_000, "validation": 2_000, "test": 2_000, "zero_shot": 2_000}
 
@@ -393,6 +401,9 @@ def default_config() -> ml_collections.ConfigDict:
     # (color, shape) classes such as "red square" that the zero_shot split holds;
     # () disables zero_shot. Default: one per color and per shape (a Latin square).
     c.heldout_classes = DEFAULT_HELDOUT
+    # 0..3: hold out HELDOUT_FOLDS[k] instead (heldout_classes left at its default);
+    # -1: heldout_classes as given.
+    c.heldout_fold = -1
     # True keeps heldout_classes out of train/validation/test (contrastive runs with
     # zero-shot evaluation); False puts all 16 classes there (classification runs).
     c.exclude_heldout_from_train = True
@@ -416,7 +427,15 @@ def validate(c: ml_collections.ConfigDict, prefix: str = "data.shapes") -> None:
     # they are tokenized (an error naming max_caption_len if one does not fit).
     checks.check_int(c, prefix, "max_caption_len",
                      3 if c.tokenizer else longest_caption_len() + 2)
-    held, key = c.heldout_classes, f"{prefix}.heldout_classes"
+    fold = c.get("heldout_fold", -1)
+    if not isinstance(fold, Integral) or isinstance(fold, bool) or not (
+            -1 <= fold < len(HELDOUT_FOLDS)):
+        checks.fail(f"{prefix}.heldout_fold", fold,
+                    f"expected -1 (heldout_classes) or a fold 0..{len(HELDOUT_FOLDS) - 1}")
+    if fold >= 0 and tuple(c.heldout_classes) != DEFAULT_HELDOUT:
+        checks.fail(f"{prefix}.heldout_fold", fold, "chooses the held-out classes, and so "
+                    "does heldout_classes: set one of them")
+    held, key = heldout_classes(c), f"{prefix}.heldout_classes"
     if isinstance(held, str) or not all(isinstance(n, str) for n in held):
         checks.fail(key, held, "expected a tuple of class names such as 'red square'")
     for name in held:
@@ -448,14 +467,21 @@ def validate(c: ml_collections.ConfigDict, prefix: str = "data.shapes") -> None:
             checks.fail(f"{prefix}.shapes_split_sizes.{split}", v, "expected an integer >= 1")
 
 
+def heldout_classes(c: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The class names config.data.shapes holds out: its fold's, or heldout_classes."""
+    fold = c.get("heldout_fold", -1)
+    return HELDOUT_FOLDS[fold] if fold >= 0 else tuple(c.heldout_classes)
+
+
 def make(c: ml_collections.ConfigDict, split: str, batch_size: int, seed: int
          ) -> ShapesDataset:
-    if split == "zero_shot" and not c.heldout_classes:
+    held = heldout_classes(c)
+    if split == "zero_shot" and not held:
         checks.fail("data.shapes.heldout_classes", c.heldout_classes,
                     "the zero_shot split needs at least one held-out class")
     return ShapesDataset(
         split, batch_size, seed, image_size=c.image_size, max_caption_len=c.max_caption_len,
-        heldout_classes=tuple(c.heldout_classes),
+        heldout_classes=held,
         exclude_heldout_from_train=c.exclude_heldout_from_train,
         num_examples=c.shapes_split_sizes[split], tokenizer=c.tokenizer,
         image_mean=tuple(c.image_mean), image_std=tuple(c.image_std))

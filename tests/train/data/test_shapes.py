@@ -126,6 +126,19 @@ def test_captions_agree_with_pixels(split):
         assert ok, (text, x, y)
 
 
+def test_the_heldout_folds_partition_the_classes_and_each_is_a_latin_transversal():
+    held = [shapes.class_index(n) for fold in shapes.HELDOUT_FOLDS for n in fold]
+    assert sorted(held) == list(range(16)) and shapes.HELDOUT_FOLDS[0] == shapes.DEFAULT_HELDOUT
+    for k, fold in enumerate(shapes.HELDOUT_FOLDS):
+        labels = [shapes.class_index(n) for n in fold]
+        assert sorted(c // 4 for c in labels) == sorted(c % 4 for c in labels) == [0, 1, 2, 3]
+        zs = data.make_dataset(_shapes_cfg(heldout_fold=k), "zero_shot", seed=0)
+        assert set(zs.heldout_classes) == set(fold)
+        assert set(np.concatenate([e["label"] for e in zs.eval_batches(500)])) == set(labels)
+        train = data.make_dataset(_shapes_cfg(heldout_fold=k), "train", seed=0)
+        assert not set(train.batch(0)["label"].tolist()) & set(labels)
+
+
 def test_heldout_classes_by_split():
     held = {shapes.class_index(n) for n in shapes.DEFAULT_HELDOUT}
     assert len(held) == 4
