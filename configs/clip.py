@@ -44,8 +44,8 @@ in t-SNE each lands beside the trained classes of its color), attention_rollout.
 class token's attention rollout: 28% of it on the objects' 5.5% of the pixels).
 """
 from configs.common import add_eval, cadence, warmup_cosine
-from train.data.shapes import HELDOUT_FOLDS
 from train.config import base_config, shrink_for_smoke_test
+from train.data.shapes import HELDOUT_FOLDS
 
 MODEL_VARIANTS = {"default": "clip_tiny", "siglip": "siglip_tiny", "align": "align_tiny",
                   "tiny": "clip_tiny", "teacher": "clip_tiny", "student": "clip_tiny",

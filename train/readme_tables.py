@@ -25,8 +25,9 @@ command column). Its texts hold placeholders
 and a table's `seeds` column says how many runs each row has. A row with `mean_over = KEY`
 (a swept key, e.g. "data.shapes.heldout_fold") first averages each seed's runs over KEY's
 values -- one run per value, e.g. one per held-out fold -- so its statistics are over seeds
-of that mean (a seed missing one of the values is left out, as a failed run is). A row without a workdir is a
-single run's text as it stands (its `seeds` cell says 1) until it is re-measured.
+of that mean (a seed missing one of the values is left out, as a failed run is). A row
+without a workdir is a single run's text as it stands (its `seeds` cell says 1) until it is
+re-measured.
 
 `--collect` reads each row's `<workdir>/results.csv` and `sweep.json` (train/sweep.py) and
 keeps every numeric metric of the row's finished runs in `docs/results/<table>.csv` (one
@@ -229,7 +230,7 @@ def mean_over(runs: dict[str, dict[str, float]], key: str, where: str
               ) -> dict[str, dict[str, float]]:
     """{"seed=S": {metric: mean over the seed's runs}} of the seeds that have a run for
     every value of `key` any seed has (the metrics every one of those runs has)."""
-    from train.sweep_stats import SEED_KEY  # noqa: PLC0415 -- the trainer's imports, only here
+    from train.sweep_stats import SEED_KEY  # noqa: PLC0415 -- it imports the trainer
 
     groups: dict[float, dict[float, dict]] = {}
     for name, metrics in runs.items():

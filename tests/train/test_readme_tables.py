@@ -120,9 +120,10 @@ def test_tables_are_written_from_the_sweep_with_mean_std_range_and_command(fixtu
     # run failed) is left out, so two seeds, each the mean of one- and two-layer runs.
     per_seed = np.array([(5.10 + 4.90) / 2, (5.16 + 4.91) / 2])
     p_mean = stats.ttest_ind(per_seed, ppl, equal_var=False).pvalue
+    assert p_mean < 0.05   # the fold-style mean (5.018) differs from one layer's (5.130)
     assert mean[1] == (f"perplexity {per_seed.mean():.3f} ± {per_seed.std(ddof=1):.3f}: "
-                       f"{'differs from' if p_mean < 0.05 else 'ties with'} one_layer "
-                       f"(p={p_mean:.2g})") and mean[3] == "2"
+                       f"differs from one_layer (p={p_mean:.2g})") and mean[3] == "2"
+    assert mean[1].startswith("perplexity 5.018 ± 0.025: differs")
     assert legacy[1] == "perplexity 5.13 \\| one run" and legacy[3] == "1"
     assert readme_tables.run(fixture_repo, check=True) == 0
 

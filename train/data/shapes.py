@@ -427,7 +427,7 @@ def validate(c: ml_collections.ConfigDict, prefix: str = "data.shapes") -> None:
     # they are tokenized (an error naming max_caption_len if one does not fit).
     checks.check_int(c, prefix, "max_caption_len",
                      3 if c.tokenizer else longest_caption_len() + 2)
-    fold = c.get("heldout_fold", -1)
+    fold = c.heldout_fold
     if not isinstance(fold, Integral) or isinstance(fold, bool) or not (
             -1 <= fold < len(HELDOUT_FOLDS)):
         checks.fail(f"{prefix}.heldout_fold", fold,
@@ -469,7 +469,7 @@ def validate(c: ml_collections.ConfigDict, prefix: str = "data.shapes") -> None:
 
 def heldout_classes(c: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The class names config.data.shapes holds out: its fold's, or heldout_classes."""
-    fold = c.get("heldout_fold", -1)
+    fold = c.heldout_fold
     return HELDOUT_FOLDS[fold] if fold >= 0 else tuple(c.heldout_classes)
 
 
