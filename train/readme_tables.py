@@ -16,18 +16,31 @@ command column). Its texts hold placeholders
                         (".3f", ".1%": a percentage, "81.5 ± 3.2%"), then " (min-max)"
                         where the spread is large (max - min above LARGE_RANGE of |mean|);
                         one value alone where every run agrees (a baseline, a count)
-    {metric|spec|mean}  the mean alone
+    {metric|spec|MODE}  one part of it: mean (the mean alone), std (the standard deviation
+                        alone, in points for a percentage), range ("min-max") or each
+                        (every run's value, ascending: "81.4, 86.3 and 92.0%")
     {metric|vs=ROW}     this row against row ROW of the same table by Welch's t-test
                         (train/sweep_stats.py), two-sided at 5%: "differs from ROW (p=0.01)"
                         or "ties with ROW (p=0.43)" -- claims are stated only where the
                         difference exceeds the seed noise
+    {metric|share=PART} for a row with mean_over: the share of the spread of its seed x
+                        value table (sweep_stats.two_way_shares) between the seeds (PART
+                        "seed"), between the values (PART = the mean_over key) or in their
+                        interaction ("interaction"), as "44%"
+    {ROW:metric|...}    any of these over another row of the same table; TABLE.ROW names a
+                        row of any table (and vs=TABLE.ROW compares with one)
 
 and a table's `seeds` column says how many runs each row has. A row with `mean_over = KEY`
 (a swept key, e.g. "data.shapes.heldout_fold") first averages each seed's runs over KEY's
 values -- one run per value, e.g. one per held-out fold -- so its statistics are over seeds
 of that mean (a seed missing one of the values is left out, as a failed run is). A row
 without a workdir is a single run's text as it stands (its `seeds` cell says 1) until it is
-re-measured.
+re-measured; its placeholders, if any, name other rows.
+
+`[texts.NAME] text = '''...'''` (a TOML multi-line string) is a paragraph of README's prose
+whose numbers come from the tables' rows: its placeholders name their row,
+{TABLE.ROW:metric|spec}, and it is written between `<!-- results:NAME -->` and `<!-- /results:NAME -->`, wrapped at
+TEXT_WIDTH columns (a blank line in it starts a new paragraph).
 
 `--collect` reads each row's `<workdir>/results.csv` and `sweep.json` (train/sweep.py) and
 keeps every numeric metric of the row's finished runs in `docs/results/<table>.csv` (one
@@ -40,11 +53,13 @@ keep what was collected before. README.md's table NAME lies between the lines
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
 import re
 import sys
+import textwrap
 import tomllib
 
 import numpy as np
@@ -53,9 +68,13 @@ from absl import app, flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = os.path.join("docs", "results", "tables.toml")
 MIN_SEEDS = 3
+TEXT_WIDTH = 92            # README's prose
 LARGE_RANGE = 0.02          # show min-max when max - min exceeds 2% of |mean|
-PLACEHOLDER = re.compile(r"\{([^{}|]+)\|([^{}|]+)(?:\|(mean))?\}")
+PLACEHOLDER = re.compile(r"\{(?:(?P<ref>[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)?):)?"
+                         r"(?P<metric>[^{}|:]+)\|(?P<spec>[^{}|]+)"
+                         r"(?:\|(?P<mode>mean|std|range|each))?\}")
 COMPARE = re.compile(r"vs=([A-Za-z0-9_.-]+)")
+SHARE = re.compile(r"share=(.+)")
 SEEDS_FLAG = re.compile(r"--seeds=(\d+)")
 DATA_HEADER = ["row", "run", "metric", "value"]
 
@@ -65,14 +84,18 @@ class TableError(ValueError):
 
 
 # ---- Spec ---------------------------------------------------------------------------------
-def load_spec(repo: str = REPO, spec: str = SPEC) -> dict:
-    """{table name: {"columns": [...], "rows": [{id, command, workdir?, where?, <column>}]}}"""
+def _read_spec(repo: str, spec: str) -> dict:
     path = os.path.join(repo, spec)
     try:
         with open(path, "rb") as f:
-            tables = tomllib.load(f).get("tables", {})
+            return tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise TableError(f"cannot read the tables spec {path}: {e}") from None
+
+
+def load_spec(repo: str = REPO, spec: str = SPEC) -> dict:
+    """{table name: {"columns": [...], "rows": [{id, command, workdir?, where?, <column>}]}}"""
+    tables = _read_spec(repo, spec).get("tables", {})
     for name, table in tables.items():
         columns = table.get("columns")
         if not columns or not isinstance(columns, list):
@@ -87,6 +110,19 @@ def load_spec(repo: str = REPO, spec: str = SPEC) -> dict:
         if len(set(ids)) != len(ids):
             raise TableError(f"{spec}: table {name!r} repeats a row id: {ids}")
     return tables
+
+
+def load_texts(repo: str = REPO, spec: str = SPEC) -> dict[str, str]:
+    """{text name: its template}: the spec's [texts.NAME] text = "..." paragraphs."""
+    raw = _read_spec(repo, spec)
+    texts = {}
+    for name, entry in raw.get("texts", {}).items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("text"), str):
+            raise TableError(f"{spec}: text {name!r} needs text = \"...\"")
+        if name in raw.get("tables", {}):
+            raise TableError(f"{spec}: {name!r} is both a table and a text")
+        texts[name] = entry["text"]
+    return texts
 
 
 def _data_path(repo: str, name: str) -> str:
@@ -168,17 +204,34 @@ def collect(repo: str = REPO, spec: str = SPEC) -> list[str]:
 
 
 # ---- Render: data -> markdown --------------------------------------------------------------
-def format_stat(values, spec: str, mean_only: bool = False) -> str:
-    """"mean ± std" of `values` in format `spec` (see the module docstring)."""
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """A measured row's runs, {run: {metric: value}}: `runs` as its statistics see them
+    (per seed, averaged over the values of `mean_over` where the row says so), `raw` as
+    collected."""
+    runs: dict[str, dict[str, float]]
+    raw: dict[str, dict[str, float]]
+    mean_over: str | None = None
+
+
+def format_stat(values, spec: str, mode: str | None = None) -> str:
+    """`values` in format `spec`: "mean ± std" or one of the modes (module docstring)."""
     x = np.asarray(values, dtype=np.float64)
     percent = spec.endswith("%")
     scale, fmt, unit = (100.0, spec[:-1] + "f", "%") if percent else (1.0, spec, "")
     mean = float(x.mean())
 
     def show(v):
-        return format(v * scale, fmt)
+        return format(float(v) * scale, fmt)
 
-    if mean_only or x.size == 1 or show(x.max()) == show(x.min()):
+    if mode == "std":
+        return show(x.std(ddof=1)) if x.size > 1 else show(0.0)
+    if mode == "range":
+        return f"{show(x.min())}-{show(x.max())}{unit}"
+    if mode == "each":
+        shown = [show(v) for v in np.sort(x)]
+        return (", ".join(shown[:-1]) + " and " if len(shown) > 1 else "") + shown[-1] + unit
+    if mode == "mean" or x.size == 1 or show(x.max()) == show(x.min()):
         return show(mean) + unit
     text = f"{show(mean)} ± {show(float(x.std(ddof=1)))}{unit}"
     if x.max() - x.min() > LARGE_RANGE * abs(mean):
@@ -204,32 +257,73 @@ def compare(a: list[float], b: list[float], other: str) -> str:
     return f"{'differs from' if p < ALPHA else 'ties with'} {other} (p={p:.2g})"
 
 
-def fill(text: str, runs: dict[str, dict[str, float]], where: str,
-         table: dict[str, dict] | None = None) -> str:
-    """`text` with every placeholder replaced by its statistic over `runs` (`table`: every
-    row's runs, for {metric|vs=ROW})."""
+def share(row: Measured, metric: str, part: str, where: str) -> str:
+    """The share of the spread of `metric` over a mean_over row's seed x value table that
+    lies between the seeds ("seed"), between the values (the mean_over key) or in their
+    interaction ("interaction"), as a whole percentage: see sweep_stats.two_way_shares."""
+    from train.sweep_stats import SEED_KEY, two_way_shares  # noqa: PLC0415
+
+    parts = (SEED_KEY, row.mean_over, "interaction")
+    if row.mean_over is None or part not in parts:
+        raise TableError(f"{where}: share={part}: needs a row with mean_over and one of "
+                         f"{', '.join(map(str, parts[::2] if row.mean_over is None else parts))}")
+    groups = _complete_seeds(row.raw, row.mean_over, where)
+    table = [[_metric_values({str(v): runs[v]}, metric, where)[0] for v in sorted(runs)]
+             for runs in groups.values()]
+    try:
+        shares = dict(zip(parts, two_way_shares(table)))
+    except ValueError as e:
+        raise TableError(f"{where}: share={part}: {e}") from None
+    return f"{100 * shares[part]:.0f}%"
+
+
+def _row_named(ref: str, table: dict[str, Measured] | None,
+               results: dict[str, dict[str, Measured]], where: str) -> Measured:
+    """The measured row `ref`: "ROW" of the same table or "TABLE.ROW" of any."""
+    name, _, row_id = ref.rpartition(".")
+    rows = results.get(name) if name else table
+    if rows is None:
+        raise TableError(f"{where}: {ref}: no such table (a text names rows TABLE.ROW); "
+                         f"tables: {', '.join(results)}")
+    if row_id not in rows:
+        raise TableError(f"{where}: {ref}: no such measured row; rows: {', '.join(rows)}")
+    return rows[row_id]
+
+
+def fill(text: str, row: Measured | None, where: str,
+         table: dict[str, Measured] | None = None,
+         results: dict[str, dict[str, Measured]] | None = None) -> str:
+    """`text` with every placeholder replaced by its statistic over the runs of `row` (None:
+    an unmeasured row or a text, whose placeholders must name their row); `table`: this
+    table's measured rows (vs=ROW, ROW:metric), `results`: every table's (TABLE.ROW)."""
     def one(match):
-        metric, spec, mean_only = match.group(1), match.group(2), bool(match.group(3))
-        values = _metric_values(runs, metric, where)
+        ref, metric, spec, mode = match.group("ref", "metric", "spec", "mode")
+        if ref is not None:
+            source = _row_named(ref, table, results or {}, where)
+        elif row is None:
+            raise TableError(f"{where}: {match.group(0)}: placeholders without a row name "
+                             "need a workdir to fill them from")
+        else:
+            source = row
+        if (part := SHARE.fullmatch(spec)) is not None:
+            return share(source, metric, part.group(1), where)
+        values = _metric_values(source.runs, metric, where)
         if (vs := COMPARE.fullmatch(spec)) is not None:
-            other = vs.group(1)
-            if other not in (table or {}):
-                raise TableError(f"{where}: vs={other}: no such measured row; rows: "
-                                 f"{', '.join(table or {})}")
-            return compare(values, _metric_values(table[other], metric, f"{where} vs {other}"),
-                           other)
+            other = _row_named(vs.group(1), table, results or {}, where)
+            return compare(values, _metric_values(other.runs, metric, f"{where} vs "
+                                                  f"{vs.group(1)}"), vs.group(1))
         try:
-            return format_stat(values, spec, mean_only)
+            return format_stat(values, spec, mode)
         except ValueError as e:
             raise TableError(f"{where}: bad format {spec!r} for {metric}: {e}") from None
 
     return PLACEHOLDER.sub(one, text)
 
 
-def mean_over(runs: dict[str, dict[str, float]], key: str, where: str
-              ) -> dict[str, dict[str, float]]:
-    """{"seed=S": {metric: mean over the seed's runs}} of the seeds that have a run for
-    every value of `key` any seed has (the metrics every one of those runs has)."""
+def _complete_seeds(runs: dict[str, dict[str, float]], key: str, where: str
+                    ) -> dict[float, dict[float, dict[str, float]]]:
+    """{seed: {value of key: the run's metrics}} of the seeds that have a run for every
+    value of `key` any seed has, in seed order."""
     from train.sweep_stats import SEED_KEY  # noqa: PLC0415 -- it imports the trainer
 
     groups: dict[float, dict[float, dict]] = {}
@@ -244,33 +338,45 @@ def mean_over(runs: dict[str, dict[str, float]], key: str, where: str
                              "one sweep axis's runs with where")
         group[metrics[key]] = metrics
     values = set().union(*(set(g) for g in groups.values()))
+    complete = {seed: group for seed, group in sorted(groups.items()) if set(group) == values}
+    if not complete:
+        raise TableError(f"{where}: mean_over={key!r}: no seed has a run for every value "
+                         f"{sorted(values)}")
+    return complete
+
+
+def mean_over(runs: dict[str, dict[str, float]], key: str, where: str
+              ) -> dict[str, dict[str, float]]:
+    """{"seed=S": {metric: mean over the seed's runs}} of the seeds that have a run for
+    every value of `key` any seed has (the metrics every one of those runs has)."""
+    from train.sweep_stats import SEED_KEY  # noqa: PLC0415
+
     means = {}
-    for seed, group in sorted(groups.items()):
-        if set(group) != values:
-            continue
+    for seed, group in _complete_seeds(runs, key, where).items():
         common = set.intersection(*(set(m) for m in group.values())) - {key}
         means[f"{SEED_KEY}={seed:g}"] = {m: float(np.mean([r[m] for r in group.values()]))
                                          for m in sorted(common)}
-    if not means:
-        raise TableError(f"{where}: mean_over={key!r}: no seed has a run for every value "
-                         f"{sorted(values)}")
     return means
 
 
-def _measured(table: dict, data: dict) -> dict[str, dict[str, dict[str, float]]]:
-    """{row id: runs} of the table's measured rows, averaged where a row says mean_over."""
+def measured(table: dict, data: dict) -> dict[str, Measured]:
+    """{row id: Measured} of the table's measured rows (`data`: read_data's)."""
     rows = {row["id"]: row for row in table.get("rows", [])}
-    return {row_id: (mean_over(runs, rows[row_id]["mean_over"], f"row {row_id!r}")
-                     if "mean_over" in rows.get(row_id, {}) else runs)
-            for row_id, runs in data.items()}
+    out = {}
+    for row_id, runs in data.items():
+        key = rows.get(row_id, {}).get("mean_over")
+        out[row_id] = Measured(mean_over(runs, key, f"row {row_id!r}") if key else runs,
+                               runs, key)
+    return out
 
 
 def _escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render_table(name: str, table: dict, data: dict) -> str:
-    """The markdown of table `name`: its columns, then command and seeds."""
+def render_table(name: str, table: dict, results: dict[str, dict[str, Measured]]) -> str:
+    """The markdown of table `name`: its columns, then command and seeds (`results`:
+    every table's measured rows, as from `measured`)."""
     texts = [c for c in table["columns"] if c != "command"]
     shown = "command" not in table     # a command column: as code, last by default
     header = [*(table["columns"] if shown else texts),
@@ -278,38 +384,42 @@ def render_table(name: str, table: dict, data: dict) -> str:
     right = set(table.get("right", [])) | {"seeds"}   # right-aligned columns
     lines = ["| " + " | ".join(header) + " |",
              "|" + "".join("---:|" if c in right else "---|" for c in header)]
-    data = _measured(table, data)
+    data = results.get(name, {})
     for row in table.get("rows", []):
         where = f"table {name!r} row {row['id']!r}"
-        if "workdir" in row:
-            runs = data.get(row["id"])
-            if not runs:
-                raise TableError(f"{where}: nothing collected from {row['workdir']}; run its "
-                                 "command, then python -m train.readme_tables --collect")
-            cells = {c: fill(str(row[c]), runs, where, data) for c in texts}
-            seeds = str(len(runs))
-        else:
-            if any(PLACEHOLDER.search(str(row[c])) for c in texts):
-                raise TableError(f"{where}: placeholders need a workdir to fill them from")
-            cells, seeds = {c: str(row[c]) for c in texts}, "1"
-        cells = {c: _escape(v) for c, v in cells.items()}
-        cells["seeds"] = seeds
+        own = data.get(row["id"])
+        if "workdir" in row and own is None:
+            raise TableError(f"{where}: nothing collected from {row['workdir']}; run its "
+                             "command, then python -m train.readme_tables --collect")
+        cells = {c: _escape(fill(str(row[c]), own, where, data, results)) for c in texts}
+        cells["seeds"] = str(len(own.runs)) if own is not None else "1"
         if shown:
             cells["command"] = f"`{_escape(row['command'])}`"
         lines.append("| " + " | ".join(cells[c] for c in header) + " |")
     return "\n".join(lines) + "\n"
 
 
-def render_readme(readme: str, tables: dict, repo: str = REPO) -> str:
-    """`readme` with every table between its markers rewritten."""
-    for name, table in tables.items():
+def render_text(name: str, template: str, results: dict[str, dict[str, Measured]]) -> str:
+    """A text's paragraphs, filled, each wrapped at TEXT_WIDTH columns."""
+    filled = fill(template.strip(), None, f"text {name!r}", None, results)
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", filled)]
+    return "\n\n".join(textwrap.fill(p, TEXT_WIDTH, break_long_words=False,
+                                     break_on_hyphens=False) for p in paragraphs) + "\n"
+
+
+def render_readme(readme: str, tables: dict, repo: str = REPO,
+                  texts: dict[str, str] | None = None) -> str:
+    """`readme` with every table and text between its markers rewritten."""
+    results = {name: measured(table, read_data(repo, name)) for name, table in tables.items()}
+    for name in [*tables, *(texts or {})]:
         start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
         pattern = re.compile(re.escape(start) + r"\n.*?" + re.escape(end), re.S)
         if len(pattern.findall(readme)) != 1:
-            raise TableError(f"README.md needs exactly one {start} ... {end} block for table "
-                             f"{name!r}")
-        body = render_table(name, table, read_data(repo, name))
-        readme = pattern.sub(lambda _: f"{start}\n{body}{end}", readme)
+            raise TableError(f"README.md needs exactly one {start} ... {end} block for "
+                             f"{'table' if name in tables else 'text'} {name!r}")
+        body = (render_table(name, tables[name], results) if name in tables else
+                render_text(name, texts[name], results))
+        readme = pattern.sub(lambda _, body=body: f"{start}\n{body}{end}", readme)
     return readme
 
 
@@ -320,11 +430,11 @@ def run(repo: str = REPO, do_collect: bool = False, check: bool = False,
     if do_collect:
         for done in collect(repo, spec):
             print(f"collected {done}")
-    tables = load_spec(repo, spec)
+    tables, texts = load_spec(repo, spec), load_texts(repo, spec)
     path = os.path.join(repo, "README.md")
     with open(path, encoding="utf-8") as f:
         readme = f.read()
-    new = render_readme(readme, tables, repo)
+    new = render_readme(readme, tables, repo, texts)
     if check:
         if new != readme:
             print("flaxlab: README.md's results tables differ from docs/results: run "
@@ -334,7 +444,7 @@ def run(repo: str = REPO, do_collect: bool = False, check: bool = False,
     if new != readme:
         with open(path, "w", encoding="utf-8") as f:
             f.write(new)
-        print(f"rewrote {', '.join(tables)} in README.md")
+        print(f"rewrote {', '.join([*tables, *texts])} in README.md")
     return 0
 
 

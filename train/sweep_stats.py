@@ -94,6 +94,27 @@ def welch_p(a, b) -> float:
     return float(2 * stats.t.sf(abs(diff) / math.sqrt(va + vb), df))
 
 
+def two_way_shares(table) -> tuple[float, float, float]:
+    """How the spread of a complete two-way table (rows x columns, one value per cell: e.g.
+    seeds x held-out folds) divides: the shares of its total sum of squares between the row
+    means, between the column means and in their interaction (what is left; two-way ANOVA
+    without replication). They add up to 1; NaN where every cell is equal.
+
+        SS_rows = C * sum_i (mean_i. - mean)^2,  SS_cols = R * sum_j (mean_.j - mean)^2,
+        SS_total = sum_ij (x_ij - mean)^2,       SS_interaction = the rest
+    """
+    x = np.asarray(table, dtype=np.float64)
+    if x.ndim != 2 or min(x.shape) < 2:
+        raise ValueError(f"a two-way table needs 2+ rows and 2+ columns, got shape {x.shape}")
+    grand = x.mean()
+    total = float(((x - grand) ** 2).sum())
+    if total == 0:
+        return math.nan, math.nan, math.nan
+    rows = x.shape[1] * float(((x.mean(axis=1) - grand) ** 2).sum()) / total
+    cols = x.shape[0] * float(((x.mean(axis=0) - grand) ** 2).sum()) / total
+    return rows, cols, 1.0 - rows - cols
+
+
 def _values(group: dict, metric: str) -> list[float]:
     return [r["metrics"][metric] for r in group["runs"] if r["status"] == "finished"
             and math.isfinite(r["metrics"].get(metric, math.nan))]

@@ -47,9 +47,22 @@ result = "perplexity {validation/perplexity|.3f}: {validation/perplexity|vs=one_
 id = "legacy"
 config = "measured once"
 command = "python -m train.main --config=configs/gpt.py --workdir=runs/gpt"
-result = "perplexity 5.13 | one run"
+result = "perplexity 5.13 | one run; over seeds {one_layer:validation/perplexity|.3f|mean}"
+
+[texts.prose]
+text = '''
+One layer reaches {demo.one_layer:validation/perplexity|.3f} (std
+{demo.one_layer:validation/accuracy|.1%|std} points of accuracy, range
+{demo.one_layer:validation/accuracy|.1%|range}, each {demo.one_layer:validation/accuracy|.1%|each});
+two layers {demo.two_layers:validation/perplexity|vs=demo.one_layer}.
+
+Of the depth mean's spread {demo.layers_mean:validation/perplexity|share=seed} is the seeds',
+{demo.layers_mean:validation/perplexity|share=model.num_layers} the depths' and
+{demo.layers_mean:validation/perplexity|share=interaction} their interaction.
+'''
 """
-README = "# Title\n\nbefore\n\n<!-- results:demo -->\nstale\n<!-- /results:demo -->\n\nafter\n"
+README = ("# Title\n\nbefore\n\n<!-- results:demo -->\nstale\n<!-- /results:demo -->\n\n"
+          "<!-- results:prose -->\nstale\n<!-- /results:prose -->\n\nafter\n")
 
 
 def fake_train(config, workdir, **kwargs):
@@ -124,7 +137,28 @@ def test_tables_are_written_from_the_sweep_with_mean_std_range_and_command(fixtu
     assert mean[1] == (f"perplexity {per_seed.mean():.3f} ± {per_seed.std(ddof=1):.3f}: "
                        f"differs from one_layer (p={p_mean:.2g})") and mean[3] == "2"
     assert mean[1].startswith("perplexity 5.018 ± 0.025: differs")
-    assert legacy[1] == "perplexity 5.13 \\| one run" and legacy[3] == "1"
+    # An unmeasured row may quote a measured one.
+    assert legacy[1] == "perplexity 5.13 \\| one run; over seeds 5.130" and legacy[3] == "1"
+
+    # A text: placeholders naming TABLE.ROW, re-wrapped at TEXT_WIDTH, paragraphs kept.
+    prose = readme.split("<!-- results:prose -->\n")[1].split("<!-- /results:prose -->")[0]
+    assert max(len(line) for line in prose.splitlines()) <= readme_tables.TEXT_WIDTH
+    first, second = (" ".join(p.split()) for p in prose.split("\n\n"))
+    assert first == ("One layer reaches 5.130 ± 0.030 (std 10.0 points of accuracy, range "
+                     "70.0-90.0%, each 70.0, 80.0 and 90.0%); two layers differs from "
+                     f"demo.one_layer (p={p_ppl:.2g}).")
+    # The seed x depth table of the seeds with both depths (seed 2's second failed):
+    # two-way sums of squares by hand.
+    x = np.array([[5.10, 4.90], [5.16, 4.91]])
+    total = ((x - x.mean()) ** 2).sum()
+    seed_ss = 2 * ((x.mean(axis=1) - x.mean()) ** 2).sum()
+    depth_ss = 2 * ((x.mean(axis=0) - x.mean()) ** 2).sum()
+    shares = [f"{100 * v:.0f}%" for v in (seed_ss / total, depth_ss / total,
+                                          1 - (seed_ss + depth_ss) / total)]
+    # 0.001225, 0.050625 and 0.000625 of 0.052475
+    assert shares == ["2%", "96%", "1%"]
+    assert second == (f"Of the depth mean's spread {shares[0]} is the seeds', {shares[1]} the "
+                      f"depths' and {shares[2]} their interaction.")
     assert readme_tables.run(fixture_repo, check=True) == 0
 
     # The collected data alone rewrite the same tables, without the runs.
@@ -167,15 +201,29 @@ def test_refuses_too_few_seeds_a_command_that_disagrees_and_missing_markers(
     with pytest.raises(readme_tables.TableError, match="exactly one <!-- results:demo -->"):
         readme_tables.render_readme("no markers\n", readme_tables.load_spec(fixture_repo),
                                     fixture_repo)
-    with pytest.raises(readme_tables.TableError, match="vs=nope: no such measured row"):
-        readme_tables.fill("{x/y|vs=nope}", {"a": {"x/y": 1.0}}, "row", {"a": {}})
+    row = readme_tables.Measured({"a": {"x/y": 1.0}}, {"a": {"x/y": 1.0}})
+    with pytest.raises(readme_tables.TableError, match="nope: no such measured row; rows: a"):
+        readme_tables.fill("{x/y|vs=nope}", row, "row", {"a": row})
     runs = {"a": {"seed": 0.0, "k": 1.0, "x/y": 1.0}, "b": {"seed": 0.0, "k": 1.0}}
     with pytest.raises(readme_tables.TableError, match="two runs of seed 0 with k=1"):
         readme_tables.mean_over(runs, "k", "row")
     with pytest.raises(readme_tables.TableError, match="run 'a' has no numeric 'seed' or 'j'"):
         readme_tables.mean_over(runs, "j", "row")
+    with pytest.raises(readme_tables.TableError, match="share=seed: needs a row with "
+                                                       "mean_over"):
+        readme_tables.fill("{x/y|share=seed}", row, "row")
+    with pytest.raises(readme_tables.TableError, match="need a workdir"):
+        readme_tables.fill("{x/y|.3f}", None, "text 't'")
+    with pytest.raises(readme_tables.TableError, match="nope.r: no such table"):
+        readme_tables.fill("{nope.r:x/y|.3f}", None, "text 't'", None, {"demo": {}})
+    spec = tmp_path / readme_tables.SPEC
+    spec.parent.mkdir(parents=True)
+    spec.write_text('[tables.demo]\ncolumns = ["c"]\n[texts.demo]\ntext = "x"\n')
+    with pytest.raises(readme_tables.TableError, match="'demo' is both a table and a text"):
+        readme_tables.load_texts(str(tmp_path))
     with pytest.raises(readme_tables.TableError, match="2 of 3 runs have no metric 'x/y'"):
-        readme_tables.fill("{x/y|.3f}", {"a": {"x/y": 1.0}, "b": {}, "c": {}}, "row")
+        three = {"a": {"x/y": 1.0}, "b": {}, "c": {}}
+        readme_tables.fill("{x/y|.3f}", readme_tables.Measured(three, three), "row")
 
 
 def test_this_readme_is_what_its_collected_results_give():

@@ -127,6 +127,26 @@ def test_small_groups_and_ties():
     assert sweep_stats.t_quantile(0.975, 2) == pytest.approx(t_975(2), rel=1e-12)
 
 
+def test_two_way_shares_closed_forms():
+    """Seed x fold spread: an additive table has no interaction, a checkerboard is all
+    interaction, and a random table's shares are its sums of squares."""
+    assert sweep_stats.two_way_shares([[0.0, 2.0], [2.0, 4.0]]) == (0.5, 0.5, 0.0)
+    assert sweep_stats.two_way_shares([[1.0, -1.0], [-1.0, 1.0]]) == (0.0, 0.0, 1.0)
+    rows, cols, inter = sweep_stats.two_way_shares([[1.0, 2.0, 6.0], [3.0, 3.0, 3.0]])
+    # grand mean 3; row means 3, 3; column means 2, 2.5, 4.5; total SS 4+1+9 = 14
+    assert rows == 0.0 and cols == pytest.approx(2 * (1 + 0.25 + 2.25) / 14)
+    assert inter == pytest.approx(1 - 7 / 14)
+    x = np.random.default_rng(0).normal(size=(3, 4))
+    total = ((x - x.mean()) ** 2).sum()
+    got = sweep_stats.two_way_shares(x)
+    assert got[0] == pytest.approx(4 * x.mean(axis=1).var() * 3 / total)
+    assert got[1] == pytest.approx(3 * x.mean(axis=0).var() * 4 / total)
+    assert sum(got) == pytest.approx(1.0)
+    assert all(math.isnan(v) for v in sweep_stats.two_way_shares(np.ones((2, 2))))
+    with pytest.raises(ValueError, match="2\\+ rows and 2\\+ columns, got shape \\(1, 3\\)"):
+        sweep_stats.two_way_shares([[1.0, 2.0, 3.0]])
+
+
 def test_a_search_with_seeds_is_valued_by_the_mean(base, tmp_path, monkeypatch,
                                                    sweep_files):
     pytest.importorskip("optuna")
