@@ -23,6 +23,14 @@ A run config (an `ml_collections.ConfigDict`) has these sections; every config f
 
 `validate(config)` raises ValueError naming the key and what is allowed: unknown keys
 (typos a config file could add), wrong types, impossible values, a task/model mismatch.
+
+The workdirs a run reads (`init_from.workdir`, `distill.teacher`: SEEDED_PATHS) may hold
+"{seed}", which the run replaces by its own `seed` (`with_seed_in_paths`) before anything
+else: each seed of a `--seeds=K` sweep then compresses, fine-tunes or learns from the run
+of the same seed, e.g. `--config.init_from.workdir="runs/seeds/gpt/seed={seed}"` after
+`python -m train.sweep --config=configs/gpt.py --workdir=runs/seeds/gpt --sweep="" --seeds=K`,
+so the seed spread of such a row includes its base's, and two rows built on the same bases
+pair seed by seed.
 """
 from __future__ import annotations
 
@@ -151,6 +159,23 @@ def _check_types(config, reference, prefix=""):
                 raise ValueError(f"{prefix}{key}={got!r} must be a number")
         elif isinstance(want, str) and not isinstance(got, str):
             raise ValueError(f"{prefix}{key}={got!r} must be a string")
+
+
+SEEDED_PATHS = (("init_from", "workdir"), ("distill", "teacher"))
+SEED_FIELD = "{seed}"
+
+
+def with_seed_in_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with SEED_FIELD in SEEDED_PATHS replaced by `config.seed` (a copy; `config`
+    itself when no path holds it)."""
+    seeded = [(section, key) for section, key in SEEDED_PATHS
+              if SEED_FIELD in str(config.get(section, {}).get(key, ""))]
+    if not seeded:
+        return config
+    config = config.copy_and_resolve_references()
+    for section, key in seeded:
+        config[section][key] = config[section][key].replace(SEED_FIELD, str(config.seed))
+    return config
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -23,6 +23,14 @@ command column). Its texts hold placeholders
                         (train/sweep_stats.py), two-sided at 5%: "differs from ROW (p=0.01)"
                         or "ties with ROW (p=0.43)" -- claims are stated only where the
                         difference exceeds the seed noise
+    {metric|paired=ROW} the paired t-test instead, over the seeds both rows have -- for
+                        rows built on the same per-seed bases (train/config.py's "{seed}" in
+                        init_from.workdir / distill.teacher): "differs from ROW (paired,
+                        p=0.003)"
+    {metric|spec|diff=ROW}, {metric|spec|change=ROW}
+                        per seed both rows have, this row's value minus ROW's (diff) or
+                        over ROW's, minus 1 (change), then "mean ± std" of those as above;
+                        "+.2%" shows the sign: "+0.01 ± 0.00%"
     {metric|share=PART} for a row with mean_over: the share of the spread of its seed x
                         value table (sweep_stats.two_way_shares) between the seeds (PART
                         "seed"), between the values (PART = the mean_over key) or in their
@@ -72,8 +80,10 @@ TEXT_WIDTH = 92            # README's prose
 LARGE_RANGE = 0.02          # show min-max when max - min exceeds 2% of |mean|
 PLACEHOLDER = re.compile(r"\{(?:(?P<ref>[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)?):)?"
                          r"(?P<metric>[^{}|:]+)\|(?P<spec>[^{}|]+)"
-                         r"(?:\|(?P<mode>mean|std|range|each))?\}")
-COMPARE = re.compile(r"vs=([A-Za-z0-9_.-]+)")
+                         r"(?:\|(?P<mode>mean|std|range|each|(?:diff|change)="
+                         r"[A-Za-z0-9_.-]+))?\}")
+COMPARE = re.compile(r"(vs|paired)=([A-Za-z0-9_.-]+)")
+AGAINST = re.compile(r"(diff|change)=([A-Za-z0-9_.-]+)")
 SHARE = re.compile(r"share=(.+)")
 SEEDS_FLAG = re.compile(r"--seeds=(\d+)")
 DATA_HEADER = ["row", "run", "metric", "value"]
@@ -221,21 +231,22 @@ def format_stat(values, spec: str, mode: str | None = None) -> str:
     scale, fmt, unit = (100.0, spec[:-1] + "f", "%") if percent else (1.0, spec, "")
     mean = float(x.mean())
 
-    def show(v):
-        return format(float(v) * scale, fmt)
+    def show(v, signed=True):   # a spread has no sign, though "+.3f" asks for one
+        return format(float(v) * scale, fmt if signed else fmt.replace("+", ""))
 
     if mode == "std":
-        return show(x.std(ddof=1)) if x.size > 1 else show(0.0)
+        return show(x.std(ddof=1) if x.size > 1 else 0.0, signed=False)
+    dash = " to " if x.min() < 0 else "-"    # "-0.25 to -0.20", "78.0-96.8%"
     if mode == "range":
-        return f"{show(x.min())}-{show(x.max())}{unit}"
+        return f"{show(x.min())}{dash}{show(x.max())}{unit}"
     if mode == "each":
         shown = [show(v) for v in np.sort(x)]
         return (", ".join(shown[:-1]) + " and " if len(shown) > 1 else "") + shown[-1] + unit
     if mode == "mean" or x.size == 1 or show(x.max()) == show(x.min()):
         return show(mean) + unit
-    text = f"{show(mean)} ± {show(float(x.std(ddof=1)))}{unit}"
+    text = f"{show(mean)} ± {show(x.std(ddof=1), signed=False)}{unit}"
     if x.max() - x.min() > LARGE_RANGE * abs(mean):
-        text += f" ({show(float(x.min()))}-{show(float(x.max()))}{unit})"
+        text += f" ({show(float(x.min()))}{dash}{show(float(x.max()))}{unit})"
     return text
 
 
@@ -247,14 +258,38 @@ def _metric_values(runs: dict[str, dict[str, float]], metric: str, where: str) -
     return values
 
 
-def compare(a: list[float], b: list[float], other: str) -> str:
-    """Welch's verdict on a vs b: "differs from OTHER (p=...)" or "ties with OTHER"."""
-    from train.sweep_stats import ALPHA, welch_p  # noqa: PLC0415 -- SciPy, only here
+def compare(a: list[float], b: list[float], other: str, paired: bool = False) -> str:
+    """The verdict on a vs b: "differs from OTHER (p=...)" or "ties with OTHER (p=...)", by
+    Welch's t-test, or by the paired t-test ("(paired, p=...)") over a[i], b[i] of one seed."""
+    from train.sweep_stats import ALPHA, paired_p, welch_p  # noqa: PLC0415 -- SciPy
 
-    p = welch_p(a, b)
+    p = paired_p(a, b) if paired else welch_p(a, b)
     if math.isnan(p):
         raise TableError(f"comparing with {other} needs 2 or more runs on each side")
-    return f"{'differs from' if p < ALPHA else 'ties with'} {other} (p={p:.2g})"
+    return (f"{'differs from' if p < ALPHA else 'ties with'} {other} "
+            f"({'paired, ' if paired else ''}p={p:.2g})")
+
+
+def pairs(a: Measured, b: Measured, metric: str, where: str) -> tuple[list, list]:
+    """(a's values, b's values) of `metric` over the seeds both rows have, in seed order."""
+    from train.sweep_stats import SEED_KEY  # noqa: PLC0415
+
+    def by_seed(runs):
+        out = {}
+        for name, m in runs.items():
+            if SEED_KEY not in m or m[SEED_KEY] in out:
+                raise TableError(f"{where}: pairing needs one run per {SEED_KEY}; run {name!r} "
+                                 f"has {'none' if SEED_KEY not in m else 'a repeated one'}")
+            out[m[SEED_KEY]] = m
+        return out
+
+    x, y = by_seed(a.runs), by_seed(b.runs)
+    seeds = sorted(set(x) & set(y))
+    if len(seeds) < 2:
+        raise TableError(f"{where}: pairing needs 2 or more seeds both rows have; they share "
+                         f"{[f'{s:g}' for s in seeds]}")
+    return tuple(_metric_values({f"{s:g}": runs[s] for s in seeds}, metric, where)
+                 for runs in (x, y))
 
 
 def share(row: Measured, metric: str, part: str, where: str) -> str:
@@ -307,11 +342,20 @@ def fill(text: str, row: Measured | None, where: str,
             source = row
         if (part := SHARE.fullmatch(spec)) is not None:
             return share(source, metric, part.group(1), where)
-        values = _metric_values(source.runs, metric, where)
         if (vs := COMPARE.fullmatch(spec)) is not None:
-            other = _row_named(vs.group(1), table, results or {}, where)
-            return compare(values, _metric_values(other.runs, metric, f"{where} vs "
-                                                  f"{vs.group(1)}"), vs.group(1))
+            kind, other = vs.groups()
+            b = _row_named(other, table, results or {}, where)
+            a, b = (pairs(source, b, metric, where) if kind == "paired" else
+                    (_metric_values(source.runs, metric, where),
+                     _metric_values(b.runs, metric, f"{where} vs {other}")))
+            return compare(a, b, other, paired=kind == "paired")
+        if mode is not None and (against := AGAINST.fullmatch(mode)) is not None:
+            kind, other = against.groups()
+            a, b = (np.asarray(v) for v in pairs(
+                source, _row_named(other, table, results or {}, where), metric, where))
+            values, mode = (a - b if kind == "diff" else a / b - 1), None
+        else:
+            values = _metric_values(source.runs, metric, where)
         try:
             return format_stat(values, spec, mode)
         except ValueError as e:

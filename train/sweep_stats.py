@@ -94,6 +94,24 @@ def welch_p(a, b) -> float:
     return float(2 * stats.t.sf(abs(diff) / math.sqrt(va + vb), df))
 
 
+def paired_p(a, b) -> float:
+    """Two-sided p-value of the paired t-test of equal means (a[i] and b[i] share seed i:
+    e.g. a compressed model and the float model it was made from); NaN under 2 pairs.
+
+    t = mean(d) / (std(d) / sqrt(n)) over the differences d = a - b, n - 1 degrees of
+    freedom. Pairs that all differ by the same amount differ exactly when it is not 0.
+    """
+    from scipy import stats  # noqa: PLC0415
+
+    d = np.asarray(list(a), dtype=np.float64) - np.asarray(list(b), dtype=np.float64)
+    if d.size < 2:
+        return math.nan
+    if d.std(ddof=1) == 0:
+        return 1.0 if d.mean() == 0 else 0.0
+    return float(2 * stats.t.sf(abs(d.mean()) / (d.std(ddof=1) / math.sqrt(d.size)),
+                                d.size - 1))
+
+
 def two_way_shares(table) -> tuple[float, float, float]:
     """How the spread of a complete two-way table (rows x columns, one value per cell: e.g.
     seeds x held-out folds) divides: the shares of its total sum of squares between the row

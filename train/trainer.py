@@ -100,6 +100,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
     SIGTERM/SIGINT (checkpointed; the same call resumes).
     """
     try:
+        config = config_lib.with_seed_in_paths(config)   # "runs/seeds/gpt/seed={seed}"
         config_lib.validate(config)
         if config.distill.stages:  # progressive distillation: one run per stage
             from train import stages  # noqa: PLC0415

@@ -271,3 +271,31 @@ def test_trainer_loads_a_new_head_once_and_not_on_resume(tmp_path, source, monke
     monkeypatch.setattr(init_from, "load_variables", no_second_load)
     again = trainer.train_and_evaluate(c, workdir)   # resumes from its own step 0
     assert again["validation/loss"] == first["validation/loss"]
+
+
+def test_a_seed_field_in_the_workdir_names_the_base_of_the_runs_own_seed(tmp_path, source):
+    """init_from.workdir=".../seed={seed}": each seed of a --seeds sweep starts from the
+    base run of its own seed (config.with_seed_in_paths), recorded resolved."""
+    bases = tmp_path / "bases"
+    bases.mkdir()
+    os.symlink(source[0], bases / "seed=3")
+    c = _run_config(str(bases / "seed={seed}"))
+    c.seed = 3
+    workdir = tmp_path / "run"
+    summary = trainer.train_and_evaluate(c, str(workdir))
+    assert summary["validation/loss"] == pytest.approx(source[1]["validation/loss"],
+                                                       rel=1e-6)
+    recorded = json.loads((workdir / "config.json").read_text())
+    assert recorded["init_from"]["workdir"] == str(bases / "seed=3")
+    assert c.init_from.workdir.endswith("seed={seed}")   # the caller's config is untouched
+    c.seed = 4
+    with pytest.raises(ValueError, match=re.escape(str(bases / "seed=4"))):
+        trainer.train_and_evaluate(c, str(tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists()
+    c.distill.teacher = "runs/seeds/teacher/seed={seed}"
+    resolved = config_lib.with_seed_in_paths(c)
+    assert resolved.init_from.workdir == str(bases / "seed=4")
+    assert resolved.distill.teacher == "runs/seeds/teacher/seed=4"
+    c.distill.teacher = ""
+    c.init_from.workdir = "runs/gpt"
+    assert config_lib.with_seed_in_paths(c) is c          # nothing to replace: no copy

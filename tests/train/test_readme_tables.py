@@ -54,7 +54,10 @@ text = '''
 One layer reaches {demo.one_layer:validation/perplexity|.3f} (std
 {demo.one_layer:validation/accuracy|.1%|std} points of accuracy, range
 {demo.one_layer:validation/accuracy|.1%|range}, each {demo.one_layer:validation/accuracy|.1%|each});
-two layers {demo.two_layers:validation/perplexity|vs=demo.one_layer}.
+two layers {demo.two_layers:validation/perplexity|vs=demo.one_layer}; seed by seed
+{demo.two_layers:validation/perplexity|+.3f|diff=demo.one_layer}
+({demo.two_layers:validation/perplexity|+.1%|change=demo.one_layer}):
+{demo.two_layers:validation/perplexity|paired=demo.one_layer}.
 
 Of the depth mean's spread {demo.layers_mean:validation/perplexity|share=seed} is the seeds',
 {demo.layers_mean:validation/perplexity|share=model.num_layers} the depths' and
@@ -144,9 +147,15 @@ def test_tables_are_written_from_the_sweep_with_mean_std_range_and_command(fixtu
     prose = readme.split("<!-- results:prose -->\n")[1].split("<!-- /results:prose -->")[0]
     assert max(len(line) for line in prose.splitlines()) <= readme_tables.TEXT_WIDTH
     first, second = (" ".join(p.split()) for p in prose.split("\n\n"))
+    # Paired over the seeds both rows have (0 and 1): differences -0.20 and -0.25,
+    # relative -3.92% and -4.84%.
+    p_paired = stats.ttest_rel([4.90, 4.91], [5.10, 5.16]).pvalue
+    assert p_paired == pytest.approx(0.0704, abs=1e-4)   # 2 pairs: 1 degree of freedom
     assert first == ("One layer reaches 5.130 ± 0.030 (std 10.0 points of accuracy, range "
                      "70.0-90.0%, each 70.0, 80.0 and 90.0%); two layers differs from "
-                     f"demo.one_layer (p={p_ppl:.2g}).")
+                     f"demo.one_layer (p={p_ppl:.2g}); seed by seed -0.225 ± 0.035 (-0.250 "
+                     f"to -0.200) (-4.4 ± 0.7% (-4.8 to -3.9%)): ties with "
+                     f"demo.one_layer (paired, p={p_paired:.2g}).")
     # The seed x depth table of the seeds with both depths (seed 2's second failed):
     # two-way sums of squares by hand.
     x = np.array([[5.10, 4.90], [5.16, 4.91]])
@@ -212,6 +221,15 @@ def test_refuses_too_few_seeds_a_command_that_disagrees_and_missing_markers(
     with pytest.raises(readme_tables.TableError, match="share=seed: needs a row with "
                                                        "mean_over"):
         readme_tables.fill("{x/y|share=seed}", row, "row")
+    seeded = {f"s{i}": {"seed": float(i), "x/y": 1.0 + i} for i in range(3)}
+    a = readme_tables.Measured(seeded, seeded)
+    b = readme_tables.Measured({"s2": seeded["s2"], "s5": {**seeded["s2"], "seed": 5.0}}, {})
+    with pytest.raises(readme_tables.TableError, match=r"2 or more seeds both rows have; "
+                                                       r"they share \['2'\]"):
+        readme_tables.fill("{x/y|paired=b}", a, "row", {"a": a, "b": b})
+    with pytest.raises(readme_tables.TableError, match="one run per seed; run 'a' has none"):
+        readme_tables.fill("{x/y|.1f|diff=a}", a, "row", {"a": row})
+    assert readme_tables.fill("{x/y|+.1f|diff=a}", a, "row", {"a": a}) == "+0.0"
     with pytest.raises(readme_tables.TableError, match="need a workdir"):
         readme_tables.fill("{x/y|.3f}", None, "text 't'")
     with pytest.raises(readme_tables.TableError, match="nope.r: no such table"):

@@ -127,6 +127,15 @@ def test_small_groups_and_ties():
     assert sweep_stats.t_quantile(0.975, 2) == pytest.approx(t_975(2), rel=1e-12)
 
 
+def test_paired_p_is_scipys_paired_t_test():
+    a, b = [5.10, 5.16, 5.13, 5.20], [5.00, 5.11, 5.12, 5.05]
+    assert sweep_stats.paired_p(a, b) == pytest.approx(stats.ttest_rel(a, b).pvalue,
+                                                       rel=1e-12)
+    assert sweep_stats.paired_p([1.0, 2.0], [0.5, 1.5]) == 0.0    # every pair +0.5
+    assert sweep_stats.paired_p([1.0, 2.0], [1.0, 2.0]) == 1.0
+    assert math.isnan(sweep_stats.paired_p([1.0], [2.0]))
+
+
 def test_two_way_shares_closed_forms():
     """Seed x fold spread: an additive table has no interaction, a checkerboard is all
     interaction, and a random table's shares are its sums of squares."""
