@@ -179,7 +179,9 @@ def with_seed_in_paths(config: ml_collections.ConfigDict) -> ml_collections.Conf
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raise ValueError naming the first bad key; returns None when the config is sound."""
+    """Raise ValueError naming the first bad key; returns None when the config is sound
+    (its "{seed}" paths checked as the run will read them)."""
+    config = with_seed_in_paths(config)
     for section in ("task", "model"):
         if section not in config or "name" not in config.get("task", {}):
             raise ValueError(f"config has no {section} section (see train/config.py)")

@@ -288,6 +288,7 @@ def test_a_seed_field_in_the_workdir_names_the_base_of_the_runs_own_seed(tmp_pat
     recorded = json.loads((workdir / "config.json").read_text())
     assert recorded["init_from"]["workdir"] == str(bases / "seed=3")
     assert c.init_from.workdir.endswith("seed={seed}")   # the caller's config is untouched
+    config_lib.validate(c)                                 # checked as the run reads it
     c.seed = 4
     with pytest.raises(ValueError, match=re.escape(str(bases / "seed=4"))):
         trainer.train_and_evaluate(c, str(tmp_path / "refused"))
