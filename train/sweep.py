@@ -75,7 +75,8 @@ KEY_METRICS = ("train/steps_per_second", "params/count", "params/bytes", "compre
 # ----------------------------------------------------------------------------------------
 def _finished_summary(run_dir: str, config) -> dict | None:
     """summary.json of a finished run of `config` in run_dir, None if not finished."""
-    from train.workdir import config_differences  # noqa: PLC0415 -- the trainer's
+    from train.config import with_seed_in_paths  # noqa: PLC0415 -- the trainer's
+    from train.workdir import config_differences  # noqa: PLC0415
 
     path, config_path = (os.path.join(run_dir, f) for f in ("summary.json", "config.json"))
     if not os.path.exists(path):
@@ -86,7 +87,8 @@ def _finished_summary(run_dir: str, config) -> dict | None:
         with open(config_path, encoding="utf-8") as f:
             saved = {k: v for k, v in json.load(f).items() if k != "lineage"}
             diffs = config_differences(
-                saved, json.loads(config.to_json_best_effort(sort_keys=True)))
+                saved, json.loads(with_seed_in_paths(config).to_json_best_effort(
+                    sort_keys=True)))   # as the trainer recorded it: "{seed}" resolved
         if diffs:
             raise ValueError(f"{run_dir} holds a finished run of a different config (keys "
                              f"differ: {', '.join(diffs)}); move it away or use another "

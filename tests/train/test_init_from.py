@@ -300,3 +300,26 @@ def test_a_seed_field_in_the_workdir_names_the_base_of_the_runs_own_seed(tmp_pat
     c.distill.teacher = ""
     c.init_from.workdir = "runs/gpt"
     assert config_lib.with_seed_in_paths(c) is c          # nothing to replace: no copy
+
+
+def test_a_seeds_sweep_over_seeded_bases_runs_and_reads_back(tmp_path, source, monkeypatch):
+    """--seeds=2 with init_from.workdir=".../seed={seed}": each run evaluates its own
+    seed's base; a second invocation reads the finished runs back (their recorded config
+    holds the resolved path) instead of refusing them as another config's."""
+    from train import sweep  # noqa: PLC0415
+
+    bases = tmp_path / "bases"
+    bases.mkdir()
+    for seed in (0, 1):
+        os.symlink(source[0], bases / f"seed={seed}")
+    monkeypatch.setattr(sweep, "plot_results", lambda *a, **k: None)
+    c = _run_config(str(bases / "seed={seed}"))
+    workdir = str(tmp_path / "sweep")
+    for _ in range(2):
+        records = sweep.run_sweep(c, sweep.parse_sweep("", c), workdir, seeds=2)
+        assert [r["status"] for r in records] == ["finished", "finished"]
+    for seed, r in enumerate(records):
+        recorded = json.loads((tmp_path / "sweep" / f"seed={seed}" / "config.json").read_text())
+        assert recorded["init_from"]["workdir"] == str(bases / f"seed={seed}")
+        assert r["metrics"]["validation/loss"] == pytest.approx(
+            source[1]["validation/loss"], rel=1e-6)
