@@ -14,8 +14,10 @@ Variants:
            random resized crops of >= half the area, flips, rotations <= 15 degrees,
            brightness / contrast / saturation 0.2, mixup 0.2 or CutMix 1 per example; on
            device in the train step, train/data/augment.py). Measured on 2 CPU cores shared
-           with other jobs (where the default reproduces its 91.9%): test accuracy 51.4%
-           (validation 34.7 / 44.4 / 52.0% at steps 1000 / 2000 / 3000) -- it hurts, a
+           with other jobs: test accuracy 52.4 ± 6.2% over 3 seeds (45.6-57.7%; python -m
+           train.sweep --config=configs/vit.py:augment --workdir=runs/seeds/vit_augment
+           --sweep="" --seeds=3) vs 90.5 ± 1.1% without (one earlier run: validation
+           34.7 / 44.4 / 52.0% at steps 1000 / 2000 / 3000) -- it hurts, a
            lot: colors stay perfect (no color confusion in the confusion matrix), shapes
            (5-9 px) blur under the resampling and the soft labels slow learning;
            configs/resnet.py measures which ops cost what. Flips and color jitter alone
