@@ -7,7 +7,8 @@ Variants:
   default     the README's main job: a 4-layer, 128-wide byte-level GPT (0.84M params).
               Measured on 2 CPU cores: 600 steps in ~3 minutes (3.3-3.7 steps/s), validation
               perplexity 4.993 ± 0.131 over 3 seeds (4.870-5.130; 2.32 bits/byte) against
-              the unigram baseline's 21.90; test 5.086 ± 0.126.
+              the unigram baseline's 21.90; test 5.086 ± 0.126. Another machine of the same
+              kind (2.2-2.4 steps/s): 4.984 ± 0.118, test 5.085 ± 0.120.
   tiny        a seconds-long smoke run (tests).
   compress    the base of the compression sweep: the default model started from the
               trained run in `init_from.workdir` (default runs/gpt, the README's main
