@@ -31,6 +31,9 @@ command column). Its texts hold placeholders
                         per seed both rows have, this row's value minus ROW's (diff) or
                         over ROW's, minus 1 (change), then "mean ± std" of those as above;
                         "+.2%" shows the sign: "+0.01 ± 0.00%"
+    ROW:METRIC          in vs=, paired=, diff= and change=: METRIC of ROW instead of the
+                        same metric -- a row's own id compares two of its metrics seed by
+                        seed (a compressed model's perplexity with its float model's)
     {metric|share=PART} for a row with mean_over: the share of the spread of its seed x
                         value table (sweep_stats.two_way_shares) between the seeds (PART
                         "seed"), between the values (PART = the mean_over key) or in their
@@ -81,9 +84,10 @@ LARGE_RANGE = 0.02          # show min-max when max - min exceeds 2% of |mean|
 PLACEHOLDER = re.compile(r"\{(?:(?P<ref>[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)?):)?"
                          r"(?P<metric>[^{}|:]+)\|(?P<spec>[^{}|]+)"
                          r"(?:\|(?P<mode>mean|std|range|each|(?:diff|change)="
-                         r"[A-Za-z0-9_.-]+))?\}")
-COMPARE = re.compile(r"(vs|paired)=([A-Za-z0-9_.-]+)")
-AGAINST = re.compile(r"(diff|change)=([A-Za-z0-9_.-]+)")
+                         r"[A-Za-z0-9_.-]+(?::[^{}|:]+)?))?\}")
+# vs=ROW / paired=ROW / diff=ROW / change=ROW, and ROW:METRIC for another metric of ROW
+COMPARE = re.compile(r"(vs|paired)=([A-Za-z0-9_.-]+)(?::([^{}|:]+))?")
+AGAINST = re.compile(r"(diff|change)=([A-Za-z0-9_.-]+)(?::([^{}|:]+))?")
 SHARE = re.compile(r"share=(.+)")
 SEEDS_FLAG = re.compile(r"--seeds=(\d+)")
 DATA_HEADER = ["row", "run", "metric", "value"]
@@ -236,7 +240,7 @@ def format_stat(values, spec: str, mode: str | None = None) -> str:
 
     if mode == "std":
         return show(x.std(ddof=1) if x.size > 1 else 0.0, signed=False)
-    dash = " to " if x.min() < 0 else "-"    # "-0.25 to -0.20", "78.0-96.8%"
+    dash = " to " if x.min() < 0 or "+" in fmt else "-"   # "-0.25 to -0.20", "78.0-96.8%"
     if mode == "range":
         return f"{show(x.min())}{dash}{show(x.max())}{unit}"
     if mode == "each":
@@ -270,8 +274,10 @@ def compare(a: list[float], b: list[float], other: str, paired: bool = False) ->
             f"({'paired, ' if paired else ''}p={p:.2g})")
 
 
-def pairs(a: Measured, b: Measured, metric: str, where: str) -> tuple[list, list]:
-    """(a's values, b's values) of `metric` over the seeds both rows have, in seed order."""
+def pairs(a: Measured, b: Measured, metric: str, where: str,
+          b_metric: str | None = None) -> tuple[list, list]:
+    """(a's values of `metric`, b's of `b_metric` (default: the same)) over the seeds both
+    rows have, in seed order."""
     from train.sweep_stats import SEED_KEY  # noqa: PLC0415
 
     def by_seed(runs):
@@ -288,8 +294,8 @@ def pairs(a: Measured, b: Measured, metric: str, where: str) -> tuple[list, list
     if len(seeds) < 2:
         raise TableError(f"{where}: pairing needs 2 or more seeds both rows have; they share "
                          f"{[f'{s:g}' for s in seeds]}")
-    return tuple(_metric_values({f"{s:g}": runs[s] for s in seeds}, metric, where)
-                 for runs in (x, y))
+    return tuple(_metric_values({f"{s:g}": runs[s] for s in seeds}, m, where)
+                 for runs, m in ((x, metric), (y, b_metric or metric)))
 
 
 def share(row: Measured, metric: str, part: str, where: str) -> str:
@@ -343,16 +349,18 @@ def fill(text: str, row: Measured | None, where: str,
         if (part := SHARE.fullmatch(spec)) is not None:
             return share(source, metric, part.group(1), where)
         if (vs := COMPARE.fullmatch(spec)) is not None:
-            kind, other = vs.groups()
+            kind, other, other_metric = vs.groups()
             b = _row_named(other, table, results or {}, where)
-            a, b = (pairs(source, b, metric, where) if kind == "paired" else
+            a, b = (pairs(source, b, metric, where, other_metric) if kind == "paired" else
                     (_metric_values(source.runs, metric, where),
-                     _metric_values(b.runs, metric, f"{where} vs {other}")))
-            return compare(a, b, other, paired=kind == "paired")
+                     _metric_values(b.runs, other_metric or metric, f"{where} vs {other}")))
+            return compare(a, b, other if other_metric is None else f"{other}'s {other_metric}",
+                           paired=kind == "paired")
         if mode is not None and (against := AGAINST.fullmatch(mode)) is not None:
-            kind, other = against.groups()
+            kind, other, other_metric = against.groups()
             a, b = (np.asarray(v) for v in pairs(
-                source, _row_named(other, table, results or {}, where), metric, where))
+                source, _row_named(other, table, results or {}, where), metric, where,
+                other_metric))
             values, mode = (a - b if kind == "diff" else a / b - 1), None
         else:
             values = _metric_values(source.runs, metric, where)

@@ -230,6 +230,15 @@ def test_refuses_too_few_seeds_a_command_that_disagrees_and_missing_markers(
     with pytest.raises(readme_tables.TableError, match="one run per seed; run 'a' has none"):
         readme_tables.fill("{x/y|.1f|diff=a}", a, "row", {"a": row})
     assert readme_tables.fill("{x/y|+.1f|diff=a}", a, "row", {"a": a}) == "+0.0"
+    # ROW:METRIC pairs two metrics, here of the row itself: z = 2 x/y + 1 seed by seed.
+    both = {k: {**m, "z": 2 * m["x/y"] + 1} for k, m in seeded.items()}
+    a2 = readme_tables.Measured(both, both)
+    assert readme_tables.fill("{z|+.1f|diff=a:x/y}", a2, "row", {"a": a2}) == (
+        "+3.0 ± 1.0 (+2.0 to +4.0)")
+    p_z = stats.ttest_rel([3.0, 5.0, 7.0], [1.0, 2.0, 3.0]).pvalue
+    assert p_z == pytest.approx(0.0351, abs=1e-4)    # differences 2, 3, 4: t = 5.2, 2 dof
+    assert readme_tables.fill("{z|paired=a:x/y}", a2, "row", {"a": a2}) == (
+        f"differs from a's x/y (paired, p={p_z:.2g})")
     with pytest.raises(readme_tables.TableError, match="need a workdir"):
         readme_tables.fill("{x/y|.3f}", None, "text 't'")
     with pytest.raises(readme_tables.TableError, match="nope.r: no such table"):
