@@ -155,7 +155,11 @@ def compression_sweep():
     --sort=validation/perplexity` after the main job trained runs/gpt.
 
     Post-training runs (0 steps) evaluate runs/gpt's best checkpoint in compressed form;
-    the others fine-tune it for 200 steps (the dense fine-tune is their control).
+    the others fine-tune it for 200 steps (the dense fine-tune is their control). README's
+    table is this sweep over 3 seeds, each seed compressing its own base:
+    `--workdir=runs/seeds/gpt_compress --seeds=3
+    --config.init_from.workdir="runs/seeds/gpt/seed={seed}"` after the default's seed sweep
+    into runs/seeds/gpt.
     """
     emb = {"compress.include_embeddings": True}
     ptq = {"train.num_steps": 0, "compress.quantize.mode": "ptq"}

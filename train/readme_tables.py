@@ -350,12 +350,14 @@ def fill(text: str, row: Measured | None, where: str,
             return share(source, metric, part.group(1), where)
         if (vs := COMPARE.fullmatch(spec)) is not None:
             kind, other, other_metric = vs.groups()
-            b = _row_named(other, table, results or {}, where)
-            a, b = (pairs(source, b, metric, where, other_metric) if kind == "paired" else
-                    (_metric_values(source.runs, metric, where),
-                     _metric_values(b.runs, other_metric or metric, f"{where} vs {other}")))
-            return compare(a, b, other if other_metric is None else f"{other}'s {other_metric}",
-                           paired=kind == "paired")
+            against = _row_named(other, table, results or {}, where)
+            a, b = (pairs(source, against, metric, where, other_metric) if kind == "paired"
+                    else (_metric_values(source.runs, metric, where),
+                          _metric_values(against.runs, other_metric or metric,
+                                         f"{where} vs {other}")))
+            label = (other if other_metric is None else other_metric if against is source
+                     else f"{other}'s {other_metric}")   # a row's own metric: its name
+            return compare(a, b, label, paired=kind == "paired")
         if mode is not None and (against := AGAINST.fullmatch(mode)) is not None:
             kind, other, other_metric = against.groups()
             a, b = (np.asarray(v) for v in pairs(

@@ -238,7 +238,7 @@ def test_refuses_too_few_seeds_a_command_that_disagrees_and_missing_markers(
     p_z = stats.ttest_rel([3.0, 5.0, 7.0], [1.0, 2.0, 3.0]).pvalue
     assert p_z == pytest.approx(0.0351, abs=1e-4)    # differences 2, 3, 4: t = 5.2, 2 dof
     assert readme_tables.fill("{z|paired=a:x/y}", a2, "row", {"a": a2}) == (
-        f"differs from a's x/y (paired, p={p_z:.2g})")
+        f"differs from x/y (paired, p={p_z:.2g})")      # the row's own metric: its name
     with pytest.raises(readme_tables.TableError, match="need a workdir"):
         readme_tables.fill("{x/y|.3f}", None, "text 't'")
     with pytest.raises(readme_tables.TableError, match="nope.r: no such table"):
