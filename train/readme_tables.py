@@ -50,8 +50,9 @@ re-measured; its placeholders, if any, name other rows.
 
 `[texts.NAME] text = '''...'''` (a TOML multi-line string) is a paragraph of README's prose
 whose numbers come from the tables' rows: its placeholders name their row,
-{TABLE.ROW:metric|spec}, and it is written between `<!-- results:NAME -->` and `<!-- /results:NAME -->`, wrapped at
-TEXT_WIDTH columns (a blank line in it starts a new paragraph).
+{TABLE.ROW:metric|spec}, and it is written between `<!-- results:NAME -->` and
+`<!-- /results:NAME -->`, wrapped at TEXT_WIDTH columns (a blank line in it starts a new
+paragraph).
 
 `--collect` reads each row's `<workdir>/results.csv` and `sweep.json` (train/sweep.py) and
 keeps every numeric metric of the row's finished runs in `docs/results/<table>.csv` (one

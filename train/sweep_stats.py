@@ -98,18 +98,19 @@ def paired_p(a, b) -> float:
     """Two-sided p-value of the paired t-test of equal means (a[i] and b[i] share seed i:
     e.g. a compressed model and the float model it was made from); NaN under 2 pairs.
 
-    t = mean(d) / (std(d) / sqrt(n)) over the differences d = a - b, n - 1 degrees of
-    freedom. Pairs that all differ by the same amount differ exactly when it is not 0.
+    SciPy's `ttest_rel` (t = mean(d) / (std(d) / sqrt(n)) over d = a - b, n - 1 degrees of
+    freedom), except that pairs which all differ by the same amount differ exactly when it
+    is not 0 (SciPy gives NaN there).
     """
     from scipy import stats  # noqa: PLC0415
 
-    d = np.asarray(list(a), dtype=np.float64) - np.asarray(list(b), dtype=np.float64)
+    a, b = (np.asarray(list(v), dtype=np.float64) for v in (a, b))
+    d = a - b
     if d.size < 2:
         return math.nan
     if d.std(ddof=1) == 0:
         return 1.0 if d.mean() == 0 else 0.0
-    return float(2 * stats.t.sf(abs(d.mean()) / (d.std(ddof=1) / math.sqrt(d.size)),
-                                d.size - 1))
+    return float(stats.ttest_rel(a, b).pvalue)
 
 
 def two_way_shares(table) -> tuple[float, float, float]:
