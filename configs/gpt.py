@@ -16,7 +16,8 @@ Variants:
               one compression (get_sweep("compress")). With --config.train.num_steps=0 it
               only evaluates: post-training compression.
   distill     the default config: the base of get_sweep("distill") (a 2-layer student of a
-              6-layer teacher, alone and distilled)
+              6-layer teacher of the same seed, runs/seeds/gpt6/seed={seed}, alone and
+              distilled)
   moe         the default with a sparse mixture of experts in every other layer (layers 1
               and 3): 8 experts of half the MLP width, top-2, so each token runs as many
               MLP parameters as the dense default (4x the MLP parameters in those layers);
@@ -31,6 +32,9 @@ Variants:
 """
 from configs.common import cadence, warmup_cosine
 from train.config import add_eval, base_config, shrink_for_smoke_test
+
+# The teacher of get_sweep("distill"): the 6-layer run of the same seed.
+DISTILL_TEACHER = "runs/seeds/gpt6/seed={seed}"
 
 # The MoE variant's experts (model.moe): same active MLP parameters as the dense default.
 # Sorted dispatch: 1.4x the steps/s of the dense one-hot einsums on CPU (same outputs).
@@ -184,17 +188,19 @@ def compression_sweep():
 
 
 def distill_sweep():
-    """A 2-layer student of a 6-layer teacher, alone and distilled, at equal steps:
+    """A 2-layer student of a 6-layer teacher, alone and distilled, at equal steps, each
+    seed distilling from the teacher of the same seed (`{seed}`, train/config.py):
 
-        python -m train.main --config=configs/gpt.py --workdir=runs/gpt6 \
-            --config.model.num_layers=6
-        python -m train.sweep --config=configs/gpt.py:distill --workdir=runs/gpt_distill \
-            --sort=validation/perplexity
+        python -m train.sweep --config=configs/gpt.py --workdir=runs/seeds/gpt6 \
+            --sweep="" --seeds=3 --config.model.num_layers=6
+        python -m train.sweep --config=configs/gpt.py:distill \
+            --workdir=runs/seeds/gpt_distill --seeds=3 --sort=validation/perplexity
 
-    The distilled rows add Hinton KD at T=2 (weight 1, beside the hard loss); the last also
-    starts from the teacher's layers 0 and 3 (init_from.inherit="uniform").
+    (without --seeds, the one run of seed 0 uses runs/seeds/gpt6/seed=0). The distilled
+    rows add Hinton KD at T=2 (weight 1, beside the hard loss); the last also starts from
+    the teacher's layers 0 and 3 (init_from.inherit="uniform").
     """
-    teacher = "runs/gpt6"
+    teacher = DISTILL_TEACHER
     alone = {"model.num_layers": 2}
     distilled = {**alone, "distill.teacher": teacher, "distill.temperature": 2.0}
     inherited = {**distilled, "init_from.workdir": teacher, "init_from.inherit": "uniform"}
