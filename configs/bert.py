@@ -10,19 +10,32 @@ Variants:
            masked-token accuracy 30.0 ± 1.3% and masked-token perplexity 17.4 ± 1.7 on
            validation (a byte-level MLM learns slowly: only 15% of the
            tokens carry a loss).
-  teacher  the distillation teacher: the default trained 4x as long (2400 steps):
-           masked-token accuracy 49.8%, perplexity 6.34 (validation).
+  teacher  the distillation teacher: the default trained 4x as long (2400 steps, ~20
+           minutes a run), over 3 seeds into runs/seeds/bert_teacher (get_sweep("distill")).
   distilbert  DistilBERT's recipe (Sanh et al. 2019) in small: the default at half depth
-           (2 layers), initialized from every other layer of the teacher
-           (runs/bert_teacher, init_from.inherit="uniform": layers 0 and 2) and trained with its
-           triple loss -- soft targets at T=2 (weight 5), the masked-LM loss (2) and the
-           cosine between last hidden states (1). Measured: 51.1% masked-token
-           accuracy (103% of the teacher's) in 600 steps; the same model trained alone
-           31.4%.
+           (2 layers), initialized from every other layer of the teacher of the same seed
+           (DISTILL_TEACHER, init_from.inherit="uniform": layers 0 and 2) and trained with
+           its triple loss -- soft targets at T=2 (weight 5), the masked-LM loss (2) and the
+           cosine between last hidden states (1).
+  distill  the default config: the base of get_sweep("distill"), the 2-layer model alone
+           and as DistilBERT (README's DistilBERT table gives the measured rows).
   tiny     a seconds-long smoke run (tests).
 """
 from configs.common import cadence, warmup_cosine
 from train.config import base_config, shrink_for_smoke_test
+
+# The teacher of the DistilBERT student: the `teacher` run of the same seed ("{seed}" is the
+# student's own seed, train/config.py), e.g. from
+#   python -m train.sweep --config=configs/bert.py:teacher --workdir=runs/seeds/bert_teacher \
+#       --sweep="" --seeds=3
+DISTILL_TEACHER = "runs/seeds/bert_teacher/seed={seed}"
+# DistilBERT (Sanh et al. 2019, sec. 2-3) on top of the default: half the depth, every other
+# teacher layer (0 and 2 of 4), soft targets x 5 + masked LM x 2 + hidden-state cosine x 1.
+DISTILBERT = {"model.num_layers": 2,
+              "init_from.workdir": DISTILL_TEACHER, "init_from.inherit": "uniform",
+              "distill.teacher": DISTILL_TEACHER, "distill.temperature": 2.0,
+              "distill.kd_weight": 5.0, "distill.hard_weight": 2.0,
+              "distill.cosine_weight": 1.0}
 
 
 def get_config(variant: str = "default"):
@@ -45,11 +58,27 @@ def get_config(variant: str = "default"):
         cadence(c, 2400, 600)
     elif variant == "distilbert":
         c = get_config("default")
-        c.model.num_layers = 2
-        c.init_from.update(workdir="runs/bert_teacher", inherit="uniform")
-        c.distill.update(teacher="runs/bert_teacher", temperature=2.0, kd_weight=5.0, hard_weight=2.0,
-                         cosine_weight=1.0)
+        c.update_from_flattened_dict(DISTILBERT)
+    elif variant == "distill":
+        c = get_config("default")
     else:
         raise ValueError(f"unknown bert variant {variant!r}; allowed: default, teacher, "
-                         "distilbert, tiny")
+                         "distilbert, distill, tiny")
     return c
+
+
+def get_sweep(variant: str = "distill"):
+    """The DistilBERT comparison at equal steps (600), each seed distilling from the
+    teacher of the same seed (DISTILL_TEACHER):
+
+        python -m train.sweep --config=configs/bert.py:teacher \
+            --workdir=runs/seeds/bert_teacher --sweep="" --seeds=3
+        python -m train.sweep --config=configs/bert.py:distill \
+            --workdir=runs/seeds/bert_distill --seeds=3
+
+    Rows: the 2-layer model trained alone (the default at --config.model.num_layers=2) and
+    the same model as DistilBERT (the `distilbert` variant's overrides).
+    """
+    if variant != "distill":
+        raise ValueError(f"no sweep for bert variant {variant!r}; allowed: distill")
+    return [("row", [{"model.num_layers": 2}, dict(DISTILBERT)])]

@@ -292,11 +292,13 @@ def test_pareto_front_keeps_only_undominated_runs():
 
 
 def test_the_distillation_sweeps_parse_into_their_rows():
-    """configs/clip.py:student's TinyCLIP ablation (5 rows) and configs/gpt.py:distill's
-    (3 rows): every override is a key of the base config, and the rows are distinct."""
-    from configs import clip  # noqa: PLC0415
+    """configs/clip.py:student's TinyCLIP ablation (5 rows), configs/gpt.py:distill's (3
+    rows) and configs/bert.py:distill's (2): every override is a key of the base config,
+    and the rows are distinct."""
+    from configs import bert, clip  # noqa: PLC0415
 
-    for module, variant, rows in ((clip, "student", 5), (gpt, "distill", 3)):
+    for module, variant, rows in ((clip, "student", 5), (gpt, "distill", 3),
+                                  (bert, "distill", 2)):
         base = module.get_config(variant)
         runs = sweep.parse_sweep(module.get_sweep(variant), base)
         assert len(runs) == rows and len({sweep.run_name(r) for r in runs}) == rows
@@ -305,6 +307,10 @@ def test_the_distillation_sweeps_parse_into_their_rows():
     teacher, student = clip.get_config("teacher"), clip.get_config("student")
     assert teacher.model.vit.encoder.d_model == 2 * clip.get_config().model.vit.encoder.d_model
     assert student.model.text.num_layers == 1 and student.train.num_steps == 1000
+    base = bert.get_config("distill")   # the sweep's DistilBERT row is the variant
+    distilbert = sweep.apply_overrides(base, sweep.parse_sweep(bert.get_sweep("distill"),
+                                                               base)[1])
+    assert distilbert.to_dict() == bert.get_config("distilbert").to_dict()
 
 
 def test_steps_to_reach_a_reference_including_staged_runs(tmp_path):
