@@ -16,7 +16,11 @@ Variants:
            (2 layers), initialized from every other layer of the teacher of the same seed
            (DISTILL_TEACHER, init_from.inherit="uniform": layers 0 and 2) and trained with
            its triple loss -- soft targets at T=2 (weight 5), the masked-LM loss (2) and the
-           cosine between last hidden states (1).
+           cosine between last hidden states (1). Measured over 3 seeds (2 CPU cores):
+           validation masked-token accuracy 47.8 ± 11.8% (34.2-54.6%), +1.5 ± 0.6% over
+           the teacher of each seed (47.0 ± 11.4%: seed 0's teacher stays on the
+           plateau before a masked LM learns to use context) and +17.5 ± 13.0 points
+           over the same model alone (30.3 ± 1.6%), a tie by the paired test (p=0.14).
   distill  the default config: the base of get_sweep("distill"), the 2-layer model alone
            and as DistilBERT (README's DistilBERT table gives the measured rows).
   tiny     a seconds-long smoke run (tests).

@@ -17,7 +17,8 @@ Variants:
               only evaluates: post-training compression.
   distill     the default config: the base of get_sweep("distill") (a 2-layer student of a
               6-layer teacher of the same seed, runs/seeds/gpt6/seed={seed}, alone and
-              distilled)
+              distilled): KD alone ties with training alone (5.070 ± 0.081 vs 5.011 ±
+              0.064 validation perplexity, 3 seeds), KD from inherited layers 4.534 ± 0.062
   moe         the default with a sparse mixture of experts in every other layer (layers 1
               and 3): 8 experts of half the MLP width, top-2, so each token runs as many
               MLP parameters as the dense default (4x the MLP parameters in those layers);
@@ -198,7 +199,10 @@ def distill_sweep():
 
     (without --seeds, the one run of seed 0 uses runs/seeds/gpt6/seed=0). The distilled
     rows add Hinton KD at T=2 (weight 1, beside the hard loss); the last also starts from
-    the teacher's layers 0 and 3 (init_from.inherit="uniform").
+    the teacher's layers 0 and 3 (init_from.inherit="uniform"). Measured on 2 CPU cores
+    (validation perplexity over 3 seeds): teacher 5.172 ± 0.164; the student alone
+    5.011 ± 0.064, + KD 5.070 ± 0.081 (a tie with alone, paired p=0.3), + KD and
+    inheritance 4.534 ± 0.062 (-9.5 ± 0.4% seed by seed, paired p=0.00065).
     """
     teacher = DISTILL_TEACHER
     alone = {"model.num_layers": 2}
