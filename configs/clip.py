@@ -106,6 +106,10 @@ STAGE_75 = ("model.vit.encoder.d_model=104;model.vit.encoder.mlp_dim=416;"
 # residual channels (TinyCLIP's masks) -- distilled under the constraint "half the gated
 # parameters removed"; the student then inherits the channels, layers and units the gates
 # kept.
+# The teacher of get_sweep("student"): the `teacher` run of the same seed ("{seed}" is the
+# student's own seed, train/config.py); seed 0's alone for a sweep without --seeds.
+DISTILL_TEACHER = "runs/seeds/clip_teacher/seed={seed}"
+
 AUTO_GATES = ("model.vit.encoder.d_model=128;model.vit.encoder.mlp_dim=512;"
               "model.text.num_layers=2;model.vit.encoder.unit_gates=True;"
               "model.vit.encoder.channel_gates=True;model.text.unit_gates=True;"
@@ -115,13 +119,18 @@ AUTO_GATES = ("model.vit.encoder.d_model=128;model.vit.encoder.mlp_dim=512;"
 def get_sweep(variant: str = "student"):
     """The distillation ablation (TinyCLIP in small) on the student config:
 
-        python -m train.main --config=configs/clip.py:teacher --workdir=runs/clip_teacher
+        python -m train.main --config=configs/clip.py:teacher \
+            --workdir=runs/seeds/clip_teacher/seed=0
         python -m train.sweep --config=configs/clip.py:student --workdir=runs/clip_distill \
             --sort=zero_shot/top1_among_heldout
 
+    or over seeds, each student distilled from the teacher of its seed (DISTILL_TEACHER):
+    `python -m train.sweep --config=configs/clip.py:teacher --workdir=runs/seeds/clip_teacher
+    --sweep="" --seeds=3`, then the student sweep with --seeds=3.
+
     Rows at the same student size (51% of the teacher) and step budget (1000 steps): (a)
     from scratch,
-    (b) + affinity mimicking from runs/clip_teacher, (c) + manual weight inheritance
+    (b) + affinity mimicking from DISTILL_TEACHER, (c) + manual weight inheritance
     (init_from.inherit: the text tower's uniform layers, the image tower's widest
     channels), (d) + automatic inheritance (500 steps of gates learned at the teacher's
     size, AUTO_GATES, then 500 of the student inheriting by them), (e) multi-stage
@@ -131,7 +140,7 @@ def get_sweep(variant: str = "student"):
     """
     if variant != "student":
         raise ValueError(f"no sweep for clip variant {variant!r}; allowed: student")
-    teacher = "runs/clip_teacher"
+    teacher = DISTILL_TEACHER
     every = {"evals.zero_shot.every": 250}
     distill = {**every, "distill.teacher": teacher}
     inherit = {**distill, "init_from.workdir": teacher, "init_from.inherit": "uniform"}
