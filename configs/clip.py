@@ -95,6 +95,10 @@ def get_config(variant: str = "default"):
     return c
 
 
+# The teacher of get_sweep("student"): the `teacher` run of the same seed ("{seed}" is the
+# student's own seed, train/config.py); seed 0's alone for a sweep without --seeds.
+DISTILL_TEACHER = "runs/seeds/clip_teacher/seed={seed}"
+
 # The intermediate model of the multi-stage row: image width 104 (77% of the teacher's
 # parameters), text depth still 2.
 STAGE_75 = ("model.vit.encoder.d_model=104;model.vit.encoder.mlp_dim=416;"
@@ -106,10 +110,6 @@ STAGE_75 = ("model.vit.encoder.d_model=104;model.vit.encoder.mlp_dim=416;"
 # residual channels (TinyCLIP's masks) -- distilled under the constraint "half the gated
 # parameters removed"; the student then inherits the channels, layers and units the gates
 # kept.
-# The teacher of get_sweep("student"): the `teacher` run of the same seed ("{seed}" is the
-# student's own seed, train/config.py); seed 0's alone for a sweep without --seeds.
-DISTILL_TEACHER = "runs/seeds/clip_teacher/seed={seed}"
-
 AUTO_GATES = ("model.vit.encoder.d_model=128;model.vit.encoder.mlp_dim=512;"
               "model.text.num_layers=2;model.vit.encoder.unit_gates=True;"
               "model.vit.encoder.channel_gates=True;model.text.unit_gates=True;"

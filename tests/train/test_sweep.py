@@ -311,6 +311,15 @@ def test_the_distillation_sweeps_parse_into_their_rows():
     distilbert = sweep.apply_overrides(base, sweep.parse_sweep(bert.get_sweep("distill"),
                                                                base)[1])
     assert distilbert.to_dict() == bert.get_config("distilbert").to_dict()
+    # every distilled row reads, and inherits from, the teacher of its own seed
+    from train.config import with_seed_in_paths  # noqa: PLC0415
+    for module, variant in ((clip, "student"), (gpt, "distill"), (bert, "distill")):
+        base = module.get_config(variant)
+        for run in sweep.parse_sweep(module.get_sweep(variant), base):
+            config = sweep.apply_overrides(base, {**run, "seed": 2})
+            config = with_seed_in_paths(config)
+            for path in (config.distill.teacher, config.init_from.workdir):
+                assert path in ("", module.DISTILL_TEACHER.replace("{seed}", "2")), path
 
 
 def test_steps_to_reach_a_reference_including_staged_runs(tmp_path):
