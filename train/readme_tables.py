@@ -54,9 +54,11 @@ whose numbers come from the tables' rows: its placeholders name their row,
 `<!-- /results:NAME -->`, wrapped at TEXT_WIDTH columns (a blank line in it starts a new
 paragraph).
 
-`--collect` reads each row's `<workdir>/results.csv` and `sweep.json` (train/sweep.py) and
-keeps every numeric metric of the row's finished runs in `docs/results/<table>.csv` (one
-line per run and metric, values as repr: they read back exactly), so the tables can be
+`--collect` (train/readme_data.py) reads each row's `<workdir>/results.csv` and `sweep.json`
+(train/sweep.py), and its reach.json where `python -m train.sweep_reach` wrote one (metric
+reach/steps), and keeps every numeric metric of the row's finished runs in
+`docs/results/<table>.csv` (one line per run and metric, values as repr: they read back
+exactly), so the tables can be
 rewritten and checked without the runs. It refuses a sweep run with fewer seeds than
 MIN_SEEDS, or whose `--seeds` differs from the row's command. Rows whose workdir is absent
 keep what was collected before. README.md's table NAME lies between the lines
@@ -64,22 +66,20 @@ keep what was collected before. README.md's table NAME lies between the lines
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import math
 import os
 import re
 import sys
 import textwrap
-import tomllib
 
 import numpy as np
 from absl import app, flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SPEC = os.path.join("docs", "results", "tables.toml")
-MIN_SEEDS = 3
+# The spec and the collected data (runs_of_row: what the tests call directly).
+from train.readme_data import (REPO, SPEC, TableError, collect, load_spec,  # noqa: F401
+                               load_texts, read_data, runs_of_row)
+
 TEXT_WIDTH = 92            # README's prose
 LARGE_RANGE = 0.02          # show min-max when max - min exceeds 2% of |mean|
 PLACEHOLDER = re.compile(r"\{(?:(?P<ref>[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)?):)?"
@@ -90,132 +90,6 @@ PLACEHOLDER = re.compile(r"\{(?:(?P<ref>[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)?):)?"
 COMPARE = re.compile(r"(vs|paired)=([A-Za-z0-9_.-]+)(?::([^{}|:]+))?")
 AGAINST = re.compile(r"(diff|change)=([A-Za-z0-9_.-]+)(?::([^{}|:]+))?")
 SHARE = re.compile(r"share=(.+)")
-SEEDS_FLAG = re.compile(r"--seeds=(\d+)")
-DATA_HEADER = ["row", "run", "metric", "value"]
-
-
-class TableError(ValueError):
-    """A spec, sweep or README that cannot give a table: one line saying what and where."""
-
-
-# ---- Spec ---------------------------------------------------------------------------------
-def _read_spec(repo: str, spec: str) -> dict:
-    path = os.path.join(repo, spec)
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise TableError(f"cannot read the tables spec {path}: {e}") from None
-
-
-def load_spec(repo: str = REPO, spec: str = SPEC) -> dict:
-    """{table name: {"columns": [...], "rows": [{id, command, workdir?, where?, <column>}]}}"""
-    tables = _read_spec(repo, spec).get("tables", {})
-    for name, table in tables.items():
-        columns = table.get("columns")
-        if not columns or not isinstance(columns, list):
-            raise TableError(f"{spec}: table {name!r} needs columns = [...]")
-        ids = [row.get("id") for row in table.get("rows", [])]
-        needs = ("id", *([] if "command" in table else ["command"]), *columns)
-        for row, row_id in zip(table.get("rows", []), ids):
-            missing = [c for c in needs if c not in row]
-            if missing:
-                raise TableError(f"{spec}: table {name!r} row {row_id!r} has no "
-                                 f"{', '.join(missing)}")
-        if len(set(ids)) != len(ids):
-            raise TableError(f"{spec}: table {name!r} repeats a row id: {ids}")
-    return tables
-
-
-def load_texts(repo: str = REPO, spec: str = SPEC) -> dict[str, str]:
-    """{text name: its template}: the spec's [texts.NAME] text = "..." paragraphs."""
-    raw = _read_spec(repo, spec)
-    texts = {}
-    for name, entry in raw.get("texts", {}).items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("text"), str):
-            raise TableError(f"{spec}: text {name!r} needs text = \"...\"")
-        if name in raw.get("tables", {}):
-            raise TableError(f"{spec}: {name!r} is both a table and a text")
-        texts[name] = entry["text"]
-    return texts
-
-
-def _data_path(repo: str, name: str) -> str:
-    return os.path.join(repo, os.path.dirname(SPEC), f"{name}.csv")
-
-
-# ---- Collect: sweep outputs -> docs/results/<table>.csv ------------------------------------
-def runs_of_row(repo: str, row: dict, command: str = "") -> dict[str, dict[str, float]] | None:
-    """{run name: {metric: value}} of the row's finished runs; None without its workdir.
-    `command`: the table's, for a row without its own."""
-    command = row.get("command", command)
-    workdir = os.path.join(repo, row["workdir"])
-    results = os.path.join(workdir, "results.csv")
-    if not os.path.exists(results):
-        return None
-    with open(os.path.join(workdir, "sweep.json"), encoding="utf-8") as f:
-        seeds = int(json.load(f).get("seeds", 1))
-    flag = SEEDS_FLAG.search(command)
-    if seeds < MIN_SEEDS or flag is None or int(flag.group(1)) != seeds:
-        raise TableError(f"row {row['id']!r}: {row['workdir']} was swept with --seeds={seeds}"
-                         f"; its command must say --seeds={seeds} and that must be at least "
-                         f"{MIN_SEEDS}: {command}")
-    with open(results, newline="", encoding="utf-8") as f:
-        lines = list(csv.DictReader(f))
-    where = {k: str(v) for k, v in row.get("where", {}).items()}
-    runs = {}
-    for line in lines:
-        if line["status"] != "finished" or any(line.get(k) != v for k, v in where.items()):
-            continue
-        metrics = {}
-        for key, text in line.items():
-            try:
-                metrics[key] = float(text)
-            except (TypeError, ValueError):
-                continue
-        runs[line["run"]] = metrics
-    if not runs:
-        raise TableError(f"row {row['id']!r}: no finished run in {results}"
-                         + (f" with {where}" if where else ""))
-    return runs
-
-
-def read_data(repo: str, name: str) -> dict[str, dict[str, dict[str, float]]]:
-    """{row id: {run: {metric: value}}} as collected for table `name` ({} if none yet)."""
-    path = _data_path(repo, name)
-    if not os.path.exists(path):
-        return {}
-    data: dict = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        for line in csv.DictReader(f):
-            data.setdefault(line["row"], {}).setdefault(line["run"], {})[line["metric"]] = (
-                float(line["value"]))
-    return data
-
-
-def collect(repo: str = REPO, spec: str = SPEC) -> list[str]:
-    """Refresh every table's data from the sweeps present; return the ids collected."""
-    collected = []
-    for name, table in load_spec(repo, spec).items():
-        data = read_data(repo, name)
-        ids = {row["id"] for row in table.get("rows", [])}
-        data = {k: v for k, v in data.items() if k in ids}   # rows removed from the spec
-        for row in table.get("rows", []):
-            runs = (runs_of_row(repo, row, table.get("command", "")) if "workdir" in row
-                    else None)
-            if runs is not None:
-                data[row["id"]] = runs
-                collected.append(f"{name}/{row['id']}")
-        if data:
-            os.makedirs(os.path.dirname(_data_path(repo, name)), exist_ok=True)
-            with open(_data_path(repo, name), "w", newline="", encoding="utf-8") as f:
-                writer = csv.writer(f)
-                writer.writerow(DATA_HEADER)
-                for row_id, runs in data.items():
-                    for run, metrics in runs.items():
-                        for metric, value in sorted(metrics.items()):
-                            writer.writerow([row_id, run, metric, repr(value)])
-    return collected
 
 
 # ---- Render: data -> markdown --------------------------------------------------------------

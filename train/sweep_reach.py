@@ -7,8 +7,12 @@ Reads every run of the sweep in DIR (sweep.json) from its metrics.jsonl -- the e
 or split lines of the metric, e.g. "zero_shot/test_top1" is the key "test_top1" of the
 lines with "split": "zero_shot" -- and prints, per run, its final value and the first
 step at which it reached the reference run's final value (`--reference`: the run's index
-in sweep order). A multi-stage run (train/stages.py) counts the steps of its earlier
-stages before those of its later ones. Writes reach.json beside results.csv.
+in sweep order). A sweep over seeds (--seeds=N) compares each run with the reference's run
+of the same seed: `--reference` then counts the sweep's points without their seeds (0: the
+first row), so "steps to (a)'s final value" is measured seed by seed. A multi-stage run
+(train/stages.py) counts the steps of its earlier stages before those of its later ones.
+Writes reach.json beside results.csv, which `python -m train.readme_tables --collect`
+reads as the runs' metric reach/steps (a run that never reaches its target has none).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import sys
 from absl import app, flags
 
 from train.metrics_log import write_json
+from train.sweep_stats import SEED_KEY
 
 
 def curve(run_dir: str, metric: str) -> list[tuple[int, float]]:
@@ -54,33 +59,52 @@ def first_reaching(points, target: float, mode: str = "max") -> int | None:
 
 
 def reach_table(workdir: str, metric: str, reference: int = 0, mode: str = "max") -> list:
-    """[{"name", "final", "steps_to_reach"}] of every run of the sweep in `workdir`."""
+    """[{"name", "final", "steps_to_reach", "target"}] of every run of the sweep in
+    `workdir`, each against the final value of the reference point's run of its own seed."""
     with open(os.path.join(workdir, "sweep.json"), encoding="utf-8") as f:
-        names = [r["name"] for r in json.load(f)["runs"]]
-    curves = {n: curve(os.path.join(workdir, n), metric) for n in names}
-    if not 0 <= reference < len(names) or not curves[names[reference]]:
-        raise ValueError(f"--reference={reference}: no {metric} curve in run "
-                         f"{names[reference] if 0 <= reference < len(names) else '?'}")
-    target = curves[names[reference]][-1][1]
-    return [{"name": n, "final": c[-1][1] if c else None,
-             "steps_to_reach": first_reaching(c, target, mode), "target": target}
-            for n, c in curves.items()]
+        runs = json.load(f)["runs"]
+    # A run's sweep point: its overrides without the seed (its name where it lists none).
+    seed_of, points = {}, {}
+    for run in runs:
+        overrides = dict(run.get("overrides", {"name": run["name"]}))
+        seed_of[run["name"]] = overrides.pop(SEED_KEY, None)
+        point = json.dumps(overrides, sort_keys=True, default=str)
+        points.setdefault(point, {})[seed_of[run["name"]]] = run["name"]
+    if not 0 <= reference < len(points):
+        raise ValueError(f"--reference={reference}: the sweep has {len(points)} points "
+                         f"(0-{len(points) - 1})")
+    references = list(points.values())[reference]
+    curves = {r["name"]: curve(os.path.join(workdir, r["name"]), metric) for r in runs}
+    rows = []
+    for name, c in curves.items():
+        own = references.get(seed_of[name])
+        if own is None or not curves[own]:
+            raise ValueError(f"--reference={reference}: no {metric} curve in run "
+                             f"{own or '?'} (the reference for {name})")
+        target = curves[own][-1][1]
+        rows.append({"name": name, "final": c[-1][1] if c else None,
+                     "steps_to_reach": first_reaching(c, target, mode), "target": target})
+    return rows
 
 
 def main(argv):
     del argv
     fv = flags.FLAGS
     rows = reach_table(fv.workdir, fv.metric, fv.reference, fv.mode)
-    print(f"{fv.metric}: first step at the reference's final {rows[0]['target']:.4g}")
+    print(f"{fv.metric}: the first step at the final value of reference point "
+          f"{fv.reference}'s run of the same seed")
+    print(f"{'':>3} {'target':>8} {'final':>8} {'steps':>8}  run")
     for i, r in enumerate(rows):
         final = "-" if r["final"] is None else f"{r['final']:.4g}"
-        print(f"{i:>3} {final:>8} {str(r['steps_to_reach']):>8}  {r['name']}")
+        print(f"{i:>3} {r['target']:>8.4g} {final:>8} {str(r['steps_to_reach']):>8}  "
+              f"{r['name']}")
     write_json(os.path.join(fv.workdir, "reach.json"), {"metric": fv.metric, "rows": rows})
 
 
 if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "The sweep's workdir.", required=True)
     flags.DEFINE_string("metric", None, "split/key, e.g. zero_shot/test_top1.", required=True)
-    flags.DEFINE_integer("reference", 0, "The reference run's index (sweep order).")
+    flags.DEFINE_integer("reference", 0, "The reference point's index in sweep order "
+                         "(runs of one point that differ only in seed count once).")
     flags.DEFINE_enum("mode", "max", ["max", "min"], "Larger (max) or smaller is better.")
     sys.exit(app.run(main))

@@ -346,6 +346,35 @@ def test_steps_to_reach_a_reference_including_staged_runs(tmp_path):
                                                                    (0.55, 20)]
 
 
+def test_steps_to_reach_compare_each_seed_with_the_reference_of_its_seed(tmp_path):
+    """--seeds: a run's target is the final value of the reference point's run of the same
+    seed (seed 1's reference ends higher, so seed 1's student needs longer); a run that
+    never reaches it has no step."""
+    from train import sweep_reach  # noqa: PLC0415
+
+    curves = {"scratch,seed=0": [(10, 0.2), (20, 0.4)], "scratch,seed=1": [(10, 0.3), (20, 0.6)],
+              "kd,seed=0": [(10, 0.45), (20, 0.7)], "kd,seed=1": [(10, 0.5), (20, 0.65)],
+              "bad,seed=0": [(10, 0.1), (20, 0.2)], "bad,seed=1": [(10, 0.7), (20, 0.8)]}
+    runs = []
+    for name, points in curves.items():
+        row, seed = name.split(",seed=")
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "metrics.jsonl", "w", encoding="utf-8") as f:
+            for step, value in points:
+                f.write(json.dumps({"step": step, "split": "zero_shot", "top1": value}) + "\n")
+        runs.append({"name": name, "overrides": {"row": row, "seed": int(seed)}})
+    with open(tmp_path / "sweep.json", "w", encoding="utf-8") as f:
+        json.dump({"runs": runs, "seeds": 2}, f)
+    rows = sweep_reach.reach_table(str(tmp_path), "zero_shot/top1")
+    assert [(r["name"], r["target"], r["steps_to_reach"]) for r in rows] == [
+        ("scratch,seed=0", 0.4, 20), ("scratch,seed=1", 0.6, 20), ("kd,seed=0", 0.4, 10),
+        ("kd,seed=1", 0.6, 20), ("bad,seed=0", 0.4, None), ("bad,seed=1", 0.6, 10)]
+    assert [r["target"] for r in sweep_reach.reach_table(str(tmp_path), "zero_shot/top1",
+                                                         reference=1)] == [0.7, 0.65] * 3
+    with pytest.raises(ValueError, match="3 points"):
+        sweep_reach.reach_table(str(tmp_path), "zero_shot/top1", reference=3)
+
+
 @pytest.mark.parametrize("family, variants", [("gan", ("minimax", "k2")),
                                               ("unet", ("bilinear", None))])
 def test_the_ablation_sweeps_are_the_default_and_its_variants(family, variants):
