@@ -98,25 +98,32 @@ def runs_of_row(repo: str, row: dict, command: str = "") -> dict[str, dict[str, 
             except (TypeError, ValueError):
                 continue
         runs[line["run"]] = metrics
-    for name, steps in _reach_steps(workdir).items():
+    for name, metrics in _reach_metrics(workdir).items():
         if name in runs:
-            runs[name][REACH_METRIC] = steps
+            runs[name].update(metrics)
     if not runs:
         raise TableError(f"row {row['id']!r}: no finished run in {results}"
                          + (f" with {where}" if where else ""))
     return runs
 
 
-def _reach_steps(workdir: str) -> dict[str, float]:
-    """{run: the first step it reached its target} from the sweep's reach.json
-    (train/sweep_reach.py), if there is one; a run that never reached it is left out."""
+def _reach_metrics(workdir: str) -> dict[str, dict[str, float]]:
+    """{run: {"reach/steps": the first step it reached its target, "METRIC@STEP": its value
+    there}} from the sweep's reach.json (train/sweep_reach.py), if there is one; a run that
+    never reached its target, or was not evaluated at STEP, has no such metric."""
     path = os.path.join(workdir, "reach.json")
     if not os.path.exists(path):
         return {}
     with open(path, encoding="utf-8") as f:
-        rows = json.load(f)["rows"]
-    return {r["name"]: float(r["steps_to_reach"]) for r in rows
-            if r["steps_to_reach"] is not None}
+        reach = json.load(f)
+    out = {}
+    for r in reach["rows"]:
+        metrics = {f"{reach['metric']}@{step}": float(v)
+                   for step, v in r.get("at", {}).items() if v is not None}
+        if r["steps_to_reach"] is not None:
+            metrics[REACH_METRIC] = float(r["steps_to_reach"])
+        out[r["name"]] = metrics
+    return out
 
 
 def read_data(repo: str, name: str) -> dict[str, dict[str, dict[str, float]]]:

@@ -55,8 +55,8 @@ whose numbers come from the tables' rows: its placeholders name their row,
 paragraph).
 
 `--collect` (train/readme_data.py) reads each row's `<workdir>/results.csv` and `sweep.json`
-(train/sweep.py), and its reach.json where `python -m train.sweep_reach` wrote one (metric
-reach/steps), and keeps every numeric metric of the row's finished runs in
+(train/sweep.py), and its reach.json where `python -m train.sweep_reach` wrote one (metrics
+reach/steps and METRIC@STEP), and keeps every numeric metric of the row's finished runs in
 `docs/results/<table>.csv` (one line per run and metric, values as repr: they read back
 exactly), so the tables can be
 rewritten and checked without the runs. It refuses a sweep run with fewer seeds than

@@ -1,7 +1,7 @@
 r"""How fast each run of a sweep reaches a reference run's final value of a metric:
 
     python -m train.sweep_reach --workdir=runs/clip_distill \
-        --metric=zero_shot/test_top1 [--reference=0] [--mode=max]
+        --metric=zero_shot/test_top1 [--reference=0] [--mode=max] [--at=250,500]
 
 Reads every run of the sweep in DIR (sweep.json) from its metrics.jsonl -- the evaluator
 or split lines of the metric, e.g. "zero_shot/test_top1" is the key "test_top1" of the
@@ -11,8 +11,10 @@ in sweep order). A sweep over seeds (--seeds=N) compares each run with the refer
 of the same seed: `--reference` then counts the sweep's points without their seeds (0: the
 first row), so "steps to (a)'s final value" is measured seed by seed. A multi-stage run
 (train/stages.py) counts the steps of its earlier stages before those of its later ones.
-Writes reach.json beside results.csv, which `python -m train.readme_tables --collect`
-reads as the runs' metric reach/steps (a run that never reaches its target has none).
+`--at`: also each run's value of the metric at those steps (its evaluation there), to show
+how a metric moves during training. Writes reach.json beside results.csv, which
+`python -m train.readme_tables --collect` reads as the runs' metrics reach/steps (a run that
+never reaches its target has none) and METRIC@STEP (zero_shot/test_top1@250).
 """
 from __future__ import annotations
 
@@ -58,9 +60,11 @@ def first_reaching(points, target: float, mode: str = "max") -> int | None:
     return None
 
 
-def reach_table(workdir: str, metric: str, reference: int = 0, mode: str = "max") -> list:
-    """[{"name", "final", "steps_to_reach", "target"}] of every run of the sweep in
-    `workdir`, each against the final value of the reference point's run of its own seed."""
+def reach_table(workdir: str, metric: str, reference: int = 0, mode: str = "max",
+                at: tuple[int, ...] = ()) -> list:
+    """[{"name", "final", "steps_to_reach", "target", "at"}] of every run of the sweep in
+    `workdir`, each against the final value of the reference point's run of its own seed;
+    "at": {step: the value evaluated at that (global) step, None without one} of `at`."""
     with open(os.path.join(workdir, "sweep.json"), encoding="utf-8") as f:
         runs = json.load(f)["runs"]
     # A run's sweep point: its overrides without the seed (its name where it lists none).
@@ -82,22 +86,27 @@ def reach_table(workdir: str, metric: str, reference: int = 0, mode: str = "max"
             raise ValueError(f"--reference={reference}: no {metric} curve in run "
                              f"{own or '?'} (the reference for {name})")
         target = curves[own][-1][1]
+        values = dict(c)
         rows.append({"name": name, "final": c[-1][1] if c else None,
-                     "steps_to_reach": first_reaching(c, target, mode), "target": target})
+                     "steps_to_reach": first_reaching(c, target, mode), "target": target,
+                     "at": {str(step): values.get(step) for step in at}})
     return rows
 
 
 def main(argv):
     del argv
     fv = flags.FLAGS
-    rows = reach_table(fv.workdir, fv.metric, fv.reference, fv.mode)
+    at = tuple(int(step) for step in fv.at)
+    rows = reach_table(fv.workdir, fv.metric, fv.reference, fv.mode, at)
     print(f"{fv.metric}: the first step at the final value of reference point "
           f"{fv.reference}'s run of the same seed")
-    print(f"{'':>3} {'target':>8} {'final':>8} {'steps':>8}  run")
+    show = lambda v: "-" if v is None else f"{v:.4g}"   # noqa: E731
+    print(f"{'':>3} {'target':>8} {'final':>8} {'steps':>8}"
+          + "".join(f" {'@' + str(step):>8}" for step in at) + "  run")
     for i, r in enumerate(rows):
-        final = "-" if r["final"] is None else f"{r['final']:.4g}"
-        print(f"{i:>3} {r['target']:>8.4g} {final:>8} {str(r['steps_to_reach']):>8}  "
-              f"{r['name']}")
+        print(f"{i:>3} {r['target']:>8.4g} {show(r['final']):>8} "
+              f"{str(r['steps_to_reach']):>8}"
+              + "".join(f" {show(r['at'][str(step)]):>8}" for step in at) + f"  {r['name']}")
     write_json(os.path.join(fv.workdir, "reach.json"), {"metric": fv.metric, "rows": rows})
 
 
@@ -107,4 +116,5 @@ if __name__ == "__main__":
     flags.DEFINE_integer("reference", 0, "The reference point's index in sweep order "
                          "(runs of one point that differ only in seed count once).")
     flags.DEFINE_enum("mode", "max", ["max", "min"], "Larger (max) or smaller is better.")
+    flags.DEFINE_list("at", [], "Steps at which to report each run's value too.")
     sys.exit(app.run(main))

@@ -255,17 +255,21 @@ def test_refuses_too_few_seeds_a_command_that_disagrees_and_missing_markers(
 
 def test_collect_adds_the_steps_to_reach_of_the_sweeps_reach_json(fixture_repo, tmp_path):
     """A sweep with reach.json (train/sweep_reach.py): its runs' steps_to_reach become the
-    metric reach/steps; a run that never reached its target has none."""
+    metric reach/steps and their values at --at steps METRIC@STEP; a run that never reached
+    its target (or has no value at a step) has none."""
     shutil.copytree(os.path.join(fixture_repo, "runs", "fixture"), tmp_path / "runs" / "f")
-    reach = [{"name": "model.num_layers=1,seed=0", "steps_to_reach": 250},
-             {"name": "model.num_layers=1,seed=1", "steps_to_reach": None}]
-    (tmp_path / "runs" / "f" / "reach.json").write_text(json.dumps({"rows": reach}))
+    reach = [{"name": "model.num_layers=1,seed=0", "steps_to_reach": 250, "at": {"50": 0.5}},
+             {"name": "model.num_layers=1,seed=1", "steps_to_reach": None,
+              "at": {"50": None}}]
+    (tmp_path / "runs" / "f" / "reach.json").write_text(
+        json.dumps({"metric": "v/acc", "rows": reach}))
     row = {"id": "r", "workdir": "runs/f", "where": {"model.num_layers": 1},
            "command": "x --seeds=3"}
     runs = readme_tables.runs_of_row(str(tmp_path), row)
-    assert {name: m.get("reach/steps") for name, m in runs.items()} == {
-        "model.num_layers=1,seed=0": 250.0, "model.num_layers=1,seed=1": None,
-        "model.num_layers=1,seed=2": None}
+    assert {name: (m.get("reach/steps"), m.get("v/acc@50")) for name, m in runs.items()} == {
+        "model.num_layers=1,seed=0": (250.0, 0.5), "model.num_layers=1,seed=1": (None, None),
+        "model.num_layers=1,seed=2": (None, None)}
+    assert runs["model.num_layers=1,seed=0"]["validation/perplexity"] == 5.10
 
 
 def test_this_readme_is_what_its_collected_results_give():

@@ -369,8 +369,9 @@ def test_steps_to_reach_compare_each_seed_with_the_reference_of_its_seed(tmp_pat
     assert [(r["name"], r["target"], r["steps_to_reach"]) for r in rows] == [
         ("scratch,seed=0", 0.4, 20), ("scratch,seed=1", 0.6, 20), ("kd,seed=0", 0.4, 10),
         ("kd,seed=1", 0.6, 20), ("bad,seed=0", 0.4, None), ("bad,seed=1", 0.6, 10)]
-    assert [r["target"] for r in sweep_reach.reach_table(str(tmp_path), "zero_shot/top1",
-                                                         reference=1)] == [0.7, 0.65] * 3
+    rows = sweep_reach.reach_table(str(tmp_path), "zero_shot/top1", reference=1, at=(10, 15))
+    assert [r["target"] for r in rows] == [0.7, 0.65] * 3
+    assert [r["at"] for r in rows[:2]] == [{"10": 0.2, "15": None}, {"10": 0.3, "15": None}]
     with pytest.raises(ValueError, match="3 points"):
         sweep_reach.reach_table(str(tmp_path), "zero_shot/top1", reference=3)
 
