@@ -118,8 +118,7 @@ def _reach_metrics(workdir: str) -> dict[str, dict[str, float]]:
         reach = json.load(f)
     out = {}
     for r in reach["rows"]:
-        metrics = {f"{reach['metric']}@{step}": float(v)
-                   for step, v in r.get("at", {}).items() if v is not None}
+        metrics = {key: float(v) for key, v in r.get("at", {}).items() if v is not None}
         if r["steps_to_reach"] is not None:
             metrics[REACH_METRIC] = float(r["steps_to_reach"])
         out[r["name"]] = metrics

@@ -1,7 +1,8 @@
 r"""How fast each run of a sweep reaches a reference run's final value of a metric:
 
     python -m train.sweep_reach --workdir=runs/clip_distill \
-        --metric=zero_shot/test_top1 [--reference=0] [--mode=max] [--at=250,500]
+        --metric=zero_shot/test_top1 [--reference=0] [--mode=max] \
+        [--at=250,500 [--also=zero_shot/top1_among_heldout]]
 
 Reads every run of the sweep in DIR (sweep.json) from its metrics.jsonl -- the evaluator
 or split lines of the metric, e.g. "zero_shot/test_top1" is the key "test_top1" of the
@@ -11,10 +12,11 @@ in sweep order). A sweep over seeds (--seeds=N) compares each run with the refer
 of the same seed: `--reference` then counts the sweep's points without their seeds (0: the
 first row), so "steps to (a)'s final value" is measured seed by seed. A multi-stage run
 (train/stages.py) counts the steps of its earlier stages before those of its later ones.
-`--at`: also each run's value of the metric at those steps (its evaluation there), to show
-how a metric moves during training. Writes reach.json beside results.csv, which
-`python -m train.readme_tables --collect` reads as the runs' metrics reach/steps (a run that
-never reaches its target has none) and METRIC@STEP (zero_shot/test_top1@250).
+`--at`: also each run's value of the metric (and of the `--also` metrics) at those steps, its
+evaluation there, to show how metrics move during training. Writes reach.json beside
+results.csv, which `python -m train.readme_tables --collect` reads as the runs' metrics
+reach/steps (a run that never reaches its target has none) and METRIC@STEP
+(zero_shot/test_top1@250; none where the run has no evaluation at STEP).
 """
 from __future__ import annotations
 
@@ -61,10 +63,11 @@ def first_reaching(points, target: float, mode: str = "max") -> int | None:
 
 
 def reach_table(workdir: str, metric: str, reference: int = 0, mode: str = "max",
-                at: tuple[int, ...] = ()) -> list:
+                at: tuple[int, ...] = (), also: tuple[str, ...] = ()) -> list:
     """[{"name", "final", "steps_to_reach", "target", "at"}] of every run of the sweep in
     `workdir`, each against the final value of the reference point's run of its own seed;
-    "at": {step: the value evaluated at that (global) step, None without one} of `at`."""
+    "at": {"METRIC@STEP": the value evaluated at that (global) step, None without one} for
+    `metric` and the `also` metrics at the steps `at`."""
     with open(os.path.join(workdir, "sweep.json"), encoding="utf-8") as f:
         runs = json.load(f)["runs"]
     # A run's sweep point: its overrides without the seed (its name where it lists none).
@@ -79,6 +82,9 @@ def reach_table(workdir: str, metric: str, reference: int = 0, mode: str = "max"
                          f"(0-{len(points) - 1})")
     references = list(points.values())[reference]
     curves = {r["name"]: curve(os.path.join(workdir, r["name"]), metric) for r in runs}
+    at_metrics = dict.fromkeys((metric, *also)) if at else {}
+    at_values = {r["name"]: {m: dict(curve(os.path.join(workdir, r["name"]), m))
+                             for m in at_metrics} for r in runs}
     rows = []
     for name, c in curves.items():
         own = references.get(seed_of[name])
@@ -86,10 +92,10 @@ def reach_table(workdir: str, metric: str, reference: int = 0, mode: str = "max"
             raise ValueError(f"--reference={reference}: no {metric} curve in run "
                              f"{own or '?'} (the reference for {name})")
         target = curves[own][-1][1]
-        values = dict(c)
         rows.append({"name": name, "final": c[-1][1] if c else None,
                      "steps_to_reach": first_reaching(c, target, mode), "target": target,
-                     "at": {str(step): values.get(step) for step in at}})
+                     "at": {f"{m}@{step}": values.get(step)
+                            for m, values in at_values.get(name, {}).items() for step in at}})
     return rows
 
 
@@ -97,7 +103,7 @@ def main(argv):
     del argv
     fv = flags.FLAGS
     at = tuple(int(step) for step in fv.at)
-    rows = reach_table(fv.workdir, fv.metric, fv.reference, fv.mode, at)
+    rows = reach_table(fv.workdir, fv.metric, fv.reference, fv.mode, at, tuple(fv.also))
     print(f"{fv.metric}: the first step at the final value of reference point "
           f"{fv.reference}'s run of the same seed")
     show = lambda v: "-" if v is None else f"{v:.4g}"   # noqa: E731
@@ -106,7 +112,8 @@ def main(argv):
     for i, r in enumerate(rows):
         print(f"{i:>3} {r['target']:>8.4g} {show(r['final']):>8} "
               f"{str(r['steps_to_reach']):>8}"
-              + "".join(f" {show(r['at'][str(step)]):>8}" for step in at) + f"  {r['name']}")
+              + "".join(f" {show(r['at'][f'{fv.metric}@{step}']):>8}" for step in at)
+              + f"  {r['name']}")
     write_json(os.path.join(fv.workdir, "reach.json"), {"metric": fv.metric, "rows": rows})
 
 
@@ -117,4 +124,5 @@ if __name__ == "__main__":
                          "(runs of one point that differ only in seed count once).")
     flags.DEFINE_enum("mode", "max", ["max", "min"], "Larger (max) or smaller is better.")
     flags.DEFINE_list("at", [], "Steps at which to report each run's value too.")
+    flags.DEFINE_list("also", [], "More metrics whose values --at the steps to report.")
     sys.exit(app.run(main))

@@ -258,11 +258,12 @@ def test_collect_adds_the_steps_to_reach_of_the_sweeps_reach_json(fixture_repo, 
     metric reach/steps and their values at --at steps METRIC@STEP; a run that never reached
     its target (or has no value at a step) has none."""
     shutil.copytree(os.path.join(fixture_repo, "runs", "fixture"), tmp_path / "runs" / "f")
-    reach = [{"name": "model.num_layers=1,seed=0", "steps_to_reach": 250, "at": {"50": 0.5}},
+    reach = [{"name": "model.num_layers=1,seed=0", "steps_to_reach": 250,
+              "at": {"v/acc@50": 0.5}},
              {"name": "model.num_layers=1,seed=1", "steps_to_reach": None,
-              "at": {"50": None}}]
+              "at": {"v/acc@50": None}}]
     (tmp_path / "runs" / "f" / "reach.json").write_text(
-        json.dumps({"metric": "v/acc", "rows": reach}))
+        json.dumps({"rows": reach}))
     row = {"id": "r", "workdir": "runs/f", "where": {"model.num_layers": 1},
            "command": "x --seeds=3"}
     runs = readme_tables.runs_of_row(str(tmp_path), row)

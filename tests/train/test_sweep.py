@@ -361,7 +361,8 @@ def test_steps_to_reach_compare_each_seed_with_the_reference_of_its_seed(tmp_pat
         os.makedirs(tmp_path / name)
         with open(tmp_path / name / "metrics.jsonl", "w", encoding="utf-8") as f:
             for step, value in points:
-                f.write(json.dumps({"step": step, "split": "zero_shot", "top1": value}) + "\n")
+                f.write(json.dumps({"step": step, "split": "zero_shot", "top1": value,
+                                    "top5": 0.9}) + "\n")
         runs.append({"name": name, "overrides": {"row": row, "seed": int(seed)}})
     with open(tmp_path / "sweep.json", "w", encoding="utf-8") as f:
         json.dump({"runs": runs, "seeds": 2}, f)
@@ -369,9 +370,11 @@ def test_steps_to_reach_compare_each_seed_with_the_reference_of_its_seed(tmp_pat
     assert [(r["name"], r["target"], r["steps_to_reach"]) for r in rows] == [
         ("scratch,seed=0", 0.4, 20), ("scratch,seed=1", 0.6, 20), ("kd,seed=0", 0.4, 10),
         ("kd,seed=1", 0.6, 20), ("bad,seed=0", 0.4, None), ("bad,seed=1", 0.6, 10)]
-    rows = sweep_reach.reach_table(str(tmp_path), "zero_shot/top1", reference=1, at=(10, 15))
+    rows = sweep_reach.reach_table(str(tmp_path), "zero_shot/top1", reference=1, at=(10, 15),
+                                   also=("zero_shot/top5",))
     assert [r["target"] for r in rows] == [0.7, 0.65] * 3
-    assert [r["at"] for r in rows[:2]] == [{"10": 0.2, "15": None}, {"10": 0.3, "15": None}]
+    assert rows[1]["at"] == {"zero_shot/top1@10": 0.3, "zero_shot/top1@15": None,
+                             "zero_shot/top5@10": 0.9, "zero_shot/top5@15": None}
     with pytest.raises(ValueError, match="3 points"):
         sweep_reach.reach_table(str(tmp_path), "zero_shot/top1", reference=3)
 
