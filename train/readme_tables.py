@@ -58,8 +58,7 @@ paragraph).
 (train/sweep.py), and its reach.json where `python -m train.sweep_reach` wrote one (metrics
 reach/steps and METRIC@STEP), and keeps every numeric metric of the row's finished runs in
 `docs/results/<table>.csv` (one line per run and metric, values as repr: they read back
-exactly), so the tables can be
-rewritten and checked without the runs. It refuses a sweep run with fewer seeds than
+exactly), so the tables can be rewritten and checked without the runs. It refuses a sweep run with fewer seeds than
 MIN_SEEDS, or whose `--seeds` differs from the row's command. Rows whose workdir is absent
 keep what was collected before. README.md's table NAME lies between the lines
 `<!-- results:NAME -->` and `<!-- /results:NAME -->`; the rest of README is left alone.
@@ -76,9 +75,8 @@ import textwrap
 import numpy as np
 from absl import app, flags
 
-# The spec and the collected data (runs_of_row: what the tests call directly).
-from train.readme_data import (REPO, SPEC, TableError, collect, load_spec,  # noqa: F401
-                               load_texts, read_data, runs_of_row)
+from train.readme_data import (REPO, SPEC, TableError, collect, load_spec, load_texts,
+                               read_data)
 
 TEXT_WIDTH = 92            # README's prose
 LARGE_RANGE = 0.02          # show min-max when max - min exceeds 2% of |mean|

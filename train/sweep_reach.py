@@ -81,10 +81,10 @@ def reach_table(workdir: str, metric: str, reference: int = 0, mode: str = "max"
         raise ValueError(f"--reference={reference}: the sweep has {len(points)} points "
                          f"(0-{len(points) - 1})")
     references = list(points.values())[reference]
-    curves = {r["name"]: curve(os.path.join(workdir, r["name"]), metric) for r in runs}
-    at_metrics = dict.fromkeys((metric, *also)) if at else {}
-    at_values = {r["name"]: {m: dict(curve(os.path.join(workdir, r["name"]), m))
-                             for m in at_metrics} for r in runs}
+    # {metric: {run: its curve}}: the reached metric's, and the --also ones' where --at asks.
+    curves_of = {m: {r["name"]: curve(os.path.join(workdir, r["name"]), m) for r in runs}
+                 for m in dict.fromkeys((metric, *(also if at else ())))}
+    curves = curves_of[metric]
     rows = []
     for name, c in curves.items():
         own = references.get(seed_of[name])
@@ -94,8 +94,8 @@ def reach_table(workdir: str, metric: str, reference: int = 0, mode: str = "max"
         target = curves[own][-1][1]
         rows.append({"name": name, "final": c[-1][1] if c else None,
                      "steps_to_reach": first_reaching(c, target, mode), "target": target,
-                     "at": {f"{m}@{step}": values.get(step)
-                            for m, values in at_values.get(name, {}).items() for step in at}})
+                     "at": {f"{m}@{step}": dict(of[name]).get(step)
+                            for m, of in curves_of.items() for step in at}})
     return rows
 
 

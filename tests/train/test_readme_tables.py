@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from train import readme_tables, sweep, trainer
+from train import readme_data, readme_tables, sweep, trainer
 from train.config import base_config
 
 # (model.num_layers, seed) -> (validation/perplexity, validation/accuracy, baseline)
@@ -192,7 +192,7 @@ def test_refuses_too_few_seeds_a_command_that_disagrees_and_missing_markers(
     row = {"id": "r", "workdir": "runs/fixture", "command": "python -m train.sweep --seeds=5"}
     with pytest.raises(readme_tables.TableError, match="--seeds=3; its command must say "
                                                        "--seeds=3"):
-        readme_tables.runs_of_row(fixture_repo, row)
+        readme_data.runs_of_row(fixture_repo, row)
     with open(os.path.join(fixture_repo, "runs", "fixture", "sweep.json"),
               encoding="utf-8") as f:
         recorded = json.load(f)
@@ -202,11 +202,11 @@ def test_refuses_too_few_seeds_a_command_that_disagrees_and_missing_markers(
     shutil.copy(os.path.join(fixture_repo, "runs", "fixture", "results.csv"), few)
     row = {"id": "r", "workdir": "runs/two_seeds", "command": "x --seeds=2"}
     with pytest.raises(readme_tables.TableError, match="must be at least 3"):
-        readme_tables.runs_of_row(str(tmp_path), row)
+        readme_data.runs_of_row(str(tmp_path), row)
     row = {"id": "r", "workdir": "runs/fixture", "where": {"model.num_layers": 7},
            "command": "x --seeds=3"}
     with pytest.raises(readme_tables.TableError, match="no finished run .* with"):
-        readme_tables.runs_of_row(fixture_repo, row)
+        readme_data.runs_of_row(fixture_repo, row)
     with pytest.raises(readme_tables.TableError, match="exactly one <!-- results:demo -->"):
         readme_tables.render_readme("no markers\n", readme_tables.load_spec(fixture_repo),
                                     fixture_repo)
@@ -266,7 +266,7 @@ def test_collect_adds_the_steps_to_reach_of_the_sweeps_reach_json(fixture_repo, 
         json.dumps({"rows": reach}))
     row = {"id": "r", "workdir": "runs/f", "where": {"model.num_layers": 1},
            "command": "x --seeds=3"}
-    runs = readme_tables.runs_of_row(str(tmp_path), row)
+    runs = readme_data.runs_of_row(str(tmp_path), row)
     assert {name: (m.get("reach/steps"), m.get("v/acc@50")) for name, m in runs.items()} == {
         "model.num_layers=1,seed=0": (250.0, 0.5), "model.num_layers=1,seed=1": (None, None),
         "model.num_layers=1,seed=2": (None, None)}
