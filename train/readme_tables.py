@@ -228,8 +228,10 @@ def fill(text: str, row: Measured | None, where: str,
                     else (_metric_values(source.runs, metric, where),
                           _metric_values(against.runs, other_metric or metric,
                                          f"{where} vs {other}")))
-            label = (other if other_metric is None else other_metric if against is source
-                     else f"{other}'s {other_metric}")   # a row's own metric: its name
+            # The row's id alone: in a text "TABLE.ROW" reads as code, the prose names it.
+            row_id = other.rpartition(".")[2]
+            label = (row_id if other_metric is None else other_metric if against is source
+                     else f"{row_id}'s {other_metric}")   # a row's own metric: its name
             return compare(a, b, label, paired=kind == "paired")
         if mode is not None and (against := AGAINST.fullmatch(mode)) is not None:
             kind, other, other_metric = against.groups()

@@ -153,9 +153,9 @@ def test_tables_are_written_from_the_sweep_with_mean_std_range_and_command(fixtu
     assert p_paired == pytest.approx(0.0704, abs=1e-4)   # 2 pairs: 1 degree of freedom
     assert first == ("One layer reaches 5.130 ± 0.030 (std 10.0 points of accuracy, range "
                      "70.0-90.0%, each 70.0, 80.0 and 90.0%); two layers differs from "
-                     f"demo.one_layer (p={p_ppl:.2g}); seed by seed -0.225 ± 0.035 (-0.250 "
+                     f"one_layer (p={p_ppl:.2g}); seed by seed -0.225 ± 0.035 (-0.250 "
                      f"to -0.200) (-4.4 ± 0.7% (-4.8 to -3.9%)): ties with "
-                     f"demo.one_layer (paired, p={p_paired:.2g}).")
+                     f"one_layer (paired, p={p_paired:.2g}).")
     # The seed x depth table of the seeds with both depths (seed 2's second failed):
     # two-way sums of squares by hand.
     x = np.array([[5.10, 4.90], [5.16, 4.91]])
