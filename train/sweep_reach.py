@@ -1,6 +1,6 @@
 r"""How fast each run of a sweep reaches a reference run's final value of a metric:
 
-    python -m train.sweep_reach --workdir=runs/clip_distill \
+    python -m train.sweep_reach --workdir=runs/seeds/clip_distill \
         --metric=zero_shot/test_top1 [--reference=0] [--mode=max] \
         [--at=250,500 [--also=zero_shot/top1_among_heldout]]
 
