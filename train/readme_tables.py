@@ -21,8 +21,9 @@ command column). Its texts hold placeholders
                         (every run's value, ascending: "81.4, 86.3 and 92.0%")
     {metric|vs=ROW}     this row against row ROW of the same table by Welch's t-test
                         (train/sweep_stats.py), two-sided at 5%: "differs from ROW (p=0.01)"
-                        or "ties with ROW (p=0.43)" -- claims are stated only where the
-                        difference exceeds the seed noise
+                        or "ties with ROW (p=0.43)" (ROW's id alone where it is named
+                        TABLE.ROW) -- claims are stated only where the difference
+                        exceeds the seed noise
     {metric|paired=ROW} the paired t-test instead, over the seeds both rows have -- for
                         rows built on the same per-seed bases (train/config.py's "{seed}" in
                         init_from.workdir / distill.teacher): "differs from ROW (paired,
@@ -58,8 +59,8 @@ paragraph).
 (train/sweep.py), and its reach.json where `python -m train.sweep_reach` wrote one (metrics
 reach/steps and METRIC@STEP), and keeps every numeric metric of the row's finished runs in
 `docs/results/<table>.csv` (one line per run and metric, values as repr: they read back
-exactly), so the tables can be rewritten and checked without the runs. It refuses a sweep run with fewer seeds than
-MIN_SEEDS, or whose `--seeds` differs from the row's command. Rows whose workdir is absent
+exactly), so the tables can be rewritten and checked without the runs. It refuses a sweep
+run with fewer seeds than MIN_SEEDS, or whose `--seeds` differs from the row's command. Rows whose workdir is absent
 keep what was collected before. README.md's table NAME lies between the lines
 `<!-- results:NAME -->` and `<!-- /results:NAME -->`; the rest of README is left alone.
 """
