@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.test_util import check_grads
 
 from train.tasks import contrastive_losses as C
 
@@ -52,18 +53,75 @@ def test_siglip_equals_float64_reference():
     np.testing.assert_allclose(loss, numpy_siglip(img, txt, 10.0, -10.0), rtol=1e-5)
 
 
+def numpy_multi_positive_infonce(img, txt, scale, pos):
+    """UniCL's bidirectional loss (Yang et al. 2022, eq. 2-3) in float64: each row's and
+    column's -log softmax averaged over its positives."""
+    logits = scale * img @ txt.T
+    rows = -(_log_softmax(logits, 1) * pos).sum(1) / pos.sum(1)
+    cols = -(_log_softmax(logits, 0) * pos).sum(0) / pos.sum(0)
+    return 0.5 * (rows.mean() + cols.mean())
+
+
+def _positives(n, seed):
+    """A random symmetric-free positives matrix with the diagonal set."""
+    return (np.random.default_rng(seed).random((n, n)) < 0.3) | np.eye(n, dtype=bool)
+
+
+def test_multi_positive_losses_equal_float64_references():
+    img, txt = _embeddings(5, n=7)
+    pos = _positives(7, 0)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    loss, _ = C.infonce_loss(f32(img), f32(txt), 9.0, positives=pos)
+    np.testing.assert_allclose(loss, numpy_multi_positive_infonce(img, txt, 9.0, pos),
+                               rtol=1e-5)
+    # the identity (or no caption true of another image) is CLIP's loss exactly
+    np.testing.assert_allclose(C.infonce_loss(f32(img), f32(txt), 9.0,
+                                              positives=np.eye(7, dtype=bool))[0],
+                               numpy_infonce(img, txt, 9.0), rtol=1e-5)
+    # SigLIP: every positive pair is labelled +1; the diagonal always is
+    logits = 10.0 * img @ txt.T - 5.0
+    labels = 2.0 * pos - 1.0
+    expect = np.sum(np.log1p(np.exp(-labels * logits))) / 7
+    off_diagonal = pos & ~np.eye(7, dtype=bool)
+    np.testing.assert_allclose(C.siglip_loss(f32(img), f32(txt), 10.0, -5.0,
+                                             positives=off_diagonal)[0], expect, rtol=1e-5)
+
+
+def test_multi_positive_infonce_gradients():
+    pos = _positives(5, 1)
+    with jax.enable_x64(True):  # float64 so finite differences are meaningful
+        img, txt = (jnp.asarray(x, jnp.float64) for x in _embeddings(6, n=5))
+        check_grads(lambda a, b: C.infonce_loss(a, b, 4.0, positives=pos)[0], (img, txt),
+                    order=1, modes=["rev"])
+
+
+def test_true_caption_pairs_reads_stated_facts():
+    # facts (class, size); image 0: class 1 small; image 1: class 1 large; image 2: class 2
+    facts = np.array([[1, 0], [1, 1], [2, 0]])
+    stated = np.array([[True, False], [True, True], [True, True]])
+    np.testing.assert_array_equal(C.true_caption_pairs(facts, facts, stated),
+                                  [[True, False, False],   # "class 1" fits image 0 ...
+                                   [True, True, False],    # ... and 1; "class 1 large" not 0
+                                   [False, False, True]])
+
+
 @pytest.mark.parametrize("loss_name", ["infonce", "siglip"])
-def test_padded_examples_change_nothing(loss_name):
+@pytest.mark.parametrize("with_positives", [False, True])
+def test_padded_examples_change_nothing(loss_name, with_positives):
     img, txt = _embeddings(2, n=5)
     img_p = np.concatenate([img, _embeddings(3, n=3)[0]])  # 3 padding rows of garbage
     txt_p = np.concatenate([txt, _embeddings(3, n=3)[1]])
     w = np.array([1.0] * 5 + [0.0] * 3)
+    # padding rows claim every pair as a positive: weights must still drop them
+    pos_p = np.ones((8, 8), bool)
+    pos_p[:5, :5] = _positives(5, 2)
+    pos, pos_p = (pos_p[:5, :5], pos_p) if with_positives else (None, None)
     if loss_name == "infonce":
-        full = C.infonce_loss(img, txt, 7.0)[0]
-        padded = C.infonce_loss(img_p, txt_p, 7.0, weights=w)[0]
+        full = C.infonce_loss(img, txt, 7.0, positives=pos)[0]
+        padded = C.infonce_loss(img_p, txt_p, 7.0, weights=w, positives=pos_p)[0]
     else:
-        full = C.siglip_loss(img, txt, 7.0, -3.0)[0]
-        padded = C.siglip_loss(img_p, txt_p, 7.0, -3.0, weights=w)[0]
+        full = C.siglip_loss(img, txt, 7.0, -3.0, positives=pos)[0]
+        padded = C.siglip_loss(img_p, txt_p, 7.0, -3.0, weights=w, positives=pos_p)[0]
     np.testing.assert_allclose(padded, full, rtol=1e-6)
 
 
@@ -123,3 +181,23 @@ def test_linear_probe_separates_separable_features_and_not_noise():
     noise = r.normal(size=(300, 3))
     assert C.linear_probe_accuracy(noise[:200], labels[:200], noise[200:], labels[200:],
                                    3) < 0.6
+
+
+def test_true_caption_positives_config_and_missing_facts():
+    from configs.clip import get_config
+    from train import config as config_lib
+    from train.tasks.contrastive import ContrastiveTask
+    c = get_config("tiny")
+    c.task.positives = "same_label"
+    with pytest.raises(ValueError, match="task.positives='same_label'; allowed: pair, "
+                                         "true_captions"):
+        config_lib.validate(c)
+    c.task.positives = "true_captions"
+    config_lib.validate(c)
+    task = ContrastiveTask(c, model=None, data={})
+    with pytest.raises(ValueError, match='needs batches with "facts"'):
+        task.positives({"image": np.zeros((2, 4, 4, 3)), "caption": np.zeros((2, 5))})
+    facts = np.array([[1, 0], [1, 1]])
+    stated = np.array([[True, False], [True, True]])
+    np.testing.assert_array_equal(task.positives({"facts": facts, "facts_stated": stated}),
+                                  [[True, False], [True, True]])

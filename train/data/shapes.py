@@ -40,6 +40,7 @@ import numpy as np
 from train.data import augment, checks
 from train.data.base import RandomAccessDataset, Source
 from train.data.tokenizers import make_tokenizer, pad_batch
+from train.tasks.contrastive_losses import true_caption_pairs
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLORS = ("red", "green", "blue", "yellow")
@@ -206,6 +207,18 @@ def sample_attributes(key: int, idx: np.ndarray, classes: np.ndarray) -> dict[st
             "noise": (u[:, 12] * _NOISE_FIELDS).astype(np.int64)}
 
 
+def caption_facts(attrs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(facts int64[B, 4], stated bool[B, 4]) of examples' attributes: the image's class,
+    count, size and position, and which of them the example's caption states (class and
+    count always; size and position as its template does). The contrastive task's
+    ``positives="true_captions"`` and `ShapesDataset.caption_matches` read captions' truth
+    from these (train/tasks/contrastive_losses.py:true_caption_pairs)."""
+    facts = np.stack([attrs["label"], attrs["count"], attrs["size"], attrs["position"]], 1)
+    t = attrs["template"]
+    always = np.ones_like(t, dtype=bool)
+    return facts, np.stack([always, always, _STATES_SIZE[t], _STATES_WHERE[t]], 1)
+
+
 def _inside(shape: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Boolean: offsets (u, v) in radius units (v points down) lie inside ``shape``."""
     au, av = np.abs(u), np.abs(v)
@@ -288,6 +301,8 @@ class ShapesDataset(RandomAccessDataset):
       "label"    int32[B] (color, shape) class, color * 4 + shape, into CLASS_NAMES
       "shape_label", "color_label", "size_label", "position_label" int32[B] (indices into
                  SHAPES, COLORS, SIZES, POSITIONS); "count" int32[B] in 1..3
+      "facts"    int32[B, 4] (label, count, size, position) and "facts_stated" bool[B, 4]:
+                 which of them the caption states (`caption_facts`)
       "index"    int32[B] example index within the split
     ``eval_batches`` adds "weights" float32[B] (1.0 real, 0.0 padded tail).
     """
@@ -342,12 +357,13 @@ class ShapesDataset(RandomAccessDataset):
         if self._normalize is not None:
             image = (image - self._normalize[0]) / self._normalize[1]
         code = _caption_code(a["template"], a["label"], a["size"], a["position"], a["count"])
+        facts, stated = caption_facts(a)
         i32 = lambda x: x.astype(np.int32)  # noqa: E731
         return {"image": image, "mask": mask, "caption": self._captions[code],
                 "label": i32(a["label"]), "shape_label": i32(a["shape"]),
                 "color_label": i32(a["color"]), "size_label": i32(a["size"]),
                 "position_label": i32(a["position"]), "count": i32(a["count"]),
-                "index": i32(idx)}
+                "facts": i32(facts), "facts_stated": stated, "index": i32(idx)}
 
     gather = examples  # item ids are example indices, for training and evaluation
 
@@ -369,10 +385,7 @@ class ShapesDataset(RandomAccessDataset):
         size / position where its template states them). Captions repeat across
         examples, so retrieval should count any true caption (or image) as a hit."""
         im, cap = self.attributes(image_idx), self.attributes(caption_idx)
-        same = lambda k: im[k][:, None] == cap[k][None, :]  # noqa: E731
-        t = cap["template"][None, :]
-        return (same("label") & same("count") & (~_STATES_SIZE[t] | same("size"))
-                & (~_STATES_WHERE[t] | same("position")))
+        return true_caption_pairs(caption_facts(im)[0], *caption_facts(cap))
 
     def decode_captions(self, ids: np.ndarray) -> list[str]:
         """int[B, L] caption tokens -> strings."""

@@ -23,37 +23,68 @@ def similarity_logits(image_emb, text_emb, logit_scale, logit_bias=None):
     return logits if logit_bias is None else logits + logit_bias
 
 
-def infonce_loss(image_emb, text_emb, logit_scale, weights=None):
+def true_caption_pairs(image_facts, caption_facts, caption_stated):
+    """bool [N, M]: caption j is true of image i, from the examples' facts.
+
+    image_facts int [N, K]: the attribute values of each image (e.g. class, count, size);
+    caption_facts int [M, K], caption_stated bool [M, K]: those of each caption's own
+    image, and which of them the caption states. Caption j is true of image i when every
+    fact it states holds for image i. Works on NumPy and JAX arrays.
+    """
+    same = image_facts[:, None, :] == caption_facts[None, :, :]
+    return (same | ~caption_stated[None, :, :]).all(axis=-1)
+
+
+def _pair_targets(n, weights, positives):
+    """(real-example weights w [N], positives P bool [N, N]): P defaults to the diagonal;
+    a padded example is nobody's positive."""
+    w = jnp.ones((n,), jnp.float32) if weights is None else weights.astype(jnp.float32)
+    real = w > 0
+    pos = jnp.eye(n, dtype=bool) if positives is None else positives.astype(bool)
+    pos = pos | jnp.eye(n, dtype=bool)  # every pair is its own positive
+    return w, pos & real[:, None] & real[None, :]
+
+
+def infonce_loss(image_emb, text_emb, logit_scale, weights=None, positives=None):
     """Symmetric InfoNCE of CLIP (Radford et al. 2021, Fig. 3):
     0.5 * (CE(logits, diag) over rows + CE(logits^T, diag) over columns).
 
     weights [N] (1 real, 0 padding): padded examples are neither anchors nor negatives.
+    positives bool [N, N] (optional): positives[i, j] = caption j is true of image i. Each
+    row's (and column's) target is then uniform over its positives, as in UniCL's
+    bidirectional loss (Yang et al. 2022, eq. 2-3): a caption that also describes another
+    image of the batch is no longer that image's negative. None (or the identity) gives
+    CLIP's loss exactly.
     Returns (mean loss over real examples, per-example row+column losses [N]).
     """
     logits = similarity_logits(image_emb, text_emb, logit_scale)
     n = logits.shape[0]
-    w = jnp.ones((n,), jnp.float32) if weights is None else weights.astype(jnp.float32)
+    w, pos = _pair_targets(n, weights, positives)
     real = w > 0
-    pair_mask = real[:, None] & real[None, :]
-    logits = jnp.where(pair_mask, logits, NEG_INF)
-    diag = jnp.diagonal(logits)
-    image_to_text = jax.nn.logsumexp(logits, axis=1) - diag
-    text_to_image = jax.nn.logsumexp(logits, axis=0) - diag
-    per_example = 0.5 * (image_to_text + text_to_image)
+    logits = jnp.where(real[:, None] & real[None, :], logits, NEG_INF)
+    pos = pos.astype(jnp.float32)
+    # -mean over positives of log softmax = logsumexp - mean positive logit.
+    mean_pos_row = jnp.sum(pos * logits, 1) / jnp.maximum(jnp.sum(pos, 1), 1.0)
+    mean_pos_col = jnp.sum(pos * logits, 0) / jnp.maximum(jnp.sum(pos, 0), 1.0)
+    image_to_text = jax.nn.logsumexp(logits, axis=1) - mean_pos_row
+    text_to_image = jax.nn.logsumexp(logits, axis=0) - mean_pos_col
+    per_example = 0.5 * (image_to_text + text_to_image) * real
     return jnp.sum(per_example * w) / jnp.maximum(jnp.sum(w), 1.0), per_example
 
 
-def siglip_loss(image_emb, text_emb, logit_scale, logit_bias, weights=None):
+def siglip_loss(image_emb, text_emb, logit_scale, logit_bias, weights=None, positives=None):
     """Sigmoid loss of SigLIP (Zhai et al. 2023, Alg. 1): every pair is a binary problem,
     label +1 on the diagonal and -1 elsewhere; -sum log sigmoid(label * logit) / N.
 
     weights [N]: a pair counts when both of its examples are real; normalized by the
     number of real examples, as the paper normalizes by the batch size.
+    positives bool [N, N] (optional): pairs labelled +1 besides the diagonal (caption j
+    true of image i).
     """
     logits = similarity_logits(image_emb, text_emb, logit_scale, logit_bias)
     n = logits.shape[0]
-    w = jnp.ones((n,), jnp.float32) if weights is None else weights.astype(jnp.float32)
-    labels = 2.0 * jnp.eye(n) - 1.0
+    w, pos = _pair_targets(n, weights, positives)
+    labels = 2.0 * pos.astype(jnp.float32) - 1.0
     pair_w = w[:, None] * w[None, :]
     nll = -jax.nn.log_sigmoid(labels * logits)
     return jnp.sum(nll * pair_w) / jnp.maximum(jnp.sum(w), 1.0), jnp.sum(nll * pair_w, 1)

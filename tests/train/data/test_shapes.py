@@ -8,6 +8,7 @@ from scipy import ndimage  # a jax dependency; only the tests use it
 from train import data
 from train.data import shapes
 from train.data.tokenizers import BOS, EOS, PAD
+from train.tasks import contrastive_losses as C
 
 B = 32
 
@@ -31,6 +32,7 @@ def test_batch_keys_shapes_dtypes():
     expect.update({k: ((B,), np.int32) for k in ("label", "shape_label", "color_label",
                                                  "size_label", "position_label", "count",
                                                  "index")})
+    expect.update(facts=((B, 4), np.int32), facts_stated=((B, 4), np.bool_))
     assert {k: (v.shape, v.dtype) for k, v in b.items()} == expect
     assert 0.0 <= b["image"].min() and b["image"].max() <= 1.0
     assert set(np.unique(b["mask"])) <= set(range(5)) and 0 < (b["mask"] > 0).mean() < 0.5
@@ -211,6 +213,10 @@ def test_caption_matches():
             expect &= b["position_label"] == shapes.POSITIONS.index(_WHERE[where])
         np.testing.assert_array_equal(m[:, j], expect)
     assert 1.0 < m.sum(0).mean() < 300  # duplicates exist, but captions discriminate
+    # The batch's facts say the same (the contrastive task's positives="true_captions").
+    assert b["facts"].shape == (300, 4) and b["facts_stated"].dtype == bool
+    np.testing.assert_array_equal(
+        C.true_caption_pairs(b["facts"], b["facts"], b["facts_stated"]), m)
 
 
 def test_caption_lengths():
